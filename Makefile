@@ -1,0 +1,41 @@
+# The two commands in the README: `make demo` (the main job) and `make test` (the tests).
+# Each builds its own virtual environment from constraints.txt on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SHARED ?= $(abspath ../shared)
+DEMO_OUT ?= out/demo
+
+.PHONY: venv test lint format demo bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,onnx,smp]'
+	touch $@
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: venv
+	$(BIN)/segflow predict "$(SHARED)/data/camvid_val/images" \
+		--model "$(SHARED)/models/espnet_camvid.pt2" --out "$(DEMO_OUT)"
+
+bench: venv
+	$(BIN)/python bench/rle_encode.py
+	$(BIN)/python bench/decode.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .hypothesis
