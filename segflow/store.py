@@ -1,0 +1,146 @@
+"""A run's output folder on any fsspec store, and the shard commit protocol.
+
+Layout::
+
+    OUT/run=<run id>/
+        run.json                   what the run is: input, model and the options that
+                                   change its output (checked on every resume)
+        manifest.parquet           the image URIs, in manifest order (column ``uri``)
+        masks/shard-NNNNNN.parquet
+        images/shard-NNNNNN.parquet
+        errors/shard-NNNNNN.parquet    (zero rows when nothing failed)
+        _commits/shard-NNNNNN.json     the shard's summary; its presence means "committed"
+        summary.json               the run summary, written when every shard is committed
+
+Commit protocol, so that every image lands exactly once whatever is killed when: a shard's
+three tables are written under ``_tmp/`` and moved to their final names (a move is a rename
+on local disks and a copy-then-delete on object stores, where an object appears whole or not
+at all), and only then is the commit marker written. A shard without its marker is run again
+and its files, whose names depend only on the shard index, are overwritten. Readers that
+glob ``masks/*.parquet`` never see ``_tmp/`` (a separate folder) or ``_commits/`` (JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from segflow import schema
+from segflow.manifest import Shard
+
+TABLES = ("masks", "images", "errors")
+
+
+class RunConflictError(ValueError):
+    """The output folder already holds a run whose configuration differs."""
+
+
+class RunStore:
+    def __init__(self, out: str, run_id: str) -> None:
+        if not run_id or "/" in run_id or run_id.startswith((".", "_")):
+            raise ValueError(f"run id {run_id!r} must be a plain name (no '/', not '.' or '_')")
+        self.fs, root = fsspec.core.url_to_fs(out)
+        self.run_id = run_id
+        self.root = f"{root.rstrip('/')}/run={run_id}"
+
+    @property
+    def uri(self) -> str:
+        return self.fs.unstrip_protocol(self.root)
+
+    def path(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    def prepare(self, config: Mapping[str, Any]) -> bool:
+        """Create the run, or check that an existing one has the same ``config``.
+
+        Returns True when the run already existed (a resume).
+        """
+        config_path = self.path("run.json")
+        if self.fs.exists(config_path):
+            existing = json.loads(self.fs.cat_file(config_path))
+            differences = {
+                key: (existing.get(key), config.get(key))
+                for key in sorted(set(existing) | set(config))
+                if existing.get(key) != config.get(key)
+            }
+            if differences:
+                described = "; ".join(
+                    f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differences.items()
+                )
+                raise RunConflictError(
+                    f"{self.uri} belongs to a run with another configuration ({described}); "
+                    "choose another --run-id or --out"
+                )
+            return True
+        self.fs.makedirs(self.root, exist_ok=True)
+        self._write_atomically(config_path, json.dumps(dict(config), indent=2, sort_keys=True))
+        return False
+
+    def write_manifest(self, uris: pa.Array) -> None:
+        table = pa.table({"uri": uris})
+        self._write_atomically(self.path("manifest.parquet"), _parquet_bytes(table))
+
+    def read_manifest(self) -> pa.Array | None:
+        path = self.path("manifest.parquet")
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f).column("uri").combine_chunks()
+
+    def committed(self) -> set[int]:
+        """Indexes of the shards whose commit marker exists."""
+        # Other processes commit shards: a cached listing (s3fs keeps one) would be stale.
+        self.fs.invalidate_cache(self.path("_commits"))
+        found = self.fs.glob(self.path("_commits", "shard-*.json"))
+        return {int(p.rsplit("shard-", 1)[1].removesuffix(".json")) for p in found}
+
+    def commit_shard(
+        self, shard: Shard, tables: Mapping[str, pa.Table], summary: Mapping[str, Any]
+    ) -> None:
+        staging = self.path("_tmp", uuid.uuid4().hex)
+        self.fs.makedirs(staging, exist_ok=True)
+        staged = []
+        for name in TABLES:
+            tmp = f"{staging}/{name}.parquet"
+            with self.fs.open(tmp, "wb") as f:
+                schema.write_table(name, tables[name], f)
+            staged.append((tmp, self.path(name, f"{shard.name}.parquet")))
+        for tmp, final in staged:
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(tmp, final)
+        with contextlib.suppress(FileNotFoundError):  # object stores keep no empty folders
+            self.fs.rm(staging, recursive=True)
+        marker = self.path("_commits", f"{shard.name}.json")
+        self._write_atomically(marker, json.dumps(dict(summary), sort_keys=True))
+
+    def shard_summaries(self) -> list[dict[str, Any]]:
+        self.fs.invalidate_cache(self.path("_commits"))
+        paths = sorted(self.fs.glob(self.path("_commits", "shard-*.json")))
+        return [json.loads(blob) for blob in self.fs.cat(paths).values()] if paths else []
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Write the run summary and remove what killed attempts left in ``_tmp/``."""
+        self._write_atomically(self.path("summary.json"), json.dumps(dict(summary), indent=2))
+        if self.fs.exists(self.path("_tmp")):
+            self.fs.rm(self.path("_tmp"), recursive=True)
+
+    def _write_atomically(self, path: str, data: str | bytes) -> None:
+        blob = data.encode() if isinstance(data, str) else data
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
+        self.fs.pipe_file(tmp, blob)
+        self.fs.mv(tmp, path)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()

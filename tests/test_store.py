@@ -1,0 +1,87 @@
+"""The run folder and the shard commit protocol, on a local disk and on S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import fsspec
+import pyarrow as pa
+import pytest
+
+from segflow import schema
+from segflow.manifest import Shard
+from segflow.store import RunConflictError, RunStore
+
+
+def _tables(uri: str) -> dict[str, pa.Table]:
+    image = {
+        "run_id": "r",
+        "image_id": schema.image_id_for(uri),
+        "uri": uri,
+        "status": "ok",
+        "height": 2,
+        "width": 3,
+        "num_masks": 0,
+        "read_ms": 1.0,
+        "decode_ms": 1.0,
+        "infer_ms": 1.0,
+        "encode_ms": 1.0,
+        "model": "m",
+        "processed_at": datetime.now(UTC),
+    }
+    return {
+        "masks": schema.table_from_rows("masks", []),
+        "images": schema.table_from_rows("images", [image]),
+        "errors": schema.table_from_rows("errors", []),
+    }
+
+
+def _exercise(out: str) -> None:
+    store = RunStore(out, "run1")
+    config = {"input": "in", "model": "m", "shard_size": 2}
+    assert store.prepare(config) is False
+    assert store.prepare(dict(config)) is True  # the same command resumes
+    with pytest.raises(RunConflictError, match="model: 'm' there, 'other' now"):
+        store.prepare({**config, "model": "other"})
+
+    store.write_manifest(pa.array(["a", "b", "c"]))
+    assert store.read_manifest().to_pylist() == ["a", "b", "c"]
+    assert store.committed() == set()
+
+    store.commit_shard(Shard(1, 2, 3), _tables("c"), {"shard": 1, "images": 1})
+    assert store.committed() == {1}
+    # A retried shard overwrites its files rather than adding to them.
+    store.commit_shard(Shard(1, 2, 3), _tables("c"), {"shard": 1, "images": 1})
+    fs = store.fs
+    images = fs.glob(store.path("images", "*.parquet"))
+    assert [p.rsplit("/", 1)[1] for p in images] == ["shard-000001.parquet"]
+    for table in ("masks", "images", "errors"):
+        with fs.open(store.path(table, "shard-000001.parquet"), "rb") as f:
+            assert schema.read_table(table, f).num_rows == (1 if table == "images" else 0)
+    assert store.shard_summaries() == [{"shard": 1, "images": 1}]
+
+    fs.makedirs(store.path("_tmp", "killed-attempt"), exist_ok=True)
+    fs.pipe_file(store.path("_tmp", "killed-attempt", "masks.parquet"), b"partial")
+    store.finish({"images": 1})
+    assert not fs.exists(store.path("_tmp"))
+    assert json.loads(fs.cat_file(store.path("summary.json"))) == {"images": 1}
+
+
+def test_local_run_folder(tmp_path):
+    _exercise(str(tmp_path / "out"))
+
+
+@pytest.mark.integration
+def test_s3_run_folder(s3_env, monkeypatch):
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("store-test")
+    fsspec.filesystem("s3").clear_instance_cache()
+    _exercise("s3://store-test/out")
+
+
+def test_run_ids_must_be_plain_names(tmp_path):
+    for bad in ("", "a/b", "_tmp", ".hidden"):
+        with pytest.raises(ValueError, match="plain name"):
+            RunStore(str(tmp_path), bad)
