@@ -37,9 +37,10 @@ Encoding takes numpy arrays or torch tensors (bool or integer). The hot paths fi
 boundaries of a whole batch (:func:`encode_masks`) or of every class of a label map
 (:func:`encode_label_map`) in one vectorised pass, and write all the strings in one batched
 call. CPU tensors are read through a zero-copy numpy view; tensors on an accelerator are
-searched on their device, and only run positions and values cross to the host. Everything else (:func:`decode`, :func:`area`, :func:`to_bbox`,
-:func:`iou`, :func:`merge`, :func:`fr_py_objects`) mirrors ``pycocotools.mask`` on lists of
-RLE dicts, whose ``counts`` may be bytes or str.
+searched on their device, and only run positions and values cross to the host. Everything
+else (:func:`decode`, :func:`area`, :func:`to_bbox`, :func:`iou`, :func:`merge`,
+:func:`fr_py_objects`) mirrors ``pycocotools.mask`` on lists of RLE dicts, whose ``counts``
+may be bytes or str.
 
 Where pycocotools reads past a buffer or returns garbage, this module raises :class:`RLEError`
 instead: corrupt counts strings, counts that do not add up to ``h * w``, masks with values

@@ -57,6 +57,9 @@ class RunStore:
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
 
+    def exists(self) -> bool:
+        return self.fs.exists(self.path("run.json"))
+
     def prepare(self, config: Mapping[str, Any]) -> bool:
         """Create the run, or check that an existing one has the same ``config``.
 

@@ -14,6 +14,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Ray reads its auth mode when imported; the tests, like the segflow command, keep token
+# authentication on for every Ray they start or join.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 
 def shared_root() -> Path:
     return Path(os.environ.get("SEGFLOW_SHARED", REPO_ROOT.parent / "shared")).resolve()

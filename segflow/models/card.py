@@ -1,0 +1,131 @@
+"""Model cards: the JSON beside an exported model stating its classes and input contract.
+
+Only what inference depends on is validated; informational fields (source, reference,
+ground_truth, ...) are left to the reader. Every error names the card file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segflow.models.errors import ModelCardError
+from segflow.prediction import Task
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    path: Path
+    name: str
+    task: Task
+    classes: tuple[str, ...]
+    fixed_size: tuple[int, int] | None  # (height, width) the graph only accepts
+    size_multiple: int | None  # height and width must be multiples of this
+    batch: int | None  # None: any batch size; N: the graph only accepts batches of N
+
+
+def card_path(model_path: Path) -> Path:
+    return model_path.with_suffix(".json")
+
+
+def read_card(model_path: Path) -> ModelCard:
+    """Read and validate the card of ``model_path`` (same stem, ``.json``)."""
+    path = card_path(model_path)
+    if not path.is_file():
+        raise ModelCardError(
+            f"model card {path} not found: an exported model needs its card beside it "
+            f"(same stem, .json) stating task, classes and input contract"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelCardError(f"model card {path} is not readable JSON: {error}") from error
+    return _parse(raw, path, default_name=model_path.stem)
+
+
+def _parse(raw: Any, path: Path, default_name: str) -> ModelCard:
+    fields = _Fields(path)
+    if not isinstance(raw, dict):
+        raise ModelCardError(f"model card {path} must hold a JSON object")
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise fields.error("name", f"must be a non-empty string, got {name!r}")
+    # Exported instance models have no agreed output layout yet, so only semantic is accepted.
+    fields.expect(raw, "task", "semantic")
+    classes = raw.get("classes")
+    if not isinstance(classes, list) or not classes or not all(_is_name(c) for c in classes):
+        raise fields.error("classes", f"must be a non-empty list of class names, got {classes!r}")
+
+    contract = fields.section(raw, "input")
+    fields.expect(contract, "input.color", "RGB")
+    fields.expect(contract, "input.dtype", "float32")
+    fields.expect(contract, "input.layout", "NCHW")
+    fields.expect(contract, "input.range", [0.0, 1.0])
+    fixed_size = fields.nullable(contract, "input.fixed_size", _is_size, "[height, width]")
+    size_multiple = fields.nullable(contract, "input.size_multiple", _is_count, "an integer >= 1")
+    if fixed_size and size_multiple and any(side % size_multiple for side in fixed_size):
+        raise fields.error("input.fixed_size", f"{fixed_size} is not a multiple of size_multiple")
+    batch = contract.get("batch")
+    if batch != "dynamic" and not _is_count(batch):
+        raise fields.error("input.batch", f"must be 'dynamic' or an integer >= 1, got {batch!r}")
+
+    output = fields.section(raw, "output")
+    fields.expect(output, "output.kind", "logits")
+    fields.expect(output, "output.layout", "NCHW")
+    return ModelCard(
+        path=path,
+        name=name,
+        task="semantic",
+        classes=tuple(classes),
+        fixed_size=tuple(fixed_size) if fixed_size else None,
+        size_multiple=size_multiple,
+        batch=None if batch == "dynamic" else batch,
+    )
+
+
+class _Fields:
+    """Checks on dotted card fields (``"input.fixed_size"``), raising errors that name them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, field: str, problem: str) -> ModelCardError:
+        return ModelCardError(f"model card {self.path}: field {field!r} {problem}")
+
+    def section(self, raw: dict[str, Any], field: str) -> dict[str, Any]:
+        value = raw.get(field)
+        if not isinstance(value, dict):
+            raise self.error(field, f"must be an object, got {value!r}")
+        return value
+
+    def expect(self, container: dict[str, Any], field: str, expected: object) -> None:
+        value = container.get(_key(field), "<missing>")
+        if value != expected:
+            raise self.error(field, f"must be {expected!r}, got {value!r}")
+
+    def nullable(self, container: dict[str, Any], field: str, is_valid, description: str):
+        """A field that must be present, holding null or a valid value."""
+        if _key(field) not in container:
+            raise self.error(field, "is missing (use null when it does not apply)")
+        value = container[_key(field)]
+        if value is not None and not is_valid(value):
+            raise self.error(field, f"must be null or {description}, got {value!r}")
+        return value
+
+
+def _key(field: str) -> str:
+    return field.rsplit(".", 1)[-1]
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)

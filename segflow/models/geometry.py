@@ -1,0 +1,48 @@
+"""Fitting images to a network's input contract and mapping logits back to image size.
+
+Resizing is bilinear with ``align_corners=False`` and no antialiasing, the convention of
+torchvision's reference evaluation and of the model cards' stated protocols (reproducing
+their reference figures depends on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def resize_bilinear(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+
+
+def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad bottom and right so height and width are multiples of ``multiple``; the
+    top-left origin stays put, so cropping the output back is a plain slice."""
+    height, width = batch.shape[-2:]
+    pad_height, pad_width = -height % multiple, -width % multiple
+    if pad_height == 0 and pad_width == 0:
+        return batch
+    return F.pad(batch, (0, pad_width, 0, pad_height))
+
+
+def logits_at_input_size(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batch: torch.Tensor,
+    *,
+    fixed_size: tuple[int, int] | None = None,
+    size_multiple: int | None = None,
+) -> torch.Tensor:
+    """Run ``forward`` on ``batch`` under the contract and return logits at the batch's size.
+
+    ``fixed_size``: resize in, resize the logits back. ``size_multiple``: pad, then crop.
+    """
+    size = (int(batch.shape[-2]), int(batch.shape[-1]))
+    if fixed_size is not None:
+        return resize_bilinear(forward(resize_bilinear(batch, fixed_size)).float(), size)
+    if size_multiple is not None:
+        return forward(pad_to_multiple(batch, size_multiple))[..., : size[0], : size[1]]
+    return forward(batch)

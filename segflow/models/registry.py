@@ -1,0 +1,133 @@
+"""Model names -> loaders, imported lazily (the fsspec ``known_implementations`` pattern).
+
+Nothing heavy is imported until a model is loaded: torchvision's detection models,
+onnxruntime and segmentation_models_pytorch stay out of ``sys.modules`` until needed, and a
+missing optional dependency is reported with the extra that installs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segflow.models.base import SegmentationModel
+from segflow.models.errors import MissingDependencyError, UnknownModelError
+from segflow.prediction import Task
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model: ``loader`` is ``"module:callable"``, called with the name."""
+
+    name: str
+    task: Task
+    source: str
+    loader: str
+    requires: str | None = None  # optional package the loader needs
+    extra: str | None = None  # the segflow extra that installs it
+
+
+_TORCHVISION_SEMANTIC = (
+    "fcn_resnet50",
+    "fcn_resnet101",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large",
+)
+_TORCHVISION_INSTANCE = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+_SMP_ARCHITECTURES = ("Unet", "DeepLabV3Plus", "PSPNet", "FPN")
+
+KNOWN_MODELS: dict[str, ModelInfo] = {
+    **{
+        name: ModelInfo(
+            name, "semantic", "torchvision", "segflow.models.torchvision_zoo:load_semantic"
+        )
+        for name in _TORCHVISION_SEMANTIC
+    },
+    **{
+        name: ModelInfo(
+            name, "instance", "torchvision", "segflow.models.torchvision_zoo:load_instance"
+        )
+        for name in _TORCHVISION_INSTANCE
+    },
+    **{
+        f"smp:{arch}": ModelInfo(
+            f"smp:{arch}",
+            "semantic",
+            "segmentation_models_pytorch",
+            "segflow.models.smp_zoo:load",
+            requires="segmentation_models_pytorch",
+            extra="smp",
+        )
+        for arch in _SMP_ARCHITECTURES
+    },
+}
+
+EXPORTED_FORMATS: dict[str, ModelInfo] = {
+    ".pt2": ModelInfo("*.pt2", "semantic", "torch.export", "segflow.models.exported:load_pt2"),
+    ".onnx": ModelInfo(
+        "*.onnx",
+        "semantic",
+        "onnx",
+        "segflow.models.exported:load_onnx",
+        requires="onnxruntime",
+        extra="onnx",
+    ),
+}
+
+
+def available_models() -> list[ModelInfo]:
+    """Registered names (exported ``.pt2`` / ``.onnx`` files are loaded by path instead)."""
+    return list(KNOWN_MODELS.values())
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    weights: str | Path | None = None,
+    **options,
+) -> SegmentationModel:
+    """Load a registered model by name, or an exported ``.pt2`` / ``.onnx`` by path (its model
+    card, same stem ``.json``, must sit beside it). ``weights``: a local weights file, or
+    ``"none"`` for random initialisation; registered models default to their pretrained
+    weights from the torch hub cache where they have any. ``options`` go to the loader
+    (``batch_size``, ``precision``, ``return_scores``, thresholds, ...)."""
+    info, argument = _resolve(spec)
+    loader = _import_loader(info)
+    return loader(argument, device=device, weights=weights, **options)
+
+
+def _resolve(spec: str | Path) -> tuple[ModelInfo, str | Path]:
+    if isinstance(spec, str) and spec in KNOWN_MODELS:
+        return KNOWN_MODELS[spec], spec
+    path = Path(spec)
+    exported = EXPORTED_FORMATS.get(path.suffix.lower())
+    if exported is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"exported model {path} does not exist")
+        return exported, path
+    close = difflib.get_close_matches(str(spec), list(KNOWN_MODELS), n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model {str(spec)!r}: not a registered name and not a path to a "
+        f"{' / '.join(EXPORTED_FORMATS)} file.{hint} Registered: {', '.join(KNOWN_MODELS)}"
+    )
+
+
+def _import_loader(info: ModelInfo):
+    if info.requires is not None:
+        try:
+            importlib.import_module(info.requires)
+        except ImportError as error:
+            raise MissingDependencyError(
+                f"model {info.name} needs {info.requires}, which is not installed: "
+                f"pip install 'segflow[{info.extra}]'"
+            ) from error
+    module_name, attribute = info.loader.split(":")
+    return getattr(importlib.import_module(module_name), attribute)

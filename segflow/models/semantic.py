@@ -1,0 +1,83 @@
+"""Semantic models: every backend produces logits at image size; this turns them into labels."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from segflow.models.base import SegmentationModel
+from segflow.prediction import SemanticPrediction
+from segflow.tiling import tiled_labels
+
+# Large enough that ordinary photos and driving frames run whole; aerial tiles of many
+# thousand pixels a side are cut into windows that fit in memory.
+DEFAULT_TILE_SIZE = 1024
+DEFAULT_TILE_OVERLAP = 128
+
+
+def predictions_from_logits(
+    logits: torch.Tensor, *, return_scores: bool = False
+) -> list[SemanticPrediction]:
+    """Argmax over the class axis of (N, C, H, W) logits; scores are the winning softmax
+    probability. Computed in fp32 so autocast logits cannot flip close calls."""
+    logits = logits.float()
+    if return_scores:
+        scores, labels = torch.softmax(logits, dim=1).max(dim=1)
+        return [
+            SemanticPrediction(labels=label_map, scores=score_map)
+            for label_map, score_map in zip(labels, scores, strict=True)
+        ]
+    return [SemanticPrediction(labels=label_map) for label_map in logits.argmax(dim=1)]
+
+
+class SemanticModel(SegmentationModel):
+    """Base for semantic backends: subclasses return logits at the batch's own size.
+
+    Images taller or wider than ``tile_size`` are segmented in overlapping windows whose
+    logits are blended before the argmax (:mod:`segflow.tiling`); ``tile_size=None`` turns
+    tiling off.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        classes: Sequence[str],
+        device: torch.device,
+        return_scores: bool = False,
+        tile_size: int | None = DEFAULT_TILE_SIZE,
+        tile_overlap: int = DEFAULT_TILE_OVERLAP,
+        **runtime_options,
+    ) -> None:
+        super().__init__(
+            name=name, task="semantic", classes=classes, device=device, **runtime_options
+        )
+        if tile_size is not None and not 0 <= tile_overlap < tile_size:
+            raise ValueError(
+                f"tile_overlap must be in [0, tile_size={tile_size}), got {tile_overlap}"
+            )
+        self.return_scores = return_scores
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+
+    def _predict_batch(self, images: torch.Tensor) -> list[SemanticPrediction]:
+        height, width = images.shape[-2:]
+        if self.tile_size is None or max(height, width) <= self.tile_size:
+            return predictions_from_logits(self._logits(images), return_scores=self.return_scores)
+        predictions = []
+        for image in images:
+            labels, scores = tiled_labels(
+                self._logits,
+                image[None],
+                tile=self.tile_size,
+                overlap=self.tile_overlap,
+                return_scores=self.return_scores,
+            )
+            predictions.append(SemanticPrediction(labels=labels, scores=scores))
+        return predictions
+
+    @abstractmethod
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) logits for a uint8 (N, 3, H, W) batch, at the batch's H and W."""

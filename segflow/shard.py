@@ -1,0 +1,271 @@
+"""Segment one shard of images: fetch, decode, predict, encode — into the three tables.
+
+This is the whole per-image path of a run. A Ray actor calls it on its shard, and the
+in-process runner calls it on the whole corpus; both get the same rows. Fetching and
+decoding run in a thread pool ahead of the model (the decoders and fsspec release the GIL),
+so the forward pass does not wait on I/O. A failure of one image becomes an ``errors`` row
+and the shard goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+
+from segflow import rle, schema
+from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
+from segflow.prediction import InstancePrediction, Prediction, SemanticPrediction
+
+
+@dataclass
+class ShardResult:
+    masks: pa.Table
+    images: pa.Table
+    errors: pa.Table
+    seconds: float
+
+    @property
+    def num_images(self) -> int:
+        return self.images.num_rows
+
+    @property
+    def num_failed(self) -> int:
+        return self.errors.num_rows
+
+
+@dataclass
+class _Decoded:
+    uri: str
+    image: torch.Tensor | None = None
+    read_ms: float | None = None
+    decode_ms: float | None = None
+    error: tuple[str, BaseException] | None = None
+
+
+@dataclass
+class _Rows:
+    masks: list[dict[str, Any]] = field(default_factory=list)
+    images: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Fetch a whole object through fsspec (local paths, file://, s3://, ...)."""
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def segment_images(
+    model: Any,
+    uris: Iterable[str],
+    *,
+    run_id: str,
+    batch_size: int = 8,
+    prefetch_threads: int = 4,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    fetch: Callable[[str], bytes] = read_bytes,
+    on_image: Callable[[int], None] | None = None,
+) -> ShardResult:
+    """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``.
+
+    ``on_image(n)`` is called after each batch with the number of images it finished, for
+    progress reporting.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    rows = _Rows()
+    model_name = str(model.name)
+
+    def load(uri: str) -> _Decoded:
+        item = _Decoded(uri)
+        t0 = time.perf_counter()
+        try:
+            data = fetch(uri)
+        except Exception as exc:  # any fetch failure is this image's error, not the shard's
+            item.error = ("read", exc)
+            return item
+        t1 = time.perf_counter()
+        item.read_ms = (t1 - t0) * 1e3
+        try:
+            item.image = decode_image(data, name=uri, max_pixels=max_pixels)
+        except Exception as exc:
+            item.error = ("decode", exc)
+            return item
+        item.decode_ms = (time.perf_counter() - t1) * 1e3
+        return item
+
+    with ThreadPoolExecutor(max_workers=max(1, prefetch_threads)) as pool:
+        for batch in _batched(_prefetched(pool, load, uris, batch_size * 2), batch_size):
+            good = []
+            for item in batch:
+                if item.error is None:
+                    good.append(item)
+                else:
+                    _record_failure(rows, run_id, model_name, item, *item.error)
+            _predict_batch(model, model_name, run_id, good, rows)
+            if on_image is not None:
+                on_image(len(batch))
+
+    return ShardResult(
+        masks=schema.table_from_rows("masks", rows.masks),
+        images=schema.table_from_rows("images", rows.images),
+        errors=schema.table_from_rows("errors", rows.errors),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _predict_batch(model: Any, model_name: str, run_id: str, batch: list[_Decoded], rows: _Rows):
+    if not batch:
+        return
+    t0 = time.perf_counter()
+    try:
+        predictions = model.predict([item.image for item in batch])
+    except Exception as exc:
+        if len(batch) == 1:
+            _record_failure(rows, run_id, model_name, batch[0], "infer", exc)
+            return
+        # One bad image must not fail its batch-mates: retry them one by one.
+        for item in batch:
+            _predict_batch(model, model_name, run_id, [item], rows)
+        return
+    infer_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
+    for item, prediction in zip(batch, predictions, strict=True):
+        t1 = time.perf_counter()
+        try:
+            masks = mask_rows(prediction, model, run_id=run_id, uri=item.uri)
+        except Exception as exc:
+            _record_failure(rows, run_id, model_name, item, "encode", exc)
+            continue
+        encode_ms = (time.perf_counter() - t1) * 1e3
+        rows.masks.extend(masks)
+        rows.images.append(
+            _image_row(
+                run_id,
+                model_name,
+                item,
+                status="ok",
+                num_masks=len(masks),
+                height=prediction.height,
+                width=prediction.width,
+                infer_ms=infer_ms,
+                encode_ms=encode_ms,
+            )
+        )
+
+
+def mask_rows(prediction: Prediction, model: Any, *, run_id: str, uri: str) -> list[dict]:
+    """The ``masks`` rows of one prediction."""
+    classes: Sequence[str] = model.classes
+    common = {
+        "run_id": run_id,
+        "image_id": schema.image_id_for(uri),
+        "uri": uri,
+        "height": prediction.height,
+        "width": prediction.width,
+        "model": str(model.name),
+    }
+    if isinstance(prediction, SemanticPrediction):
+        by_class = rle.encode_label_map(prediction.labels)
+        class_ids = list(by_class)
+        rles = [by_class[c] for c in class_ids]
+        boxes = rle.to_bbox(rles)
+        instance_ids: list[int | None] = [None] * len(rles)
+        scores: list[float | None] = [None] * len(rles)
+    elif isinstance(prediction, InstancePrediction):
+        rles = rle.encode_masks(prediction.masks)
+        class_ids = prediction.labels.tolist()
+        boxes = prediction.boxes.to(torch.float64).cpu().numpy()
+        instance_ids = list(range(len(rles)))
+        scores = prediction.scores.tolist()
+    else:
+        raise TypeError(f"unknown prediction type {type(prediction).__name__}")
+    areas = rle.area(rles)
+    return [
+        {
+            **common,
+            "instance": instance,
+            "class_id": int(class_id),
+            "class_name": _class_name(classes, int(class_id)),
+            "score": score,
+            "bbox": np.asarray(box, dtype=np.float64).tolist(),
+            "area": int(area),
+            "counts": encoded["counts"].decode("ascii"),
+        }
+        for instance, class_id, score, box, area, encoded in zip(
+            instance_ids, class_ids, scores, boxes, areas, rles, strict=True
+        )
+    ]
+
+
+def _class_name(classes: Sequence[str], class_id: int) -> str:
+    if not 0 <= class_id < len(classes):
+        raise ValueError(f"model returned class id {class_id}; it has {len(classes)} classes")
+    return classes[class_id]
+
+
+def _record_failure(
+    rows: _Rows, run_id: str, model_name: str, item: _Decoded, stage: str, exc: BaseException
+):
+    now = datetime.now(UTC)
+    rows.errors.append(
+        {
+            "run_id": run_id,
+            "image_id": schema.image_id_for(item.uri),
+            "uri": item.uri,
+            "stage": stage,
+            "error_type": type(exc).__name__,
+            "message": str(exc) or repr(exc),
+            "occurred_at": now,
+        }
+    )
+    rows.images.append(_image_row(run_id, model_name, item, status="error", num_masks=0))
+
+
+def _image_row(run_id: str, model_name: str, item: _Decoded, **values: Any) -> dict[str, Any]:
+    row = {
+        "run_id": run_id,
+        "image_id": schema.image_id_for(item.uri),
+        "uri": item.uri,
+        "height": None,
+        "width": None,
+        "read_ms": item.read_ms,
+        "decode_ms": item.decode_ms,
+        "infer_ms": None,
+        "encode_ms": None,
+        "model": model_name,
+        "processed_at": datetime.now(UTC),
+    }
+    row.update(values)
+    return row
+
+
+def _prefetched(
+    pool: ThreadPoolExecutor, load: Callable[[str], _Decoded], uris: Iterable[str], depth: int
+) -> Iterator[_Decoded]:
+    """Yield ``load(uri)`` in order, keeping ``depth`` loads in flight ahead of the consumer."""
+    it = iter(uris)
+    pending: deque[Future[_Decoded]] = deque(pool.submit(load, uri) for uri in islice(it, depth))
+    while pending:
+        head = pending.popleft()
+        next_uri = next(it, None)
+        if next_uri is not None:
+            pending.append(pool.submit(load, next_uri))
+        yield head.result()
+
+
+def _batched(items: Iterable[_Decoded], size: int) -> Iterator[list[_Decoded]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch

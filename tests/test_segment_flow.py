@@ -1,0 +1,226 @@
+"""The distributed flow with real components: Prefect's test server, Ray (local and a
+two-node ``ray start`` cluster with token auth), a moto S3 endpoint, DuckDB on the output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import fsspec
+import numpy as np
+import pytest
+from pycocotools import mask as coco_mask
+
+from tests.conftest import REPO_ROOT, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SEGFLOW = str(Path(sys.executable).with_name("segflow"))
+
+
+def make_corpus(folder: Path, frames: list[Path], good: int, bad: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    for frame in frames[:good]:
+        shutil.copy(frame, folder / frame.name)
+    if bad:
+        (folder / "empty.png").write_bytes(b"")
+        (folder / "truncated.png").write_bytes(frames[0].read_bytes()[:5000])
+        (folder / "notes.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def table(run: Path | str, name: str) -> str:
+    return f"'{run}/{name}/*.parquet'"
+
+
+def assert_exactly_once(run: Path, expected_images: int) -> None:
+    con = duckdb.connect()
+    rows, distinct = con.execute(
+        f"SELECT count(*), count(DISTINCT image_id) FROM {table(run, 'images')}"
+    ).fetchone()
+    assert rows == distinct == expected_images
+    # Semantic masks tile each image: their areas add up to the image, once per image.
+    mismatched = con.execute(
+        f"""SELECT i.uri FROM {table(run, "images")} i
+            JOIN (SELECT image_id, sum(area) AS a FROM {table(run, "masks")} GROUP BY 1) m
+            USING (image_id) WHERE m.a <> i.height::BIGINT * i.width"""
+    ).fetchall()
+    assert mismatched == []
+
+
+def run_flow(**kwargs):
+    from pipelines.segment import segment
+
+    return segment(**kwargs)
+
+
+def test_flow_runs_exactly_once_and_a_rerun_resumes(
+    prefect_harness, local_ray, frames, shared, tmp_path
+):
+    corpus = make_corpus(tmp_path / "in put", frames, good=7)
+    model = str(shared / "models" / "espnet_camvid.pt2")
+    out = str(tmp_path / "out")
+    summary = run_flow(input=str(corpus), model=model, out=out, shard_size=3, run_id="r1")
+    assert (summary["images"], summary["failed"], summary["shards"]) == (10, 3, 4)
+    run = Path(out) / "run=r1"
+    assert_exactly_once(run, 10)
+    con = duckdb.connect()
+    errors = con.execute(f"SELECT uri, stage FROM {table(run, 'errors')} ORDER BY uri").fetchall()
+    assert [(Path(u).name, s) for u, s in errors] == [
+        ("empty.png", "decode"),
+        ("notes.jpg", "decode"),
+        ("truncated.png", "decode"),
+    ]
+    # The RLE that landed in Parquet decodes (pycocotools) to exactly the model's prediction.
+    from segflow.decode import decode_image
+    from segflow.models import load_model
+
+    uri, height, width = con.execute(
+        f"SELECT uri, height, width FROM {table(run, 'images')} WHERE status = 'ok' LIMIT 1"
+    ).fetchone()
+    [expected] = load_model(model, device="cpu").predict(
+        [decode_image(fsspec.open(uri, "rb").open().read())]
+    )
+    rebuilt = np.full((height, width), -1)
+    for class_id, counts in con.execute(
+        f"SELECT class_id, counts FROM {table(run, 'masks')} WHERE uri = ?", [uri]
+    ).fetchall():
+        rebuilt[coco_mask.decode({"size": [height, width], "counts": counts}) == 1] = class_id
+    np.testing.assert_array_equal(rebuilt, expected.labels.numpy())
+
+    again = run_flow(input=str(corpus), model=model, out=out, shard_size=3, run_id="r1")
+    assert again["shards_run_now"] == 0
+    assert again["images"] == 10
+    assert json.loads((run / "summary.json").read_text())["shards_run_now"] == 0
+
+
+def test_a_killed_actor_is_restarted_and_every_image_lands_once(
+    prefect_harness, local_ray, frames, shared, tmp_path
+):
+    corpus = make_corpus(tmp_path / "in", frames, good=16, bad=False)
+    killed = []
+
+    def kill_first_worker(summary):
+        if not killed:
+            pid = int(summary["worker"].rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGKILL)  # a crash, not a polite shutdown
+            killed.append(pid)
+
+    summary = run_flow(
+        input=str(corpus),
+        model=str(shared / "models" / "espnet_camvid.pt2"),
+        out=str(tmp_path / "out"),
+        shard_size=2,
+        run_id="k",
+        on_shard=kill_first_worker,
+    )
+    assert killed
+    assert (summary["images"], summary["failed"], summary["shards"]) == (16, 0, 8)
+    assert_exactly_once(tmp_path / "out" / "run=k", 16)
+
+
+class Cli:
+    """The ``segflow segment`` command in a subprocess, its output collected in a file (a
+    pipe nobody reads would fill up and block it)."""
+
+    def __init__(self, *args: str, log: Path, env: dict[str, str] | None = None, **kwargs):
+        self.log = log
+        with log.open("w") as sink:
+            self.process = subprocess.Popen(
+                [SEGFLOW, "segment", *args],
+                env={**os.environ, **(env or {})},
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=REPO_ROOT,
+                **kwargs,
+            )
+
+    def wait(self, timeout: float = 600) -> tuple[int, str]:
+        returncode = self.process.wait(timeout=timeout)
+        return returncode, self.log.read_text()
+
+
+def test_interrupted_run_resumes_only_uncommitted_shards(frames, shared, tmp_path):
+    corpus = make_corpus(tmp_path / "in", frames, good=24, bad=False)
+    out = tmp_path / "out"
+    args = [str(corpus), "--model", str(shared / "models" / "espnet_camvid.pt2")]
+    args += ["--out", str(out), "--shard-size", "2", "--run-id", "i"]
+    first = Cli(*args, log=tmp_path / "first.log", start_new_session=True)
+    commits = out / "run=i" / "_commits"
+    deadline = time.monotonic() + 300
+    while len(list(commits.glob("*.json"))) < 3 and first.process.poll() is None:
+        assert time.monotonic() < deadline, "no shard committed in time"
+        time.sleep(0.2)
+    os.killpg(first.process.pid, signal.SIGINT)  # Ctrl-C
+    returncode, output = first.wait(timeout=120)
+    assert returncode != 0, output
+    committed_before = len(list(commits.glob("*.json")))
+    assert 3 <= committed_before < 12, f"the interrupt came too late: {committed_before} shards"
+
+    returncode, output = Cli(*args, log=tmp_path / "second.log").wait()
+    assert returncode == 0, output
+    summary = json.loads((out / "run=i" / "summary.json").read_text())
+    assert summary["shards_run_now"] == 12 - committed_before
+    assert_exactly_once(out / "run=i", 24)
+
+
+def test_s3_in_and_out_with_bad_files(s3_env, frames, shared, tmp_path):
+    os.environ.update(s3_env)
+    try:
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("corpus")
+        local = make_corpus(tmp_path / "Tile 1", frames, good=4)
+        fs.put(str(local), "corpus/aerial/Tile 1", recursive=True)
+    finally:
+        for key in s3_env:
+            os.environ.pop(key)
+    returncode, output = Cli(
+        "s3://corpus/aerial",
+        "--model",
+        str(shared / "models" / "espnet_camvid.pt2"),
+        "--out",
+        "s3://corpus/out",
+        "--run-id",
+        "s3run",
+        log=tmp_path / "cli.log",
+        env=s3_env,
+    ).wait()
+    assert returncode == 1, output  # some images failed, and the exit status says so
+    assert "3 image(s) failed" in output
+    assert "s3://corpus/out/run=s3run/errors/" in output
+    fs.get("corpus/out/run=s3run", str(tmp_path / "copy"), recursive=True)
+    assert_exactly_once(tmp_path / "copy", 7)
+
+
+def test_bad_jobs_fail_before_any_work(shared, tmp_path, frames):
+    corpus = make_corpus(tmp_path / "in", frames, good=1, bad=False)
+    model = str(shared / "models" / "espnet_camvid.pt2")
+    cases = {
+        "unknown model": ([str(corpus), "--model", "no_such_model"], "no_such_model"),
+        "missing input": ([str(tmp_path / "nope"), "--model", model], "does not exist"),
+        "unreachable cluster": (
+            [str(corpus), "--model", model, "--ray-address", f"127.0.0.1:{free_port()}"],
+            "unreachable",
+        ),
+    }
+    for name, (args, message) in cases.items():
+        out = tmp_path / name.replace(" ", "_")
+        returncode, output = Cli(*args, "--out", str(out), log=tmp_path / "cli.log").wait()
+        assert returncode == 2, (name, output)
+        assert message in output, (name, output)
+        assert not out.exists(), name
+
+    out = tmp_path / "conflict"
+    args = [str(corpus), "--model", model, "--out", str(out), "--run-id", "c"]
+    returncode, output = Cli(*args, log=tmp_path / "first.log").wait()
+    assert returncode == 0, output
+    returncode, output = Cli(*args, "--shard-size", "5", log=tmp_path / "second.log").wait()
+    assert returncode == 2 and "another configuration" in output, output

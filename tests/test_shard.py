@@ -1,0 +1,148 @@
+"""The per-image path end to end: real model, real images, planted bad files, real Parquet
+read back by DuckDB and Polars, masks decoded by pycocotools."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from pycocotools import mask as coco_mask
+
+from segflow import schema
+from segflow.decode import decode_image
+from segflow.manifest import build_manifest
+from segflow.models import load_model
+from segflow.shard import segment_images
+
+pytestmark = pytest.mark.slow
+
+GOOD = 4
+
+
+@pytest.fixture(scope="module")
+def espnet(shared: Path):
+    return load_model(str(shared / "models" / "espnet_camvid.pt2"), device="cpu")
+
+
+@pytest.fixture
+def corpus(shared: Path, tmp_path: Path) -> Path:
+    """A folder with a space in its name: four CamVid frames and four broken files."""
+    folder = tmp_path / "camvid frames"
+    folder.mkdir()
+    frames = sorted((shared / "data" / "camvid_val" / "images").glob("*.png"))[:GOOD]
+    for frame in frames:
+        shutil.copy(frame, folder / frame.name)
+    png = frames[0].read_bytes()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    (folder / "notes.jpg").write_bytes(b"this is not an image\n" * 10)
+    (folder / "zz_huge.png").write_bytes(_png_header_declaring(100_000, 100_000))
+    return folder
+
+
+def _png_header_declaring(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+    )
+
+
+def test_shard_rows_match_the_model_and_record_every_failure(espnet, corpus: Path):
+    uris = build_manifest(str(corpus)).to_pylist()
+    result = segment_images(espnet, uris, run_id="r1", batch_size=3)
+
+    assert result.num_images == len(uris) == GOOD + 4
+    errors = {Path(row["uri"]).name: row for row in result.errors.to_pylist()}
+    assert set(errors) == {"empty.png", "truncated.png", "notes.jpg", "zz_huge.png"}
+    assert {row["stage"] for row in errors.values()} == {"decode"}
+    statuses = {Path(r["uri"]).name: r["status"] for r in result.images.to_pylist()}
+    assert sum(s == "ok" for s in statuses.values()) == GOOD
+
+    # Every good image's masks, decoded by pycocotools, rebuild exactly the model's label map.
+    masks = result.masks.to_pylist()
+    for uri in uris:
+        name = Path(uri).name
+        if name in errors:
+            continue
+        image = decode_image(Path(uri.removeprefix("file://")).read_bytes())
+        [expected] = espnet.predict([image])
+        rebuilt = np.full(expected.labels.shape, -1, dtype=np.int64)
+        rows = [m for m in masks if m["uri"] == uri]
+        assert rows, name
+        for row in rows:
+            size = [row["height"], row["width"]]
+            encoded = {"size": size, "counts": row["counts"].encode()}
+            decoded = coco_mask.decode(encoded)
+            assert decoded.sum() == row["area"] == int(coco_mask.area(encoded))
+            assert row["bbox"] == coco_mask.toBbox(encoded).tolist()
+            assert (rebuilt[decoded == 1] == -1).all(), "classes overlap"
+            rebuilt[decoded == 1] = row["class_id"]
+            assert row["class_name"] == espnet.classes[row["class_id"]]
+        np.testing.assert_array_equal(rebuilt, expected.labels.numpy())
+
+
+def test_tables_read_back_in_duckdb_and_polars(espnet, corpus: Path, tmp_path: Path):
+    result = segment_images(espnet, build_manifest(str(corpus)).to_pylist(), run_id="r2")
+    paths = {}
+    for name in ("masks", "images", "errors"):
+        paths[name] = tmp_path / f"{name}.parquet"
+        schema.write_table(name, getattr(result, name), paths[name])
+        metadata = pq.read_metadata(paths[name])
+        assert metadata.metadata[b"segflow.schema_version"] == schema.SCHEMA_VERSION.encode()
+        assert metadata.row_group(0).column(0).compression == "ZSTD"
+        assert schema.read_table(name, paths[name]).num_rows == getattr(result, name).num_rows
+
+    con = duckdb.connect()
+    n_rows, n_images = con.execute(
+        f"SELECT count(*), count(DISTINCT image_id) FROM '{paths['images']}'"
+    ).fetchone()
+    assert (n_rows, n_images) == (GOOD + 4, GOOD + 4)
+    duck_types = dict(
+        con.execute(
+            f"SELECT column_name, column_type FROM (DESCRIBE '{paths['masks']}')"
+        ).fetchall()
+    )
+    assert duck_types["image_id"] == "BIGINT"
+    assert duck_types["bbox"] == "DOUBLE[]"
+    assert (
+        "TIMESTAMP WITH TIME ZONE"
+        in con.execute(f"SELECT typeof(processed_at) FROM '{paths['images']}' LIMIT 1").fetchone()[
+            0
+        ]
+    )
+    area_by_duckdb = con.execute(f"SELECT sum(area) FROM '{paths['masks']}'").fetchone()[0]
+    pixels = con.execute(
+        f"SELECT sum(height::BIGINT * width) FROM '{paths['images']}' WHERE status = 'ok'"
+    ).fetchone()[0]
+    assert area_by_duckdb == pixels  # semantic masks tile each image exactly
+
+    masks = pl.read_parquet(paths["masks"])
+    assert masks.schema["image_id"] == pl.Int64
+    images = pl.read_parquet(paths["images"])
+    assert images.schema["processed_at"] == pl.Datetime("us", "UTC")
+    assert masks["area"].sum() == area_by_duckdb
+    row = masks.row(0, named=True)
+    expected = coco_mask.decode(
+        {"size": [row["height"], row["width"]], "counts": row["counts"].encode()}
+    )
+    np.testing.assert_array_equal(schema.mask_from_row(row), expected)
+
+
+def test_rows_with_a_null_in_a_required_column_are_refused():
+    row = {name: None for name in schema.ERRORS.names}
+    with pytest.raises(schema.SchemaError, match="must not be null"):
+        schema.table_from_rows("errors", [row])
+    with pytest.raises(schema.SchemaError, match="unknown table"):
+        schema.table_from_rows("nope", [])

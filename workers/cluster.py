@@ -1,0 +1,97 @@
+"""Connecting the driver to Ray, and sizing the actor pool from what the cluster has."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import ray
+
+
+class ClusterError(ConnectionError):
+    """The Ray cluster named by the user cannot be reached."""
+
+
+def connect(address: str | None, *, probe_timeout: float = 5.0) -> None:
+    """``None`` starts a local Ray; ``auto``, ``host:port`` or ``ray://host:port`` joins one.
+
+    Token authentication stays on: Ray 2.60 enables it for ``ray start``, and the head, the
+    workers and this driver must all run with ``RAY_AUTH_MODE=token``. Ray reads that
+    variable when it is imported, so it has to be in the environment before the process
+    imports ray (the ``segflow`` command sets it first thing); this function can only check.
+    A named address is also probed first, because ``ray.init`` on an unreachable address
+    retries for minutes before failing.
+    """
+    if ray.is_initialized():
+        return
+    if address is None:
+        # Keep a laptop's local cluster on loopback rather than the machine's LAN address.
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        return
+    if os.environ.get("RAY_AUTH_MODE") not in ("token", "disabled"):
+        raise ClusterError(
+            "connecting to a Ray cluster needs RAY_AUTH_MODE=token in the environment before "
+            "Python starts (and the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+        )
+    if address != "auto":
+        _probe(address, probe_timeout)
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot connect to Ray at {address!r}: {exc}") from exc
+
+
+def _probe(address: str, timeout: float) -> None:
+    parsed = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError as exc:
+        raise ClusterError(f"Ray address {address!r} is not host:port: {exc}") from None
+    if not host or not port:
+        raise ClusterError(f"Ray address {address!r} is not 'auto', host:port or ray://host:port")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"Ray address {address!r} is unreachable: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many segmentation actors to start and what each reserves."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus else "cpu"
+
+
+def plan_actors(
+    shards: int, *, device: str = "auto", cpus_per_actor: float | None = None
+) -> ActorPlan:
+    """One actor per GPU when the cluster has GPUs (and ``device`` allows), else one per
+    ``cpus_per_actor`` CPUs (default 1). Never more actors than shards.
+
+    Actors fetch and decode in their own threads: there are no separate reader tasks that
+    actors holding every CPU could starve (the hang seen with Ray Data's read stage).
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = resources.get("CPU", 0)
+    if device == "cuda" and not gpus:
+        raise ClusterError("device 'cuda' was asked for but the Ray cluster has no GPUs")
+    if gpus and device != "cpu":
+        per_gpu_cpus = cpus_per_actor or max(1.0, min(4.0, cpus // gpus - 1))
+        return ActorPlan(actors=max(1, min(gpus, shards)), num_cpus=per_gpu_cpus, num_gpus=1)
+    per_actor = cpus_per_actor or 1.0
+    if cpus < per_actor:
+        raise ClusterError(f"the Ray cluster has {cpus} CPUs; an actor needs {per_actor}")
+    return ActorPlan(
+        actors=max(1, min(int(cpus // per_actor), shards)), num_cpus=per_actor, num_gpus=0
+    )

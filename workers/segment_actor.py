@@ -1,0 +1,64 @@
+"""The Ray actor that segments shards: one model per actor, loaded once."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from segflow.manifest import Shard
+from segflow.models import load_model
+from segflow.shard import segment_images
+from segflow.store import RunStore
+
+
+class SegmentActor:
+    """Called with a shard, segments its images, commits the shard's tables and returns the
+    shard summary. Ray restarts a killed actor and retries its shard; the commit protocol
+    (:mod:`segflow.store`) makes the retry overwrite rather than duplicate."""
+
+    def __init__(
+        self,
+        manifest: pa.Array,
+        *,
+        model: str,
+        out: str,
+        run_id: str,
+        device: str,
+        model_options: dict[str, Any],
+        batch_size: int,
+        prefetch_threads: int,
+        max_pixels: int | None,
+    ) -> None:
+        self.manifest = manifest
+        self.model = load_model(model, device=device, **model_options)
+        self.store = RunStore(out, run_id)
+        self.batch_size = batch_size
+        self.prefetch_threads = prefetch_threads
+        self.max_pixels = max_pixels
+
+    def __call__(self, shard: Shard) -> dict[str, Any]:
+        uris = self.manifest.slice(shard.start, len(shard)).to_pylist()
+        result = segment_images(
+            self.model,
+            uris,
+            run_id=self.store.run_id,
+            batch_size=self.batch_size,
+            prefetch_threads=self.prefetch_threads,
+            max_pixels=self.max_pixels,
+        )
+        summary = {
+            "shard": shard.index,
+            "images": result.num_images,
+            "failed": result.num_failed,
+            "masks": result.masks.num_rows,
+            "seconds": round(result.seconds, 3),
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "node": ray.get_runtime_context().get_node_id(),
+        }
+        tables = {"masks": result.masks, "images": result.images, "errors": result.errors}
+        self.store.commit_shard(shard, tables, summary)
+        return summary
