@@ -37,6 +37,13 @@ def segment(
         typer.Option(help="Run id; default: derived from the command, so reruns resume."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    tile_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Semantic models: larger images run in tiles (default 1024)."),
+    ] = None,
+    tile_overlap: Annotated[
+        int | None, typer.Option(min=0, help="Pixels neighbouring tiles share (default 128).")
+    ] = None,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -83,6 +90,11 @@ def segment(
                 batch_size=batch_size,
                 ray_address=ray_address,
                 device=device,
+                model_options={
+                    name: value
+                    for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap))
+                    if value is not None
+                },
                 on_plan=on_plan,
                 on_shard=on_shard,
             )

@@ -78,9 +78,9 @@ def load_pt2(
     *,
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
-    return_scores: bool = False,
     batch_size: int = 8,
     precision: str = "auto",
+    **semantic_options,
 ) -> ExportedSemanticModel:
     """``precision="auto"`` is fp32 even on CUDA: the graph is a fixed artifact whose card
     reference was measured in fp32, so autocast ("bf16", "fp16") is an explicit opt-in."""
@@ -97,7 +97,7 @@ def load_pt2(
         model_path=path,
         forward=program.module(),
         device=resolved,
-        return_scores=return_scores,
+        **semantic_options,
         batch_size=batch_size,
         precision="fp32" if precision == "auto" else precision,
         # The exported graph fixes its own layouts; there is no module to convert.
@@ -110,9 +110,9 @@ def load_onnx(
     *,
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
-    return_scores: bool = False,
     batch_size: int = 8,
     precision: str = "auto",
+    **semantic_options,
 ) -> ExportedSemanticModel:
     """``device="auto"`` picks CUDA only when both torch and onnxruntime can use it.
     ``precision`` can only be fp32 ("auto"): onnxruntime runs the graph as exported."""
@@ -144,7 +144,7 @@ def load_onnx(
         model_path=path,
         forward=OnnxForward(session),
         device=resolved,
-        return_scores=return_scores,
+        **semantic_options,
         batch_size=batch_size,
         precision="fp32",
         channels_last=False,

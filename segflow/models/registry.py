@@ -97,7 +97,8 @@ def load_model(
     card, same stem ``.json``, must sit beside it). ``weights``: a local weights file, or
     ``"none"`` for random initialisation; registered models default to their pretrained
     weights from the torch hub cache where they have any. ``options`` go to the loader
-    (``batch_size``, ``precision``, ``return_scores``, thresholds, ...)."""
+    (``batch_size``, ``precision``; semantic: ``return_scores``, ``tile_size``, ``tile_overlap``;
+    instance: thresholds)."""
     info, argument = _resolve(spec)
     loader = _import_loader(info)
     return loader(argument, device=device, weights=weights, **options)

@@ -61,10 +61,10 @@ def load(
     encoder: str = "resnet34",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    return_scores: bool = False,
     batch_size: int = 8,
     precision: str = "auto",
     channels_last: bool | None = None,
+    **semantic_options,
 ) -> SmpModel:
     """``name`` is ``smp:<Architecture>``; ``classes`` a count or the class names in id order;
     ``weights`` a state dict file, or ``"none"`` for random initialisation."""
@@ -92,7 +92,7 @@ def load(
         network=network,
         mean=mean,
         std=std,
-        return_scores=return_scores,
+        **semantic_options,
         batch_size=batch_size,
         precision=precision,
         channels_last=channels_last,

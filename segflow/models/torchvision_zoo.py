@@ -90,10 +90,10 @@ def load_semantic(
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
     resize_size: int | None = None,
-    return_scores: bool = False,
     batch_size: int = 8,
     precision: str = "auto",
     channels_last: bool | None = None,
+    **semantic_options,
 ) -> TorchvisionSemanticModel:
     """``resize_size``: shorter image side fed to the network (default: the weights' own,
     520 for every model here); logits are resized back to each image's size."""
@@ -120,7 +120,7 @@ def load_semantic(
         device=resolve_device(device),
         network=network,
         transforms=transforms,
-        return_scores=return_scores,
+        **semantic_options,
         batch_size=batch_size,
         precision=precision,
         channels_last=channels_last,

@@ -1,0 +1,346 @@
+"""End-to-end throughput of ``segflow segment`` against its baselines, measured side by side.
+
+Two regimes on the same images (CamVid frames replicated to --images files, on local disk
+and on a moto S3 server on 127.0.0.1):
+
+* compute-bound, ``espnet_camvid.pt2``: (a) the model's forward pass alone on pre-decoded,
+  warmed-up batches; (d) ``segflow segment`` end to end. Goal d/a >= 0.9.
+* feed-rate, a near-free model exported here (11 logits ``-|grey - k/10|``), the regime of a
+  GPU node where the CPU side decides whether the GPU is fed: (b) a plain single-process loop
+  (PIL decode, forward, pycocotools encode per class, pyarrow write); (c) the canonical Ray
+  Data recipe (read_images, map_batches with a model actor, write_parquet); (d) ``segflow
+  segment``. Goals d/b >= 1.2, d/c >= 2.5.
+
+Also: the driver's peak RSS when planning a 1M-URI manifest.
+
+Usage: .venv/bin/python bench/segment.py [--images 1000] [--skip-s3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SEGFLOW_SHARED", REPO.parent / "shared")).resolve()
+SEGFLOW = str(Path(sys.executable).with_name("segflow"))
+
+
+class GreyLevels(torch.nn.Module):
+    """11 class logits -|grey - k/10|: label maps follow image brightness, blobby like real
+    ones, for almost no compute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grey = x.mean(dim=1, keepdim=True)
+        levels = torch.arange(11, dtype=x.dtype, device=x.device).view(1, 11, 1, 1) / 10
+        return -(grey - levels).abs()
+
+
+def export_grey_model(folder: Path) -> Path:
+    path = folder / "grey_levels.pt2"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    height = torch.export.Dim("height", min=8, max=8192)
+    width = torch.export.Dim("width", min=8, max=8192)
+    program = torch.export.export(
+        GreyLevels(),
+        (torch.rand(2, 3, 64, 64),),
+        dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
+    )
+    torch.export.save(program, path)
+    card = {
+        "name": "grey-levels",
+        "task": "semantic",
+        "files": {"pt2": path.name},
+        "input": {
+            "color": "RGB",
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "layout": "NCHW",
+            "fixed_size": None,
+            "size_multiple": None,
+            "batch": "dynamic",
+        },
+        "output": {"kind": "logits", "layout": "NCHW", "resolution": "same as input"},
+        "classes": [f"grey{k}" for k in range(11)],
+    }
+    path.with_suffix(".json").write_text(json.dumps(card))
+    return path
+
+
+def replicate_corpus(folder: Path, count: int) -> list[Path]:
+    frames = sorted((SHARED / "data" / "camvid_val" / "images").glob("*.png"))
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        target = folder / f"{i:06d}_{frames[i % len(frames)].name}"
+        shutil.copy(frames[i % len(frames)], target)
+        paths.append(target)
+    return paths
+
+
+class PeakRss:
+    """Peak summed RSS of this process and every process started since (Ray's workers)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._since = time.time() - 1
+
+    def __enter__(self) -> PeakRss:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        while not self._stop.wait(0.25):
+            total = 0
+            for process in psutil.process_iter(["pid", "create_time", "memory_info"]):
+                info = process.info
+                if info["memory_info"] and (
+                    info["pid"] == me or (info["create_time"] or 0) >= self._since
+                ):
+                    total += info["memory_info"].rss
+            self.peak = max(self.peak, total)
+
+
+def timed(label: str, images: int, fn) -> dict:
+    with PeakRss() as rss:
+        started = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - started
+    result = {"label": label, "img_s": images / seconds, "seconds": seconds, "rss": rss.peak}
+    print(
+        f"  {label:<52} {result['img_s']:8.1f} img/s  {seconds:7.1f} s  "
+        f"peak RSS {rss.peak / 2**30:5.2f} GiB",
+        flush=True,
+    )
+    return result
+
+
+def forward_only(model_path: Path, paths: list[Path], batch_size: int) -> dict:
+    """(a): the forward pass alone on decoded batches, after a warm-up."""
+    from segflow.models import load_model
+
+    model = load_model(str(model_path), device="cpu", batch_size=batch_size)
+    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    model.predict(decoded[:batch_size])
+
+    def run() -> None:
+        for start in range(0, len(decoded), batch_size):
+            model.predict(decoded[start : start + batch_size])
+
+    return timed("(a) forward alone, pre-decoded, warmed up", len(decoded), run)
+
+
+def plain_loop(model_path: Path, paths: list[Path], out: Path) -> dict:
+    """(b): the obvious single-process script."""
+    program = torch.export.load(model_path).module()
+
+    def run() -> None:
+        rows = []
+        with torch.inference_mode():
+            for path in paths:
+                image = np.asarray(Image.open(path).convert("RGB"))
+                x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+                labels = program(x)[0].argmax(0).numpy()
+                for class_id in np.unique(labels):
+                    rle = coco_mask.encode(np.asfortranarray((labels == class_id).astype(np.uint8)))
+                    rows.append(
+                        {"uri": str(path), "class_id": int(class_id), "counts": rle["counts"]}
+                    )
+        pq.write_table(pa.Table.from_pylist(rows), out / "plain.parquet")
+
+    return timed("(b) plain loop: PIL, forward, pycocotools, pyarrow", len(paths), run)
+
+
+def ray_data_recipe(model_path: Path, folder: Path, count: int, out: Path) -> dict:
+    """(c): read_images -> map_batches(actor) -> write_parquet, CPUs split so the read
+    tasks are not starved by the actor."""
+    import ray
+
+    class Segmenter:
+        def __init__(self) -> None:
+            self.program = torch.export.load(model_path).module()
+
+        def __call__(self, batch: dict) -> dict:
+            uris, classes, counts = [], [], []
+            with torch.inference_mode():
+                for path, image in zip(batch["path"], batch["image"], strict=True):
+                    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+                    labels = self.program(x.float() / 255)[0].argmax(0).numpy()
+                    for class_id in np.unique(labels):
+                        mask = np.asfortranarray((labels == class_id).astype(np.uint8))
+                        uris.append(path)
+                        classes.append(int(class_id))
+                        counts.append(coco_mask.encode(mask)["counts"])
+            return {"uri": uris, "class_id": classes, "counts": counts}
+
+    def run() -> None:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        try:
+            dataset = ray.data.read_images(str(folder), mode="RGB", include_paths=True)
+            dataset = dataset.map_batches(Segmenter, concurrency=1, num_cpus=1, batch_size=8)
+            dataset.write_parquet(str(out / "ray_data"))
+        finally:
+            ray.shutdown()
+
+    return timed("(c) Ray Data: read_images, map_batches, write_parquet", count, run)
+
+
+def segflow_cli(label: str, source: str, model: Path, out: str, count: int, env=None) -> dict:
+    """(d): the real command, start-up (Ray, Prefect's server) included."""
+
+    def run() -> None:
+        completed = subprocess.run(
+            [SEGFLOW, "segment", source, "--model", str(model), "--out", out, "--shard-size", "64"],
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(completed.stdout[-3000:] + completed.stderr[-3000:])
+
+    return timed(label, count, run)
+
+
+def start_moto() -> tuple[subprocess.Popen, dict[str, str]]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    time.sleep(3)
+    return server, env
+
+
+def upload(folder: Path, env: dict[str, str]) -> None:
+    import fsspec
+
+    os.environ.update(env)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("bench")
+    fs.put(str(folder), "bench/images", recursive=True)
+
+
+def planning_rss(folder: Path) -> float:
+    """Peak RSS (MiB) of a fresh process that plans a 1M-URI manifest into shards."""
+    manifest = folder / "million.parquet"
+    uris = pa.array([f"s3://bucket/corpus/{i // 1000:04d}/{i:07d}.jpg" for i in range(1_000_000)])
+    pq.write_table(pa.table({"uri": uris}), manifest)
+    script = (
+        "import resource, sys\n"
+        "from segflow.manifest import build_manifest, shards\n"
+        f"m = build_manifest({str(manifest)!r})\n"
+        "s = list(shards(len(m), 256))\n"
+        "print(len(m), len(s), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    count, shard_count, max_rss_kib = (int(v) for v in output.stdout.split())
+    peak_mib = max_rss_kib / 1024
+    print(f"  planning {count:,} URIs into {shard_count:,} shards: peak RSS {peak_mib:.0f} MiB")
+    return peak_mib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--skip-s3", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs; {args.images} images (CamVid 480x360 PNG, replicated)")
+    with tempfile.TemporaryDirectory(prefix="segflow-bench-") as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus"
+        paths = replicate_corpus(corpus, args.images)
+        espnet = SHARED / "models" / "espnet_camvid.pt2"
+        grey = export_grey_model(tmp)
+        server, s3_env = (None, None) if args.skip_s3 else start_moto()
+        try:
+            if server:
+                upload(corpus, s3_env)
+
+            print("compute-bound: espnet_camvid.pt2")
+            a = forward_only(espnet, paths, batch_size=8)
+            d_local = segflow_cli(
+                "(d) segflow segment, local disk", str(corpus), espnet, str(tmp / "o1"), len(paths)
+            )
+            compute = {"a": a, "d": d_local}
+            if server:
+                compute["d_s3"] = segflow_cli(
+                    "(d) segflow segment, moto S3 in and out",
+                    "s3://bench/images",
+                    espnet,
+                    "s3://bench/o1",
+                    len(paths),
+                    s3_env,
+                )
+
+            print("feed-rate: near-free grey-level model")
+            b = plain_loop(grey, paths, tmp)
+            c = ray_data_recipe(grey, corpus, len(paths), tmp)
+            d_feed = segflow_cli(
+                "(d) segflow segment, local disk", str(corpus), grey, str(tmp / "o2"), len(paths)
+            )
+            feed = {"b": b, "c": c, "d": d_feed}
+            if server:
+                feed["d_s3"] = segflow_cli(
+                    "(d) segflow segment, moto S3 in and out",
+                    "s3://bench/images",
+                    grey,
+                    "s3://bench/o2",
+                    len(paths),
+                    s3_env,
+                )
+
+            print("ratios")
+            print(f"  compute-bound d/a = {compute['d']['img_s'] / a['img_s']:.2f}   (goal >= 0.9)")
+            if "d_s3" in compute:
+                print(f"  compute-bound d/a, S3 = {compute['d_s3']['img_s'] / a['img_s']:.2f}")
+            print(f"  feed-rate d/b = {feed['d']['img_s'] / b['img_s']:.2f}   (goal >= 1.2)")
+            print(f"  feed-rate d/c = {feed['d']['img_s'] / c['img_s']:.2f}   (goal >= 2.5)")
+            if "d_s3" in feed:
+                print(f"  feed-rate d/b, S3 = {feed['d_s3']['img_s'] / b['img_s']:.2f}")
+            print("driver memory")
+            planning_rss(tmp)
+        finally:
+            if server:
+                server.terminate()
+
+
+if __name__ == "__main__":
+    main()
