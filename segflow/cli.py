@@ -151,15 +151,23 @@ def list_models(
     """List the models the registry knows."""
     from segflow.models import available_models
 
-    models = available_models()
+    rows = [
+        {
+            "name": info.name,
+            "task": info.task,
+            "source": info.source,
+            "needs": f"segflow[{info.extra}]" if info.extra else "",
+        }
+        for info in available_models()
+    ]
     if as_json:
-        json.dump(models, sys.stdout, indent=2)
+        json.dump(rows, sys.stdout, indent=2)
         return
     table = Table()
-    for column in models[0]:
+    for column in rows[0]:
         table.add_column(column)
-    for entry in models:
-        table.add_row(*(str(v) for v in entry.values()))
+    for row in rows:
+        table.add_row(*row.values())
     Console().print(table)
 
 

@@ -1,0 +1,28 @@
+"""The command line's light commands (``segment`` runs in subprocesses in the flow tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from segflow.cli import app
+from segflow.models import available_models
+
+
+def test_models_lists_the_registry_as_a_table_and_as_json():
+    result = CliRunner().invoke(app, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert {entry["name"] for entry in listed} == {info.name for info in available_models()}
+    assert {"deeplabv3_resnet50", "maskrcnn_resnet50_fpn"} <= {entry["name"] for entry in listed}
+    table = CliRunner().invoke(app, ["models"])
+    assert table.exit_code == 0 and "lraspp_mobilenet_v3_large" in table.output
+
+
+def test_the_cli_module_imports_neither_ray_nor_prefect_nor_torch():
+    code = "import sys, segflow.cli; print(sorted({'ray', 'prefect', 'torch'} & set(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert output.stdout.strip() == "[]"
