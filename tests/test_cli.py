@@ -24,5 +24,7 @@ def test_models_lists_the_registry_as_a_table_and_as_json():
 
 def test_the_cli_module_imports_neither_ray_nor_prefect_nor_torch():
     code = "import sys, segflow.cli; print(sorted({'ray', 'prefect', 'torch'} & set(sys.modules)))"
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert output.stdout.strip() == "[]"
