@@ -32,7 +32,6 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -96,13 +95,33 @@ def replicate_corpus(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def _processes() -> list[tuple[int, float, int]]:
+    """(pid, start time in seconds since boot, RSS bytes) of every process (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/statm") as f:
+                resident_pages = int(f.read().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # ended while we looked
+        found.append((int(entry), int(stat[19]) / ticks, resident_pages * page))
+    return found
+
+
 class PeakRss:
-    """Peak summed RSS of this process and every process started since (Ray's workers)."""
+    """Peak summed RSS of this process and every process started since (Ray's workers,
+    Prefect's server, the CLI), sampled every 0.25 s."""
 
     def __init__(self) -> None:
         self.peak = 0
         self._stop = threading.Event()
-        self._since = time.time() - 1
+        self._since = time.clock_gettime(time.CLOCK_BOOTTIME) - 1
 
     def __enter__(self) -> PeakRss:
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -116,13 +135,9 @@ class PeakRss:
     def _sample(self) -> None:
         me = os.getpid()
         while not self._stop.wait(0.25):
-            total = 0
-            for process in psutil.process_iter(["pid", "create_time", "memory_info"]):
-                info = process.info
-                if info["memory_info"] and (
-                    info["pid"] == me or (info["create_time"] or 0) >= self._since
-                ):
-                    total += info["memory_info"].rss
+            total = sum(
+                rss for pid, started, rss in _processes() if pid == me or started >= self._since
+            )
             self.peak = max(self.peak, total)
 
 
@@ -223,7 +238,12 @@ def segflow_cli(label: str, source: str, model: Path, out: str, count: int, env=
         if completed.returncode != 0:
             raise RuntimeError(completed.stdout[-3000:] + completed.stderr[-3000:])
 
-    return timed(label, count, run)
+    result = timed(label, count, run)
+    if "://" not in out:
+        [summary] = Path(out).glob("run=*/summary.json")
+        flow_rate = json.loads(summary.read_text())["images_per_second"]
+        print(f"      (the flow alone, after process and Prefect start-up: {flow_rate:.1f} img/s)")
+    return result
 
 
 def start_moto() -> tuple[subprocess.Popen, dict[str, str]]:
@@ -261,12 +281,15 @@ def planning_rss(folder: Path) -> float:
     manifest = folder / "million.parquet"
     uris = pa.array([f"s3://bucket/corpus/{i // 1000:04d}/{i:07d}.jpg" for i in range(1_000_000)])
     pq.write_table(pa.table({"uri": uris}), manifest)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from this
+    # (large) process would report the parent's size.
     script = (
-        "import resource, sys\n"
+        "import re\n"
         "from segflow.manifest import build_manifest, shards\n"
         f"m = build_manifest({str(manifest)!r})\n"
         "s = list(shards(len(m), 256))\n"
-        "print(len(m), len(s), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+        "print(len(m), len(s), hwm)\n"
     )
     output = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True

@@ -68,7 +68,7 @@ def default_run_id(config: dict[str, Any]) -> str:
     return digest[:12]
 
 
-@task(cache_policy=NONE)
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def plan_run(input: str, out: str, run_id: str, config: dict[str, Any]) -> Plan:
     logger = get_run_logger()
     store = RunStore(out, run_id)
@@ -93,7 +93,8 @@ def plan_run(input: str, out: str, run_id: str, config: dict[str, Any]) -> Plan:
     return Plan(store, manifest, pending, len(all_shards), resumed)
 
 
-@task(cache_policy=NONE)
+# A retry re-reads the commits, so it runs only the shards the failed attempt left undone.
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=10)
 def run_shards(
     plan: Plan,
     *,
@@ -107,9 +108,11 @@ def run_shards(
     cpus_per_actor: float | None,
     on_shard: Callable[[dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
-    if not plan.pending:
+    done = plan.store.committed()
+    pending = [shard for shard in plan.pending if shard.index not in done]
+    if not pending:
         return []
-    actors = plan_actors(len(plan.pending), device=device, cpus_per_actor=cpus_per_actor)
+    actors = plan_actors(len(pending), device=device, cpus_per_actor=cpus_per_actor)
     get_run_logger().info(
         "%d actor(s), %s CPU and %s GPU each", actors.actors, actors.num_cpus, actors.num_gpus
     )
@@ -138,9 +141,7 @@ def run_shards(
         ]
     )
     summaries = []
-    for summary in pool.map_unordered(
-        lambda actor, shard: actor.__call__.remote(shard), plan.pending
-    ):
+    for summary in pool.map_unordered(lambda actor, shard: actor.__call__.remote(shard), pending):
         summaries.append(summary)
         if on_shard is not None:
             on_shard(summary)

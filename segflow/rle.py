@@ -444,11 +444,20 @@ def _counts_from_runs(
     return counts, offsets
 
 
-def encode_masks(masks: np.ndarray | torch.Tensor) -> list[RLE]:
-    """RLEs of a batch of binary masks (N, H, W): bool, or integers 0 and 1.
+class Measured(NamedTuple):
+    """RLEs with their areas and boxes, taken from the runs while encoding (no re-parsing of
+    the strings): ``areas[i] == area(rles[i])`` and ``boxes[i] == to_bbox(rles[i])``."""
 
-    Equal to ``pycocotools.mask.encode`` of the same masks as a Fortran (H, W, N) array.
-    """
+    rles: list[RLE]
+    areas: np.ndarray  # (N,) int64, pixels
+    boxes: np.ndarray  # (N, 4) float64, [x, y, w, h]
+
+
+def _measured(batch: _Counts) -> Measured:
+    return Measured(_to_rles(batch), batch.areas(), _bboxes(batch))
+
+
+def _masks_counts(masks: np.ndarray | torch.Tensor) -> _Counts:
     masks = _as_image_array(masks, 3, "masks", "(N, H, W)")
     n, h, w = (int(v) for v in masks.shape)
     starts, values = _fortran_runs(masks)
@@ -462,7 +471,20 @@ def encode_masks(masks: np.ndarray | torch.Tensor) -> list[RLE]:
     counts, offsets = _counts_from_runs(
         starts[ones] - plane * pixels, ends[ones] - plane * pixels, plane, n, pixels
     )
-    return _to_rles(_Counts(counts, offsets, np.tile([h, w], (n, 1))))
+    return _Counts(counts, offsets, np.tile([h, w], (n, 1)))
+
+
+def encode_masks(masks: np.ndarray | torch.Tensor) -> list[RLE]:
+    """RLEs of a batch of binary masks (N, H, W): bool, or integers 0 and 1.
+
+    Equal to ``pycocotools.mask.encode`` of the same masks as a Fortran (H, W, N) array.
+    """
+    return _to_rles(_masks_counts(masks))
+
+
+def encode_masks_measured(masks: np.ndarray | torch.Tensor) -> Measured:
+    """:func:`encode_masks`, with each mask's area and box."""
+    return _measured(_masks_counts(masks))
 
 
 def encode(mask: np.ndarray | torch.Tensor) -> RLE:
@@ -470,15 +492,9 @@ def encode(mask: np.ndarray | torch.Tensor) -> RLE:
     return encode_masks(_as_image_array(mask, 2, "mask", "(H, W)")[None])[0]
 
 
-def encode_label_map(
-    labels: np.ndarray | torch.Tensor, ignore_index: int | None = None
-) -> dict[int, RLE]:
-    """RLE of every class present in a label map (H, W) of non-negative integer class ids.
-
-    ``result[c]`` equals ``pycocotools.mask.encode`` of ``labels == c``. The map is scanned
-    once: runs are found in Fortran order and grouped by class, no per-class mask is built.
-    Pixels equal to ``ignore_index`` belong to no class.
-    """
+def _label_map_counts(
+    labels: np.ndarray | torch.Tensor, ignore_index: int | None
+) -> tuple[np.ndarray, _Counts]:
     labels = _as_image_array(labels, 2, "labels", "(H, W)")
     h, w = (int(v) for v in labels.shape)
     starts, values = _fortran_runs(labels[None])
@@ -498,8 +514,29 @@ def encode_label_map(
     counts, offsets = _counts_from_runs(
         starts[order], ends[order], np.cumsum(new_class) - 1, len(classes), h * w
     )
-    rles = _to_rles(_Counts(counts, offsets, np.tile([h, w], (len(classes), 1))))
-    return {int(c): rle for c, rle in zip(classes, rles, strict=True)}
+    return classes, _Counts(counts, offsets, np.tile([h, w], (len(classes), 1)))
+
+
+def encode_label_map(
+    labels: np.ndarray | torch.Tensor, ignore_index: int | None = None
+) -> dict[int, RLE]:
+    """RLE of every class present in a label map (H, W) of non-negative integer class ids.
+
+    ``result[c]`` equals ``pycocotools.mask.encode`` of ``labels == c``. The map is scanned
+    once: runs are found in Fortran order and grouped by class, no per-class mask is built.
+    Pixels equal to ``ignore_index`` belong to no class.
+    """
+    classes, batch = _label_map_counts(labels, ignore_index)
+    return {int(c): rle for c, rle in zip(classes, _to_rles(batch), strict=True)}
+
+
+def encode_label_map_measured(
+    labels: np.ndarray | torch.Tensor, ignore_index: int | None = None
+) -> tuple[np.ndarray, Measured]:
+    """:func:`encode_label_map` as the ascending class ids present and their RLEs, areas
+    and boxes."""
+    classes, batch = _label_map_counts(labels, ignore_index)
+    return classes, _measured(batch)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from itertools import islice
 from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -177,21 +176,18 @@ def mask_rows(prediction: Prediction, model: Any, *, run_id: str, uri: str) -> l
         "model": str(model.name),
     }
     if isinstance(prediction, SemanticPrediction):
-        by_class = rle.encode_label_map(prediction.labels)
-        class_ids = list(by_class)
-        rles = [by_class[c] for c in class_ids]
-        boxes = rle.to_bbox(rles)
-        instance_ids: list[int | None] = [None] * len(rles)
-        scores: list[float | None] = [None] * len(rles)
+        class_ids, encoded = rle.encode_label_map_measured(prediction.labels)
+        boxes = encoded.boxes
+        instance_ids: list[int | None] = [None] * len(class_ids)
+        scores: list[float | None] = [None] * len(class_ids)
     elif isinstance(prediction, InstancePrediction):
-        rles = rle.encode_masks(prediction.masks)
+        encoded = rle.encode_masks_measured(prediction.masks)
         class_ids = prediction.labels.tolist()
         boxes = prediction.boxes.to(torch.float64).cpu().numpy()
-        instance_ids = list(range(len(rles)))
+        instance_ids = list(range(len(class_ids)))
         scores = prediction.scores.tolist()
     else:
         raise TypeError(f"unknown prediction type {type(prediction).__name__}")
-    areas = rle.area(rles)
     return [
         {
             **common,
@@ -199,12 +195,18 @@ def mask_rows(prediction: Prediction, model: Any, *, run_id: str, uri: str) -> l
             "class_id": int(class_id),
             "class_name": _class_name(classes, int(class_id)),
             "score": score,
-            "bbox": np.asarray(box, dtype=np.float64).tolist(),
-            "area": int(area),
-            "counts": encoded["counts"].decode("ascii"),
+            "bbox": box,
+            "area": area,
+            "counts": mask["counts"].decode("ascii"),
         }
-        for instance, class_id, score, box, area, encoded in zip(
-            instance_ids, class_ids, scores, boxes, areas, rles, strict=True
+        for instance, class_id, score, box, area, mask in zip(
+            instance_ids,
+            class_ids,
+            scores,
+            boxes.tolist(),
+            encoded.areas.tolist(),
+            encoded.rles,
+            strict=True,
         )
     ]
 

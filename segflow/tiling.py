@@ -103,7 +103,7 @@ def tiled_labels(
             scores[band_top:done] = best
             labels[band_top:done] = winner
         else:
-            labels[band_top:done] = blended.argmax(dim=0)
+            labels[band_top:done] = blended.max(dim=0).indices
         accumulated = accumulated[:, finished:]
         weights = weights[finished:]
         band_top = done

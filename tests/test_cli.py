@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from segflow.cli import app
 from segflow.models import available_models
+from tests.conftest import REPO_ROOT
 
 
 def test_models_lists_the_registry_as_a_table_and_as_json():
@@ -22,9 +23,22 @@ def test_models_lists_the_registry_as_a_table_and_as_json():
     assert table.exit_code == 0 and "lraspp_mobilenet_v3_large" in table.output
 
 
-def test_the_cli_module_imports_neither_ray_nor_prefect_nor_torch():
-    code = "import sys, segflow.cli; print(sorted({'ray', 'prefect', 'torch'} & set(sys.modules)))"
+def test_the_library_imports_neither_ray_nor_prefect():
+    modules = ["segflow." + p.stem for p in (REPO_ROOT / "segflow").glob("*.py")]
+    modules += ["segflow.models", "segflow.metrics.semantic", "segflow.metrics.instance"]
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {sorted(modules)!r}]; "
+        "print(sorted({'ray', 'prefect'} & set(sys.modules)))"
+    )
     output = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     )
     assert output.stdout.strip() == "[]"
+
+
+def test_the_cli_starts_without_torch():
+    code = "import sys, segflow.cli; print('torch' in sys.modules)"
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    )
+    assert output.stdout.strip() == "False"

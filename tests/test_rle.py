@@ -96,6 +96,30 @@ def test_encode_label_map_equals_per_class_pycocotools(labels, ignore_index):
     assert list(got) == sorted(got)
 
 
+def assert_measured_like_pycocotools(measured: rle.Measured, expected_rles: list[dict]) -> None:
+    assert measured.rles == expected_rles
+    if expected_rles:
+        np.testing.assert_array_equal(measured.areas, coco.area(expected_rles))
+        np.testing.assert_array_equal(measured.boxes, coco.toBbox(expected_rles))
+    else:
+        assert measured.areas.shape == (0,) and measured.boxes.shape == (0, 4)
+
+
+@PROPERTY
+@given(mask_batches())
+def test_measured_masks_equal_pycocotools_area_and_bbox(batch):
+    assert_measured_like_pycocotools(rle.encode_masks_measured(batch), coco_encode_batch(batch))
+
+
+@PROPERTY
+@given(label_maps(), st.sampled_from([None, 0, 3]))
+def test_measured_label_map_equals_pycocotools_area_and_bbox(labels, ignore_index):
+    classes, measured = rle.encode_label_map_measured(labels, ignore_index=ignore_index)
+    present = [int(c) for c in np.unique(labels) if c != ignore_index]
+    assert classes.tolist() == present
+    assert_measured_like_pycocotools(measured, [coco_encode(labels == c) for c in present])
+
+
 def wide_mask() -> np.ndarray:
     """Sparse runs in far-right columns: a batch of two has column numbers past 2**16."""
     mask = np.zeros((3, 40_000), np.uint8)

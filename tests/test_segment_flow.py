@@ -214,6 +214,10 @@ def test_bad_jobs_fail_before_any_work(shared, tmp_path, frames):
     model = str(shared / "models" / "espnet_camvid.pt2")
     cases = {
         "unknown model": ([str(corpus), "--model", "no_such_model"], "no_such_model"),
+        "missing weights": (
+            [str(corpus), "--model", "lraspp_mobilenet_v3_large"],
+            "pretrained weights for lraspp_mobilenet_v3_large not found",
+        ),
         "missing input": ([str(tmp_path / "nope"), "--model", model], "does not exist"),
         "unreachable cluster": (
             [str(corpus), "--model", model, "--ray-address", f"127.0.0.1:{free_port()}"],
@@ -222,7 +226,9 @@ def test_bad_jobs_fail_before_any_work(shared, tmp_path, frames):
     }
     for name, (args, message) in cases.items():
         out = tmp_path / name.replace(" ", "_")
-        returncode, output = Cli(*args, "--out", str(out), log=tmp_path / "cli.log").wait()
+        # An empty hub cache, so the registry model has no weights whatever this machine has.
+        env = {"TORCH_HOME": str(tmp_path / "empty_torch_home")}
+        returncode, output = Cli(*args, "--out", str(out), log=tmp_path / "cli.log", env=env).wait()
         assert returncode == 2, (name, output)
         assert message in output, (name, output)
         assert not out.exists(), name

@@ -13,8 +13,10 @@ def as_image_tensor(image: object, index: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"images[{index}] must be uint8, got dtype {image.dtype}")
-        # torch.from_numpy rejects negative strides (e.g. a flipped view).
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        # torch.from_numpy rejects negative strides (a flipped view) and warns on read-only
+        # arrays (np.asarray of a PIL image): those are copied.
+        writable = image.flags.writeable
+        tensor = torch.from_numpy(np.ascontiguousarray(image) if writable else image.copy())
     elif isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8:
             raise TypeError(f"images[{index}] must be uint8, got dtype {image.dtype}")
