@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -41,6 +42,7 @@ class SegmentActor:
         self.max_pixels = max_pixels
 
     def __call__(self, shard: Shard) -> dict[str, Any]:
+        started_at = time.time()
         uris = self.manifest.slice(shard.start, len(shard)).to_pylist()
         result = segment_images(
             self.model,
@@ -58,6 +60,8 @@ class SegmentActor:
             "seconds": round(result.seconds, 3),
             "worker": f"{socket.gethostname()}:{os.getpid()}",
             "node": ray.get_runtime_context().get_node_id(),
+            "started_at": started_at,
+            "finished_at": time.time(),
         }
         tables = {"masks": result.masks, "images": result.images, "errors": result.errors}
         self.store.commit_shard(shard, tables, summary)
