@@ -36,6 +36,9 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/rle_encode.py
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/model_forward.py
+	$(BIN)/python bench/coco_map.py
+	$(BIN)/python bench/segment.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .hypothesis

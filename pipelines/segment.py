@@ -124,27 +124,33 @@ def run_shards(
         max_task_retries=-1,
     )
     manifest_ref = ray.put(plan.manifest)
-    pool = ActorPool(
-        [
-            remote_actor.remote(
-                manifest_ref,
-                model=model,
-                out=out,
-                run_id=plan.store.run_id,
-                device=actors.device,
-                model_options=model_options,
-                batch_size=batch_size,
-                prefetch_threads=prefetch_threads,
-                max_pixels=max_pixels,
-            )
-            for _ in range(actors.actors)
-        ]
-    )
+    workers = [
+        remote_actor.remote(
+            manifest_ref,
+            model=model,
+            out=out,
+            run_id=plan.store.run_id,
+            device=actors.device,
+            model_options=model_options,
+            batch_size=batch_size,
+            prefetch_threads=prefetch_threads,
+            max_pixels=max_pixels,
+        )
+        for _ in range(actors.actors)
+    ]
     summaries = []
-    for summary in pool.map_unordered(lambda actor, shard: actor.__call__.remote(shard), pending):
-        summaries.append(summary)
-        if on_shard is not None:
-            on_shard(summary)
+    try:
+        pool = ActorPool(workers)
+        for summary in pool.map_unordered(
+            lambda actor, shard: actor.__call__.remote(shard), pending
+        ):
+            summaries.append(summary)
+            if on_shard is not None:
+                on_shard(summary)
+    finally:
+        # Free the GPUs and memory now: a driver on a long-lived cluster may go on to other work.
+        for worker in workers:
+            ray.kill(worker)
     return summaries
 
 
