@@ -74,13 +74,9 @@ def segment_images(
     prefetch_threads: int = 4,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     fetch: Callable[[str], bytes] = read_bytes,
-    on_image: Callable[[int], None] | None = None,
 ) -> ShardResult:
-    """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``.
-
-    ``on_image(n)`` is called after each batch with the number of images it finished, for
-    progress reporting.
-    """
+    """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
+    reads one URI's bytes."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
@@ -114,8 +110,6 @@ def segment_images(
                 else:
                     _record_failure(rows, run_id, model_name, item, *item.error)
             _predict_batch(model, model_name, run_id, good, rows)
-            if on_image is not None:
-                on_image(len(batch))
 
     return ShardResult(
         masks=schema.table_from_rows("masks", rows.masks),
