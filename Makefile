@@ -30,8 +30,8 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 demo: venv
-	$(BIN)/segflow predict "$(SHARED)/data/camvid_val/images" \
-		--model "$(SHARED)/models/espnet_camvid.pt2" --out "$(DEMO_OUT)"
+	$(BIN)/segflow segment "$(SHARED)/data/camvid_val/images" \
+		--model "$(SHARED)/models/espnet_camvid.pt2" --out "$(DEMO_OUT)" --shard-size 16
 
 bench: venv
 	$(BIN)/python bench/rle_encode.py
