@@ -68,7 +68,19 @@ def default_run_id(config: dict[str, Any]) -> str:
     return digest[:12]
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def _transient(task, task_run, state) -> bool:
+    """Retry what may pass on a second try (a flaky store), not a bad input or a conflicting
+    run, which would only fail again later."""
+    try:
+        state.result()
+    except (ValueError, ImportError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def plan_run(input: str, out: str, run_id: str, config: dict[str, Any]) -> Plan:
     logger = get_run_logger()
     store = RunStore(out, run_id)
