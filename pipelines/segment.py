@@ -24,8 +24,10 @@ from ray.util import ActorPool
 
 import segflow
 from segflow.decode import DEFAULT_MAX_PIXELS
+from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard, build_manifest, shards
 from segflow.models import load_model
+from segflow.scoring import ImageScorer
 from segflow.store import RunStore
 from workers.cluster import connect, plan_actors
 from workers.segment_actor import SegmentActor
@@ -80,8 +82,30 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
+def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dict[str, Any] | None:
+    """What the evaluation of the run needs besides its tables, checked now: a ground truth
+    that cannot be opened or does not fit the model fails the job before any work."""
+    if gt is None:
+        return None
+    ground_truth = open_ground_truth(gt, ignore_index=ignore_index)
+    ImageScorer(ground_truth, model.classes, model.task)
+    return {
+        "task": model.task,
+        "classes": list(model.classes),
+        "gt": gt,
+        "ignore_index": ignore_index,
+        "categories": {str(k): v for k, v in (ground_truth.categories or {}).items()},
+    }
+
+
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
-def plan_run(input: str, out: str, run_id: str, config: dict[str, Any]) -> Plan:
+def plan_run(
+    input: str,
+    out: str,
+    run_id: str,
+    config: dict[str, Any],
+    evaluation: dict[str, Any] | None,
+) -> Plan:
     logger = get_run_logger()
     store = RunStore(out, run_id)
     resumed = store.exists()
@@ -92,6 +116,8 @@ def plan_run(input: str, out: str, run_id: str, config: dict[str, Any]) -> Plan:
         manifest = build_manifest(input)  # a bad input fails here, before anything is written
         store.prepare(config)
         store.write_manifest(manifest)
+    if evaluation is not None:
+        store.write_json("evaluation.json", evaluation)
     all_shards = list(shards(len(manifest), config["shard_size"]))
     done = store.committed()
     pending = [s for s in all_shards if s.index not in done]
@@ -118,6 +144,8 @@ def run_shards(
     prefetch_threads: int,
     max_pixels: int | None,
     cpus_per_actor: float | None,
+    gt: str | None,
+    ignore_index: int | None,
     on_shard: Callable[[dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
     done = plan.store.committed()
@@ -147,6 +175,8 @@ def run_shards(
             batch_size=batch_size,
             prefetch_threads=prefetch_threads,
             max_pixels=max_pixels,
+            gt=gt,
+            ignore_index=ignore_index,
         )
         for _ in range(actors.actors)
     ]
@@ -177,6 +207,7 @@ def finish_run(plan: Plan, run_now: list[dict[str, Any]], seconds: float) -> dic
         "shards_run_now": len(run_now),
         "images": sum(s["images"] for s in shard_summaries),
         "failed": sum(s["failed"] for s in shard_summaries),
+        "not_evaluated": sum(s["not_evaluated"] for s in shard_summaries),
         "masks": sum(s["masks"] for s in shard_summaries),
         "seconds": round(seconds, 3),
         "images_per_second": round(sum(s["images"] for s in run_now) / seconds, 3),
@@ -232,12 +263,12 @@ def segment(
         out = os.path.abspath(out)
     if os.path.exists(model):
         model = os.path.abspath(model)
-    # Unknown model, missing weights or a bad card: fail here, before any work.
-    load_model(model, device="cpu", **model_options)
+    # Unknown model, missing weights, a bad card or ground truth: fail here, before any work.
+    evaluation = evaluation_info(load_model(model, device="cpu", **model_options), gt, ignore_index)
     config = run_config(input, model, shard_size, model_options, gt, ignore_index)
     run_id = run_id or default_run_id(config)
     connect(ray_address)
-    plan = plan_run(input, out, run_id, config)
+    plan = plan_run(input, out, run_id, config, evaluation)
     if on_plan is not None:
         on_plan(plan)
     run_now = run_shards(
@@ -250,6 +281,8 @@ def segment(
         prefetch_threads=prefetch_threads,
         max_pixels=max_pixels,
         cpus_per_actor=cpus_per_actor,
+        gt=gt,
+        ignore_index=ignore_index,
         on_shard=on_shard,
     )
     return finish_run(plan, run_now, time.perf_counter() - started)

@@ -24,7 +24,11 @@ def segment(
     model: Annotated[str, typer.Option(help="Registry name or path to a .pt2/.onnx model.")],
     out: Annotated[str, typer.Option(help="Output folder (local path or s3://).")],
     gt: Annotated[
-        str | None, typer.Option(help="Ground truth for evaluation: coco:FILE or masks:DIR.")
+        str | None,
+        typer.Option(
+            help="Ground truth to evaluate against: coco:FILE, masks:DIR[?id_map=F|palette=F] "
+            "or coco-semantic:FILE?categories=voc."
+        ),
     ] = None,
     ignore_index: Annotated[int | None, typer.Option(help="Ground-truth label to ignore.")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 256,
@@ -106,11 +110,21 @@ def segment(
             raise typer.Exit(code=2) from None
 
     table = Table(title=f"run {summary['run_id']}")
-    for column in ("images ok", "failed", "masks", "shards run now", "seconds", "img/s"):
+    columns = (
+        "images ok",
+        "failed",
+        "not evaluated",
+        "masks",
+        "shards run now",
+        "seconds",
+        "img/s",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     table.add_row(
         str(summary["images"] - summary["failed"]),
         str(summary["failed"]),
+        str(summary["not_evaluated"]),
         str(summary["masks"]),
         f"{summary['shards_run_now']}/{summary['shards']}",
         f"{time.perf_counter() - started:.1f}",
@@ -118,10 +132,15 @@ def segment(
     )
     console.print(table)
     console.print(f"output: {summary['output']}")
-    if summary["failed"]:
-        console.print(
-            f"[red]{summary['failed']} image(s) failed[/]: see {summary['output']}/errors/"
-        )
+    problems = [
+        f"{summary['failed']} image(s) failed" if summary["failed"] else "",
+        f"{summary['not_evaluated']} image(s) not evaluated (ground truth missing or unusable)"
+        if summary["not_evaluated"]
+        else "",
+    ]
+    if any(problems):
+        described = "; ".join(p for p in problems if p)
+        console.print(f"[red]{described}[/]: see {summary['output']}/errors/")
         raise typer.Exit(code=1)
 
 
@@ -142,6 +161,133 @@ def _stop_promptly_on_interrupt() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+
+
+@app.command()
+def evaluate(
+    run: Annotated[
+        str | None, typer.Argument(help="A run folder (OUT/run=<id>), or OUT holding one run.")
+    ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="SQL predicate over the run's images table, e.g. \"uri LIKE '%night%'\"."
+        ),
+    ] = None,
+    gt: Annotated[
+        str | None, typer.Option(help="With --predictions: the ground truth, coco:FILE.")
+    ] = None,
+    predictions: Annotated[
+        str | None, typer.Option(help="A COCO results JSON to evaluate instead of a run.")
+    ] = None,
+    iou_type: Annotated[str, typer.Option(help="With --predictions: segm or bbox.")] = "segm",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Dataset figures of a run (mIoU, COCO mAP, ...) from its Parquet, for all its images or
+    the slice --where selects; or of a COCO results file against COCO ground truth."""
+    from segflow.evaluation import EvaluationError, evaluate_run
+    from segflow.groundtruth import GroundTruthError
+
+    try:
+        if predictions is not None:
+            result = _evaluate_coco_results(run, gt, predictions, iou_type, where)
+        elif run is None:
+            raise EvaluationError("give a RUN, or --gt coco:FILE with --predictions RESULTS.json")
+        else:
+            result = evaluate_run(run, where=where)
+    except (EvaluationError, GroundTruthError, OSError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    if as_json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    _print_evaluation(result)
+
+
+def _evaluate_coco_results(
+    run: str | None, gt: str | None, predictions: str, iou_type: str, where: str | None
+) -> dict:
+    from segflow.coco_results import evaluate_coco_results
+    from segflow.evaluation import EvaluationError
+    from segflow.metrics.instance import STAT_NAMES
+
+    if run is not None or where is not None:
+        raise EvaluationError("--predictions evaluates a results file: give no RUN or --where")
+    if gt is None or not gt.startswith("coco:"):
+        raise EvaluationError(f"--predictions needs --gt coco:FILE, got {gt!r}")
+    if iou_type not in ("segm", "bbox"):
+        raise EvaluationError(f"--iou-type must be segm or bbox, got {iou_type!r}")
+    scores = evaluate_coco_results(gt.removeprefix("coco:"), predictions, iou_type)
+    return {
+        "instance": {
+            iou_type: {
+                "stats": [float(v) for v in scores.stats],
+                "stat_names": list(STAT_NAMES),
+                "per_class_ap": {
+                    str(c): None if ap == -1 else float(ap)
+                    for c, ap in zip(scores.categories, scores.per_class_ap, strict=True)
+                },
+            }
+        }
+    }
+
+
+def _print_evaluation(result: dict) -> None:
+    out = Console()
+    if "images" in result:
+        images = result["images"]
+        out.print(
+            f"{result['run']}: {images['evaluated']} image(s) evaluated of {images['selected']} "
+            + (f"where {result['where']}" if result.get("where") else "selected")
+        )
+    if "semantic" in result:
+        semantic = result["semantic"]
+        table = Table(title="semantic")
+        for column in ("class", "IoU", "Boundary IoU", "GT pixels"):
+            table.add_column(column, justify="right")
+        for row in zip(
+            semantic["classes"],
+            semantic["per_class_iou"],
+            semantic["per_class_boundary_iou"],
+            semantic["gt_pixels"],
+            strict=True,
+        ):
+            table.add_row(row[0], _figure(row[1]), _figure(row[2]), str(row[3]))
+        out.print(table)
+        for name in ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou"):
+            out.print(f"{name:>15}: {_figure(semantic[name])}")
+    for iou_type, scores in result.get("instance", {}).items():
+        table = Table(title=f"instance ({iou_type})")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for name, value in zip(scores["stat_names"], scores["stats"], strict=True):
+            table.add_row(name, _figure(None if value == -1 else value))
+        out.print(table)
+
+
+def _figure(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.6f}"
+
+
+@app.command("export-coco")
+def export_coco(
+    run: Annotated[str, typer.Argument(help="A run of an instance model.")],
+    out: Annotated[str, typer.Argument(help="Where to write the COCO results JSON.")],
+) -> None:
+    """Write a run's detections as COCO results (what pycocotools' loadRes reads)."""
+    from segflow.evaluation import EvaluationError, coco_results_of_run
+
+    try:
+        results = coco_results_of_run(run)
+    except EvaluationError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    import fsspec
+
+    with fsspec.open(out, "w") as f:
+        json.dump(results, f)
+    console.print(f"{len(results)} detections written to {out}")
 
 
 @app.command("models")

@@ -1,6 +1,8 @@
 """The Parquet tables segflow writes, column by column.
 
-Every run writes three tables, one file per shard each. The types are the ones every
+Every run writes six tables, one file per shard each (tables that do not apply to the run,
+e.g. ``class_stats`` of an instance model or any metrics table of a run without ground
+truth, have zero rows). The types are the ones every
 analytics engine reads the same way (DuckDB, Polars, Spark, pandas): no unsigned integers,
 timestamps in microseconds UTC, strings as UTF-8, zstd compression. Each file carries
 ``segflow.schema_version`` and ``segflow.table`` in its key-value metadata, so a reader can
@@ -48,7 +50,21 @@ infer_ms       float64, null       this image's share of its batch's forward pas
 encode_ms      float64, null       time to encode its masks to RLE, milliseconds
 model          string              the model
 processed_at   timestamp[us, UTC]  when the image finished
+gt_uri         string, null        the ground truth the image was evaluated against; null
+                                   when the run has none or it could not be read (then
+                                   ``errors`` has a ``gt`` row)
+pixel_accuracy float64, null       semantic: correct / evaluated pixels of this image
+miou           float64, null       semantic: mean over the classes present in its ground
+                                   truth or prediction of this image's IoU
+mdice          float64, null       semantic: the same mean of Dice (2|G∩P| / (|G|+|P|))
+boundary_iou   float64, null       semantic: the same mean of Boundary IoU (Cheng et al.
+                                   2021; boundary width 2% of the image diagonal), over the
+                                   classes with boundary pixels
 =============  ==================  =========================================================
+
+The per-image figures above are for looking at single images (worst images, slices by
+eye). Dataset figures are never their mean: :mod:`segflow.evaluation` sums the integer
+counts of ``class_stats`` and pools the records of the ``coco_*`` tables.
 
 ``errors`` — one row per failure; a failed image also has an ``images`` row:
 
@@ -56,11 +72,61 @@ processed_at   timestamp[us, UTC]  when the image finished
 run_id         string              the run
 image_id       int64               see ``masks``
 uri            string              the input that failed
-stage          string              ``read``, ``decode``, ``infer``, ``encode`` or ``write``
+stage          string              ``read``, ``decode``, ``infer``, ``encode``, ``write``, or
+                                   ``gt`` (the image was segmented but its ground truth is
+                                   missing or unusable, so it is not evaluated)
 error_type     string              the exception class, e.g. ``TruncatedImageError``
 message        string              the error message
 occurred_at    timestamp[us, UTC]  when it happened
 =============  ==================  =========================================================
+
+``class_stats`` — semantic runs with ground truth: one row per (evaluated image, class
+present in its ground truth or prediction). Pixels the ground truth ignores are not counted.
+The columns are integers, so any set of images sums to its exact dataset figures:
+
+=====================  ======  ==================================================
+run_id                 string  the run
+image_id               int64   see ``masks``
+class_id               int32   class index in the model's class list
+class_name             string  the model's name for ``class_id``
+gt_pixels              int64   pixels of the class in the ground truth
+pred_pixels            int64   pixels predicted as the class
+intersection           int64   pixels of the class in both
+union                  int64   gt_pixels + pred_pixels - intersection
+boundary_intersection  int64   pixels in both boundary regions (Boundary IoU)
+boundary_union         int64   pixels in either boundary region
+=====================  ======  ==================================================
+
+``coco_detections`` — instance runs with COCO ground truth: the per-image records of
+COCOeval's ``evaluateImg`` for each IoU type, one row per evaluated detection (at most 100 per
+image and category, by score), enough to accumulate COCO mAP exactly
+(:mod:`segflow.metrics.instance`):
+
+=============  =======  ========================================================
+run_id         string   the run
+image_id       int64    see ``masks``
+iou_type       string   ``segm`` or ``bbox``
+category_id    int64    the ground truth's category id
+rank           int32    position among the image's detections of the category, by
+                        descending score (0 = best)
+score          float64  detection confidence
+matched_all    int32    bit t set: matched at IoU threshold 0.5 + 0.05 t, in area range
+                        ``all``; likewise ``matched_small``, ``_medium``, ``_large``
+ignored_all    int32    bit t set: ignored at that threshold and area range (matched
+                        to a crowd or ignored object, or unmatched outside the range);
+                        likewise ``ignored_small``, ``_medium``, ``_large``
+=============  =======  ========================================================
+
+``coco_ground_truth`` — one row per (evaluated image, IoU type, category with ground truth):
+
+================  ======  ========================================================
+run_id            string  the run
+image_id          int64   see ``masks``
+iou_type          string  ``segm`` or ``bbox``
+category_id       int64   the ground truth's category id
+num_gt_all        int32   objects that count (not crowd) in area range ``all``;
+                          likewise ``num_gt_small``, ``num_gt_medium``, ``num_gt_large``
+================  ======  ========================================================
 """
 
 from __future__ import annotations
@@ -74,9 +140,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segflow import rle
+from segflow.metrics.instance import AREA_RANGES
 
-SCHEMA_VERSION = "1"
-STAGES = ("read", "decode", "infer", "encode", "write")
+SCHEMA_VERSION = "2"
+STAGES = ("read", "decode", "infer", "encode", "write", "gt")
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -113,6 +180,11 @@ IMAGES = pa.schema(
         pa.field("encode_ms", pa.float64()),
         pa.field("model", pa.string(), nullable=False),
         pa.field("processed_at", _TIMESTAMP, nullable=False),
+        pa.field("gt_uri", pa.string()),
+        pa.field("pixel_accuracy", pa.float64()),
+        pa.field("miou", pa.float64()),
+        pa.field("mdice", pa.float64()),
+        pa.field("boundary_iou", pa.float64()),
     ]
 )
 
@@ -128,7 +200,57 @@ ERRORS = pa.schema(
     ]
 )
 
-TABLES: Mapping[str, pa.Schema] = {"masks": MASKS, "images": IMAGES, "errors": ERRORS}
+CLASS_STATS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("class_id", pa.int32(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        *(
+            pa.field(name, pa.int64(), nullable=False)
+            for name in (
+                "gt_pixels",
+                "pred_pixels",
+                "intersection",
+                "union",
+                "boundary_intersection",
+                "boundary_union",
+            )
+        ),
+    ]
+)
+
+COCO_DETECTIONS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("iou_type", pa.string(), nullable=False),
+        pa.field("category_id", pa.int64(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        *(pa.field(f"matched_{area}", pa.int32(), nullable=False) for area in AREA_RANGES),
+        *(pa.field(f"ignored_{area}", pa.int32(), nullable=False) for area in AREA_RANGES),
+    ]
+)
+
+COCO_GROUND_TRUTH = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("iou_type", pa.string(), nullable=False),
+        pa.field("category_id", pa.int64(), nullable=False),
+        *(pa.field(f"num_gt_{area}", pa.int32(), nullable=False) for area in AREA_RANGES),
+    ]
+)
+
+TABLES: Mapping[str, pa.Schema] = {
+    "masks": MASKS,
+    "images": IMAGES,
+    "errors": ERRORS,
+    "class_stats": CLASS_STATS,
+    "coco_detections": COCO_DETECTIONS,
+    "coco_ground_truth": COCO_GROUND_TRUTH,
+}
 
 
 class SchemaError(ValueError):

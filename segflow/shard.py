@@ -1,10 +1,10 @@
-"""Segment one shard of images: fetch, decode, predict, encode — into the three tables.
+"""Segment one shard of images: fetch, decode, predict, encode, evaluate — into its tables.
 
 This is the whole per-image path of a run. A Ray actor calls it on its shard, and the
 in-process runner calls it on the whole corpus; both get the same rows. Fetching and
-decoding run in a thread pool ahead of the model (the decoders and fsspec release the GIL),
-so the forward pass does not wait on I/O. A failure of one image becomes an ``errors`` row
-and the shard goes on.
+decoding (and reading the ground truth, when the run has one) run in a thread pool ahead of
+the model (the decoders and fsspec release the GIL), so the forward pass does not wait on
+I/O. A failure of one image becomes an ``errors`` row and the shard goes on.
 """
 
 from __future__ import annotations
@@ -24,23 +24,29 @@ import torch
 
 from segflow import rle, schema
 from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
+from segflow.groundtruth import GroundTruth, InstanceTarget, SemanticTarget
 from segflow.prediction import InstancePrediction, Prediction, SemanticPrediction
+from segflow.scoring import IMAGE_COLUMNS, METRIC_TABLES, ImageScorer
 
 
 @dataclass
 class ShardResult:
-    masks: pa.Table
-    images: pa.Table
-    errors: pa.Table
+    tables: dict[str, pa.Table]  # every table of segflow.schema.TABLES
     seconds: float
 
     @property
     def num_images(self) -> int:
-        return self.images.num_rows
+        return self.tables["images"].num_rows
 
     @property
     def num_failed(self) -> int:
-        return self.errors.num_rows
+        """Images that have no masks (their ``images`` row has status ``error``)."""
+        return self.tables["images"].column("status").to_pylist().count("error")
+
+    @property
+    def num_not_evaluated(self) -> int:
+        """Images segmented but not evaluated: their ground truth was missing or unusable."""
+        return self.tables["errors"].column("stage").to_pylist().count("gt")
 
 
 @dataclass
@@ -50,6 +56,8 @@ class _Decoded:
     read_ms: float | None = None
     decode_ms: float | None = None
     error: tuple[str, BaseException] | None = None
+    target: SemanticTarget | InstanceTarget | None = None
+    target_error: BaseException | None = None
 
 
 @dataclass
@@ -74,14 +82,16 @@ def segment_images(
     prefetch_threads: int = 4,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     fetch: Callable[[str], bytes] = read_bytes,
+    ground_truth: GroundTruth | None = None,
 ) -> ShardResult:
     """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
-    reads one URI's bytes."""
+    reads one URI's bytes. With ``ground_truth``, every segmented image is also evaluated."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     rows = _Rows()
     model_name = str(model.name)
+    scorer = None if ground_truth is None else ImageScorer(ground_truth, model.classes, model.task)
 
     def load(uri: str) -> _Decoded:
         item = _Decoded(uri)
@@ -99,6 +109,11 @@ def segment_images(
             item.error = ("decode", exc)
             return item
         item.decode_ms = (time.perf_counter() - t1) * 1e3
+        if ground_truth is not None:
+            try:
+                item.target = ground_truth.target(uri)
+            except Exception as exc:  # the image is still segmented, just not evaluated
+                item.target_error = exc
         return item
 
     with ThreadPoolExecutor(max_workers=max(1, prefetch_threads)) as pool:
@@ -109,17 +124,27 @@ def segment_images(
                     good.append(item)
                 else:
                     _record_failure(rows, run_id, model_name, item, *item.error)
-            _predict_batch(model, model_name, run_id, good, rows)
+            _predict_batch(model, model_name, run_id, good, rows, scorer)
 
-    return ShardResult(
-        masks=schema.table_from_rows("masks", rows.masks),
-        images=schema.table_from_rows("images", rows.images),
-        errors=schema.table_from_rows("errors", rows.errors),
-        seconds=time.perf_counter() - started,
-    )
+    tables = {name: schema.table_from_rows(name, getattr(rows, name)) for name in _ROW_TABLES}
+    if scorer is None:
+        tables |= {name: schema.TABLES[name].empty_table() for name in METRIC_TABLES}
+    else:
+        tables |= scorer.tables(run_id)
+    return ShardResult(tables=tables, seconds=time.perf_counter() - started)
 
 
-def _predict_batch(model: Any, model_name: str, run_id: str, batch: list[_Decoded], rows: _Rows):
+_ROW_TABLES = ("masks", "images", "errors")
+
+
+def _predict_batch(
+    model: Any,
+    model_name: str,
+    run_id: str,
+    batch: list[_Decoded],
+    rows: _Rows,
+    scorer: ImageScorer | None,
+):
     if not batch:
         return
     t0 = time.perf_counter()
@@ -131,7 +156,7 @@ def _predict_batch(model: Any, model_name: str, run_id: str, batch: list[_Decode
             return
         # One bad image must not fail its batch-mates: retry them one by one.
         for item in batch:
-            _predict_batch(model, model_name, run_id, [item], rows)
+            _predict_batch(model, model_name, run_id, [item], rows, scorer)
         return
     infer_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
     for item, prediction in zip(batch, predictions, strict=True):
@@ -143,6 +168,10 @@ def _predict_batch(model: Any, model_name: str, run_id: str, batch: list[_Decode
             continue
         encode_ms = (time.perf_counter() - t1) * 1e3
         rows.masks.extend(masks)
+        figures = _evaluate(scorer, item, prediction, masks)
+        if isinstance(figures, BaseException):
+            _record_error(rows, run_id, item, "gt", figures)
+            figures = {}
         rows.images.append(
             _image_row(
                 run_id,
@@ -154,8 +183,23 @@ def _predict_batch(model: Any, model_name: str, run_id: str, batch: list[_Decode
                 width=prediction.width,
                 infer_ms=infer_ms,
                 encode_ms=encode_ms,
+                **figures,
             )
         )
+
+
+def _evaluate(
+    scorer: ImageScorer | None, item: _Decoded, prediction: Prediction, masks: list[dict]
+) -> dict[str, Any] | BaseException:
+    """The image's evaluation columns, or why it could not be evaluated."""
+    if scorer is None:
+        return {}
+    if item.target_error is not None:
+        return item.target_error
+    try:
+        return scorer.score(schema.image_id_for(item.uri), item.uri, prediction, masks, item.target)
+    except Exception as exc:
+        return exc
 
 
 def mask_rows(prediction: Prediction, model: Any, *, run_id: str, uri: str) -> list[dict]:
@@ -214,6 +258,11 @@ def _class_name(classes: Sequence[str], class_id: int) -> str:
 def _record_failure(
     rows: _Rows, run_id: str, model_name: str, item: _Decoded, stage: str, exc: BaseException
 ):
+    _record_error(rows, run_id, item, stage, exc)
+    rows.images.append(_image_row(run_id, model_name, item, status="error", num_masks=0))
+
+
+def _record_error(rows: _Rows, run_id: str, item: _Decoded, stage: str, exc: BaseException):
     now = datetime.now(UTC)
     rows.errors.append(
         {
@@ -226,7 +275,6 @@ def _record_failure(
             "occurred_at": now,
         }
     )
-    rows.images.append(_image_row(run_id, model_name, item, status="error", num_masks=0))
 
 
 def _image_row(run_id: str, model_name: str, item: _Decoded, **values: Any) -> dict[str, Any]:
@@ -242,6 +290,7 @@ def _image_row(run_id: str, model_name: str, item: _Decoded, **values: Any) -> d
         "encode_ms": None,
         "model": model_name,
         "processed_at": datetime.now(UTC),
+        **dict.fromkeys(IMAGE_COLUMNS),
     }
     row.update(values)
     return row

@@ -9,11 +9,15 @@ Layout::
         masks/shard-NNNNNN.parquet
         images/shard-NNNNNN.parquet
         errors/shard-NNNNNN.parquet    (zero rows when nothing failed)
+        class_stats/, coco_detections/, coco_ground_truth/   per-image evaluation state
+                                   (zero rows in a run without ground truth)
+        evaluation.json            what evaluation needs: the model's task and classes,
+                                   the ground truth and its categories (runs with --gt)
         _commits/shard-NNNNNN.json     the shard's summary; its presence means "committed"
         summary.json               the run summary, written when every shard is committed
 
 Commit protocol, so that every image lands exactly once whatever is killed when: a shard's
-three tables are written under ``_tmp/`` and moved to their final names (a move is a rename
+tables are written under ``_tmp/`` and moved to their final names (a move is a rename
 on local disks and a copy-then-delete on object stores, where an object appears whole or not
 at all), and only then is the commit marker written. A shard without its marker is run again
 and its files, whose names depend only on the shard index, are overwritten. Readers that
@@ -34,8 +38,6 @@ import pyarrow.parquet as pq
 
 from segflow import schema
 from segflow.manifest import Shard
-
-TABLES = ("masks", "images", "errors")
 
 
 class RunConflictError(ValueError):
@@ -83,12 +85,11 @@ class RunStore:
                 )
             return True
         self.fs.makedirs(self.root, exist_ok=True)
-        self._write_atomically(config_path, json.dumps(dict(config), indent=2, sort_keys=True))
+        self.write_json("run.json", config)
         return False
 
     def write_manifest(self, uris: pa.Array) -> None:
-        table = pa.table({"uri": uris})
-        self._write_atomically(self.path("manifest.parquet"), _parquet_bytes(table))
+        self.write_parquet("manifest.parquet", pa.table({"uri": uris}))
 
     def read_manifest(self) -> pa.Array | None:
         path = self.path("manifest.parquet")
@@ -96,6 +97,16 @@ class RunStore:
             return None
         with self.fs.open(path, "rb") as f:
             return pq.read_table(f).column("uri").combine_chunks()
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> None:
+        self._write_atomically(self.path(name), json.dumps(dict(data), indent=2, sort_keys=True))
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = self.path(name)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def write_parquet(self, name: str, table: pa.Table) -> None:
+        self._write_atomically(self.path(name), _parquet_bytes(table))
 
     def committed(self) -> set[int]:
         """Indexes of the shards whose commit marker exists."""
@@ -110,7 +121,7 @@ class RunStore:
         staging = self.path("_tmp", uuid.uuid4().hex)
         self.fs.makedirs(staging, exist_ok=True)
         staged = []
-        for name in TABLES:
+        for name in schema.TABLES:
             tmp = f"{staging}/{name}.parquet"
             with self.fs.open(tmp, "wb") as f:
                 schema.write_table(name, tables[name], f)
@@ -130,7 +141,7 @@ class RunStore:
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Write the run summary and remove what killed attempts left in ``_tmp/``."""
-        self._write_atomically(self.path("summary.json"), json.dumps(dict(summary), indent=2))
+        self.write_json("summary.json", summary)
         if self.fs.exists(self.path("_tmp")):
             self.fs.rm(self.path("_tmp"), recursive=True)
 

@@ -64,14 +64,14 @@ def test_shard_rows_match_the_model_and_record_every_failure(espnet, corpus: Pat
     result = segment_images(espnet, uris, run_id="r1", batch_size=3)
 
     assert result.num_images == len(uris) == GOOD + 4
-    errors = {Path(row["uri"]).name: row for row in result.errors.to_pylist()}
+    errors = {Path(row["uri"]).name: row for row in result.tables["errors"].to_pylist()}
     assert set(errors) == {"empty.png", "truncated.png", "notes.jpg", "zz_huge.png"}
     assert {row["stage"] for row in errors.values()} == {"decode"}
-    statuses = {Path(r["uri"]).name: r["status"] for r in result.images.to_pylist()}
+    statuses = {Path(r["uri"]).name: r["status"] for r in result.tables["images"].to_pylist()}
     assert sum(s == "ok" for s in statuses.values()) == GOOD
 
     # Every good image's masks, decoded by pycocotools, rebuild exactly the model's label map.
-    masks = result.masks.to_pylist()
+    masks = result.tables["masks"].to_pylist()
     for uri in uris:
         name = Path(uri).name
         if name in errors:
@@ -98,11 +98,11 @@ def test_tables_read_back_in_duckdb_and_polars(espnet, corpus: Path, tmp_path: P
     paths = {}
     for name in ("masks", "images", "errors"):
         paths[name] = tmp_path / f"{name}.parquet"
-        schema.write_table(name, getattr(result, name), paths[name])
+        schema.write_table(name, result.tables[name], paths[name])
         metadata = pq.read_metadata(paths[name])
         assert metadata.metadata[b"segflow.schema_version"] == schema.SCHEMA_VERSION.encode()
         assert metadata.row_group(0).column(0).compression == "ZSTD"
-        assert schema.read_table(name, paths[name]).num_rows == getattr(result, name).num_rows
+        assert schema.read_table(name, paths[name]).num_rows == result.tables[name].num_rows
 
     con = duckdb.connect()
     n_rows, n_images = con.execute(

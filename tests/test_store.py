@@ -29,11 +29,15 @@ def _tables(uri: str) -> dict[str, pa.Table]:
         "encode_ms": 1.0,
         "model": "m",
         "processed_at": datetime.now(UTC),
+        "gt_uri": None,
+        "pixel_accuracy": None,
+        "miou": None,
+        "mdice": None,
+        "boundary_iou": None,
     }
     return {
-        "masks": schema.table_from_rows("masks", []),
-        "images": schema.table_from_rows("images", [image]),
-        "errors": schema.table_from_rows("errors", []),
+        name: schema.table_from_rows(name, [image] if name == "images" else [])
+        for name in schema.TABLES
     }
 
 
@@ -56,7 +60,7 @@ def _exercise(out: str) -> None:
     fs = store.fs
     images = fs.glob(store.path("images", "*.parquet"))
     assert [p.rsplit("/", 1)[1] for p in images] == ["shard-000001.parquet"]
-    for table in ("masks", "images", "errors"):
+    for table in schema.TABLES:
         with fs.open(store.path(table, "shard-000001.parquet"), "rb") as f:
             assert schema.read_table(table, f).num_rows == (1 if table == "images" else 0)
     assert store.shard_summaries() == [{"shard": 1, "images": 1}]

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard
 from segflow.models import load_model
 from segflow.shard import segment_images
@@ -33,9 +34,12 @@ class SegmentActor:
         batch_size: int,
         prefetch_threads: int,
         max_pixels: int | None,
+        gt: str | None,
+        ignore_index: int | None,
     ) -> None:
         self.manifest = manifest
         self.model = load_model(model, device=device, **model_options)
+        self.ground_truth = None if gt is None else open_ground_truth(gt, ignore_index=ignore_index)
         self.store = RunStore(out, run_id)
         self.batch_size = batch_size
         self.prefetch_threads = prefetch_threads
@@ -51,18 +55,19 @@ class SegmentActor:
             batch_size=self.batch_size,
             prefetch_threads=self.prefetch_threads,
             max_pixels=self.max_pixels,
+            ground_truth=self.ground_truth,
         )
         summary = {
             "shard": shard.index,
             "images": result.num_images,
             "failed": result.num_failed,
-            "masks": result.masks.num_rows,
+            "not_evaluated": result.num_not_evaluated,
+            "masks": result.tables["masks"].num_rows,
             "seconds": round(result.seconds, 3),
             "worker": f"{socket.gethostname()}:{os.getpid()}",
             "node": ray.get_runtime_context().get_node_id(),
             "started_at": started_at,
             "finished_at": time.time(),
         }
-        tables = {"masks": result.masks, "images": result.images, "errors": result.errors}
-        self.store.commit_shard(shard, tables, summary)
+        self.store.commit_shard(shard, result.tables, summary)
         return summary

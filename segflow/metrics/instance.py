@@ -20,10 +20,11 @@ COCOeval semantics reproduced here, quirks included:
   overwrites it with ``iscrowd``). A match to an annotation whose ``id`` is 0 counts as no
   match (COCOeval records matched ids with 0 meaning "none").
 - Detections: per image and category, sorted by descending score with ties kept in input
-  order, and only the first 100 are evaluated. A box's area is ``w * h`` (``COCO.loadRes``).
-  For "segm" the area is the mask's, as ``loadRes`` computes it for results without a
-  ``bbox`` (detectron2 drops the boxes for that reason); for "bbox", a detection given only
-  as a mask gets the mask's bounding box and area, as ``loadRes`` does.
+  order, and only the first 100 are evaluated. A box's area is ``w * h`` (``COCO.loadRes``),
+  and ``loadRes`` gives that area to a detection with a ``bbox`` even for "segm": so does
+  this class. A "segm" detection without a ``bbox`` has its mask's area (detectron2 drops
+  the boxes for that reason, and segflow's own workers do too); for "bbox", a detection given
+  only as a mask gets the mask's bounding box and area, as ``loadRes`` does.
 - Matching, per area range and IoU threshold: detections in score order take the
   still-unmatched ground truth of highest IoU >= the threshold (the later one on equal IoUs),
   preferring objects that are not ignored. A detection matched to an ignored object, or
@@ -252,7 +253,13 @@ class CocoEvaluator:
             score.append(value)
             if self.iou_type == "segm":
                 segmentation = _field(detection, "segmentation", what)
-                geometry.append(_rle(segmentation, size, f"{what}['segmentation']"))
+                rle = _rle(segmentation, size, f"{what}['segmentation']")
+                geometry.append(rle)
+                if detection.get("bbox", []) != []:  # loadRes: a box's area beats the mask's
+                    box = _box(detection["bbox"], f"{what}['bbox']")
+                    area.append(box[2] * box[3])
+                else:
+                    area.append(float(coco_mask.area(rle)))
             elif "bbox" in detection:
                 box = _box(detection["bbox"], f"{what}['bbox']")
                 geometry.append(box)
@@ -262,9 +269,7 @@ class CocoEvaluator:
                 rle = _rle(segmentation, size, f"{what}['segmentation']")
                 geometry.append(coco_mask.toBbox(rle).tolist())
                 area.append(float(coco_mask.area(rle)))
-        if self.iou_type == "segm":
-            area = coco_mask.area(geometry) if geometry else []
-        else:
+        if self.iou_type == "bbox":
             geometry = np.array(geometry, np.float64).reshape(-1, 4)
         return _Detections(
             np.array(category, np.int64),

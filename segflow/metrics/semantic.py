@@ -25,6 +25,34 @@ class SemanticScores:
     mdice: float
     per_class_iou: np.ndarray  # (C,) float64, NaN where undefined
 
+    @classmethod
+    def from_counts(
+        cls, gt_pixels: np.ndarray, predicted_pixels: np.ndarray, true_positive: np.ndarray
+    ) -> SemanticScores:
+        """The figures from per-class integer sums (ground-truth pixels, predicted pixels and
+        their intersection), which is all a confusion matrix contributes to them."""
+        gt_pixels, predicted_pixels, true_positive = (
+            np.asarray(a, dtype=np.int64) for a in (gt_pixels, predicted_pixels, true_positive)
+        )
+        union = gt_pixels + predicted_pixels - true_positive
+        total = gt_pixels.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = np.where(union > 0, true_positive / union, np.nan)
+            dice = np.where(union > 0, 2 * true_positive / (gt_pixels + predicted_pixels), np.nan)
+            class_accuracy = np.where(gt_pixels > 0, true_positive / gt_pixels, np.nan)
+            frequency = gt_pixels / total if total else np.zeros_like(iou)
+        defined = ~np.isnan(iou)
+        return cls(
+            miou=float(np.nanmean(iou)) if defined.any() else float("nan"),
+            pixel_accuracy=float(true_positive.sum() / total) if total else float("nan"),
+            mean_accuracy=float(np.nanmean(class_accuracy))
+            if (gt_pixels > 0).any()
+            else float("nan"),
+            fwiou=float((frequency[defined] * iou[defined]).sum()) if total else float("nan"),
+            mdice=float(np.nanmean(dice)) if defined.any() else float("nan"),
+            per_class_iou=iou,
+        )
+
 
 class ConfusionMatrix:
     """``matrix[g, p]`` counts pixels of ground-truth class ``g`` predicted as ``p``.
@@ -79,24 +107,4 @@ class ConfusionMatrix:
 
     def compute(self) -> SemanticScores:
         m = self.matrix
-        true_positive = np.diag(m)
-        gt_pixels = m.sum(axis=1)
-        predicted_pixels = m.sum(axis=0)
-        union = gt_pixels + predicted_pixels - true_positive
-        total = m.sum()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iou = np.where(union > 0, true_positive / union, np.nan)
-            dice = np.where(union > 0, 2 * true_positive / (gt_pixels + predicted_pixels), np.nan)
-            class_accuracy = np.where(gt_pixels > 0, true_positive / gt_pixels, np.nan)
-            frequency = gt_pixels / total if total else np.zeros_like(iou)
-        defined = ~np.isnan(iou)
-        return SemanticScores(
-            miou=float(np.nanmean(iou)) if defined.any() else float("nan"),
-            pixel_accuracy=float(true_positive.sum() / total) if total else float("nan"),
-            mean_accuracy=float(np.nanmean(class_accuracy))
-            if (gt_pixels > 0).any()
-            else float("nan"),
-            fwiou=float((frequency[defined] * iou[defined]).sum()) if total else float("nan"),
-            mdice=float(np.nanmean(dice)) if defined.any() else float("nan"),
-            per_class_iou=iou,
-        )
+        return SemanticScores.from_counts(m.sum(axis=1), m.sum(axis=0), np.diag(m))

@@ -1,0 +1,225 @@
+"""A run's dataset figures, from its Parquet alone, for all its images or any slice of them.
+
+The workers left integer state per image (``class_stats``) and COCOeval's per-image records
+(``coco_detections``, ``coco_ground_truth``); see :mod:`segflow.schema`. Evaluating a run, or
+the images that an SQL predicate over its ``images`` table selects, sums or pools that state
+— in DuckDB, over the metric rows only, never the masks — so the figures are those of
+evaluating the same images from scratch, to the last bit:
+
+- semantic: mIoU, pixel accuracy, mean class accuracy, fwIoU, mDice and Boundary IoU from the
+  summed counts (a dataset confusion matrix's margins), never a mean of per-image figures;
+  a class absent from both ground truth and predictions is undefined (``None``), not 0;
+- instance: COCO mAP for ``segm`` and ``bbox`` with
+  :class:`~segflow.metrics.instance.CocoEvaluator`, identical to pycocotools' COCOeval.
+
+Only committed shards count (:mod:`segflow.store`), so an interrupted run is evaluated over
+what it finished, each image once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from segflow import schema
+from segflow.metrics.instance import STAT_NAMES, CocoEvaluator
+from segflow.metrics.semantic import SemanticScores
+from segflow.scoring import IOU_TYPES
+from segflow.store import RunStore
+
+
+class EvaluationError(ValueError):
+    """A run that cannot be evaluated as asked; the message names the run and the reason."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished or partial run, read back from its output folder."""
+
+    store: RunStore
+    evaluation: dict[str, Any] | None
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def table(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """Table ``name`` over the committed shards (empty when there are none)."""
+        shard_names = [f"shard-{index:06d}" for index in sorted(self.store.committed())]
+        parts = []
+        for shard in shard_names:
+            with self.store.fs.open(self.store.path(name, f"{shard}.parquet"), "rb") as f:
+                parts.append(pq.read_table(f, columns=columns))
+        table_schema = schema.TABLES[name]
+        if columns is not None:
+            table_schema = pa.schema([table_schema.field(c) for c in columns])
+        if not parts:
+            return table_schema.empty_table()
+        return pa.concat_tables([part.replace_schema_metadata(None) for part in parts])
+
+
+def open_run(location: str) -> Run:
+    """``OUT/run=<id>``, or ``OUT`` when it holds exactly one run."""
+    fs, root = fsspec.core.url_to_fs(location)
+    root = root.rstrip("/")
+    leaf = root.rsplit("/", 1)[-1]
+    if leaf.startswith("run="):
+        out, run_id = location.rstrip("/").rsplit("/", 1)[0], leaf.removeprefix("run=")
+    else:
+        runs = sorted(p.rsplit("/", 2)[-2] for p in fs.glob(f"{root}/run=*/run.json"))
+        if len(runs) != 1:
+            found = ", ".join(runs) if runs else "none"
+            raise EvaluationError(
+                f"{location}: expected one run folder (run=<id>) in it, found {found}; "
+                "name the run folder"
+            )
+        out, run_id = location, runs[0].removeprefix("run=")
+    store = RunStore(out, run_id)
+    if not store.exists():
+        raise EvaluationError(f"{location}: not a segflow run (no run.json)")
+    return Run(store, store.read_json("evaluation.json"))
+
+
+def evaluate_run(location: str, *, where: str | None = None) -> dict[str, Any]:
+    """The run's figures as one JSON-ready object: ``semantic`` or ``instance`` as the run's
+    model is, plus the counts of images selected and evaluated."""
+    run = open_run(location)
+    if run.evaluation is None:
+        raise EvaluationError(
+            f"{run.uri} was segmented without ground truth: rerun segment with --gt to evaluate it"
+        )
+    images = run.table("images", ["image_id", "uri", "status", "gt_uri", "height", "width"])
+    db = duckdb.connect()
+    db.register("images", images)
+    predicate = where or "TRUE"
+    try:
+        evaluated = db.sql(
+            "SELECT image_id FROM images "
+            f"WHERE status = 'ok' AND gt_uri IS NOT NULL AND ({predicate}) ORDER BY image_id"
+        ).to_arrow_table()
+        [(selected,)] = db.sql(f"SELECT count(*) FROM images WHERE ({predicate})").fetchall()
+    except duckdb.Error as exc:
+        raise EvaluationError(f"--where {where!r} is not a predicate over images: {exc}") from None
+    db.register("evaluated", evaluated)
+    result: dict[str, Any] = {
+        "run": run.uri,
+        "where": where,
+        "images": {"selected": selected, "evaluated": evaluated.num_rows},
+    }
+    if run.evaluation["task"] == "semantic":
+        result["semantic"] = _semantic(run, db)
+    else:
+        result["instance"] = _instance(run, db, evaluated.column("image_id").to_numpy())
+    return result
+
+
+SEMANTIC_FIGURES = ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou")
+
+
+def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
+    """The dataset-level figures of :func:`evaluate_run`'s result, flat and named
+    (``semantic/miou``, ``segm/AP50``, ...): what is tracked from one evaluation to the next."""
+    figures: dict[str, float | None] = {}
+    if "semantic" in result:
+        figures |= {f"semantic/{name}": result["semantic"][name] for name in SEMANTIC_FIGURES}
+    for iou_type, scores in result.get("instance", {}).items():
+        figures |= {
+            f"{iou_type}/{name}": _number(value, undefined=-1)
+            for name, value in zip(STAT_NAMES, scores["stats"], strict=True)
+        }
+    return figures
+
+
+def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    classes = run.evaluation["classes"]
+    db.register("class_stats", run.table("class_stats"))
+    sums = db.sql(
+        "SELECT class_id, "
+        + ", ".join(
+            f"sum({c})::BIGINT AS {c}"
+            for c in (
+                "gt_pixels",
+                "pred_pixels",
+                "intersection",
+                "boundary_intersection",
+                "boundary_union",
+            )
+        )
+        + " FROM class_stats SEMI JOIN evaluated USING (image_id) GROUP BY class_id"
+    ).fetchnumpy()
+    totals = {name: np.zeros(len(classes), np.int64) for name in sums if name != "class_id"}
+    for name, values in totals.items():
+        values[sums["class_id"]] = sums[name]
+    scores = SemanticScores.from_counts(
+        totals["gt_pixels"], totals["pred_pixels"], totals["intersection"]
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boundary = np.where(
+            totals["boundary_union"] > 0,
+            totals["boundary_intersection"] / totals["boundary_union"],
+            np.nan,
+        )
+    return {
+        "miou": _number(scores.miou),
+        "pixel_accuracy": _number(scores.pixel_accuracy),
+        "mean_accuracy": _number(scores.mean_accuracy),
+        "fwiou": _number(scores.fwiou),
+        "mdice": _number(scores.mdice),
+        "boundary_iou": _number(np.nanmean(boundary)) if not np.isnan(boundary).all() else None,
+        "classes": classes,
+        "per_class_iou": [_number(v) for v in scores.per_class_iou],
+        "per_class_boundary_iou": [_number(v) for v in boundary],
+        "gt_pixels": totals["gt_pixels"].tolist(),
+        "pred_pixels": totals["pred_pixels"].tolist(),
+    }
+
+
+def _instance(run: Run, db: duckdb.DuckDBPyConnection, image_ids: np.ndarray) -> dict[str, Any]:
+    categories = {int(k): v for k, v in run.evaluation["categories"].items()}
+    db.register("coco_detections", run.table("coco_detections"))
+    db.register("coco_ground_truth", run.table("coco_ground_truth"))
+    result = {}
+    for iou_type in IOU_TYPES:
+        tables = {
+            name: db.sql(
+                f"SELECT * EXCLUDE (run_id, iou_type) FROM {table} "
+                "SEMI JOIN evaluated USING (image_id) WHERE iou_type = $iou_type",
+                params={"iou_type": iou_type},
+            ).fetchnumpy()
+            for name, table in (
+                ("detections", "coco_detections"),
+                ("ground_truth", "coco_ground_truth"),
+            )
+        }
+        evaluator = CocoEvaluator.from_state(
+            {
+                "iou_type": iou_type,
+                "categories": sorted(categories),
+                "images": {"image_id": image_ids},
+                **tables,
+            }
+        )
+        scores = evaluator.compute()
+        result[iou_type] = {
+            "stats": [float(v) for v in scores.stats],
+            "stat_names": list(STAT_NAMES),
+            "per_class_ap": {
+                categories[c]: _number(ap, undefined=-1)
+                for c, ap in zip(scores.categories, scores.per_class_ap, strict=True)
+            },
+        }
+    return result
+
+
+def _number(value: float, undefined: float | None = None) -> float | None:
+    """JSON has no NaN: an undefined figure is ``None``."""
+    value = float(value)
+    return None if math.isnan(value) or value == undefined else value

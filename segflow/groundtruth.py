@@ -1,0 +1,538 @@
+"""Ground truth for a run's images, read through fsspec and matched to each image's URI.
+
+A ground-truth spec names a format and a location, ``KIND:URI[?key=value[&key=value]]``; the
+options start after the last ``?`` (URIs may hold spaces, and ``:`` after the kind). Kinds:
+
+``coco:FILE``
+    A COCO instances JSON; instance targets. An image URI matches the JSON image whose
+    ``file_name`` has the URI's basename, else (a re-encoded copy) the same stem.
+``masks:DIR``
+    Index PNG label maps (VOC, CamVid) anywhere under DIR, found by one listing when the spec
+    is opened; semantic targets. An image matches the PNG of its stem (Cityscapes' label
+    files, ``*_gtFine_labelIds.png``, match once named like their images); where
+    several share it (``Tile 1/masks/x.png`` and ``Tile 2/masks/x.png``), the one whose folders
+    share the most names with the image's folders. Options: ``id_map=URI``, a JSON object
+    ``{"stored id": class id, or null to ignore}`` (e.g. Cityscapes labelIds to trainIds;
+    unmapped ids are ignored); ``palette=URI``, for colour-coded masks (RGB, or palette PNGs
+    whose colours are meant): ``{"classes": [{"id", "rgb"}...], "ignore_rgb": [[r, g, b]...]}``,
+    where a colour outside the palette is an error. With both, the palette applies first.
+``coco-semantic:FILE?categories=voc``
+    Semantic targets from COCO instances, as torchvision's segmentation reference builds
+    them (``references/segmentation/coco_utils.py``): only the listed categories, each pixel
+    the largest class id of the instances covering it, background 0, pixels under more than
+    one instance ignored. ``categories=voc`` is the reference's 21 VOC classes;
+    ``categories=URI`` a JSON object ``{"coco category id": class id}``.
+
+``ignore_index``, for semantic kinds, is a class id whose pixels are ignored; it applies to
+the ids a target holds (after id_map, palette or categories), the ids a model predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import fsspec
+import numpy as np
+
+from segflow import rle
+from segflow.decode import ImageDecodeError, UnsupportedModeError, decode_image, decode_label_map
+
+__all__ = [
+    "IGNORE",
+    "VOC_CATEGORIES",
+    "CocoDataset",
+    "GroundTruth",
+    "GroundTruthError",
+    "InstanceTarget",
+    "SemanticTarget",
+    "open_ground_truth",
+    "read_coco",
+    "read_json",
+]
+
+IGNORE = -1
+
+# torchvision's CAT_LIST: the COCO category of each VOC class, by class id (0: background,
+# which no COCO category has).
+VOC_CATEGORIES = (0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
+
+
+class GroundTruthError(ValueError):
+    """Ground truth that cannot be used; the message names the spec or file, and the image."""
+
+
+@dataclass(frozen=True)
+class SemanticTarget:
+    labels: np.ndarray  # (H, W) int64 class ids, IGNORE where the pixel is not evaluated
+    source: str  # URI of the ground-truth file used
+
+
+@dataclass(frozen=True)
+class InstanceTarget:
+    height: int
+    width: int
+    annotations: list[dict]  # the image's COCO annotation dicts, as in the JSON
+    source: str  # "FILE#image_id=ID"
+
+
+class GroundTruth(ABC):
+    """Opened ground truth: ``target(uri)`` gives the target of one image."""
+
+    kind: ClassVar[Literal["semantic", "instance"]]
+    options: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        # COCO category id -> name, for instance ground truth.
+        self.categories: dict[int, str] | None = None
+
+    @abstractmethod
+    def target(self, uri: str) -> SemanticTarget | InstanceTarget:
+        """The target of the image at ``uri``; GroundTruthError when it has none, more than
+        one, or one that cannot be read."""
+
+
+def open_ground_truth(spec: str, *, ignore_index: int | None = None) -> GroundTruth:
+    """Open a ground-truth spec (see the module notes), reading and checking what every image
+    needs (the COCO file, the label file listing, the id map or palette) before any work."""
+    if not isinstance(spec, str):
+        raise GroundTruthError(f"ground truth spec must be a string, got {type(spec).__name__}")
+    kind, location, options = _parse_spec(spec)
+    adapter = _ADAPTERS[kind]
+    unknown = sorted(options.keys() - adapter.options)
+    if unknown:
+        allowed = ", ".join(sorted(adapter.options)) or "none"
+        raise GroundTruthError(
+            f"ground truth {spec!r}: unknown option(s) {unknown} for {kind!r} (allowed: {allowed})"
+        )
+    if ignore_index is not None:
+        if adapter.kind != "semantic":
+            raise GroundTruthError(
+                f"ground truth {spec!r}: ignore_index applies to semantic ground truth only, "
+                f"and {kind!r} is {adapter.kind}"
+            )
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int | np.integer):
+            raise GroundTruthError(
+                f"ground truth {spec!r}: ignore_index must be an integer, got {ignore_index!r}"
+            )
+    return adapter(spec, location, options, None if ignore_index is None else int(ignore_index))
+
+
+def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    kind, colon, rest = spec.partition(":")
+    if not colon or kind not in _ADAPTERS:
+        raise GroundTruthError(
+            f"ground truth {spec!r} must be KIND:URI[?options] with KIND one of "
+            f"{', '.join(_ADAPTERS)}"
+        )
+    location, question_mark, query = rest.rpartition("?")
+    if not question_mark:
+        location, query = rest, ""
+    options: dict[str, str] = {}
+    for item in query.split("&") if query else []:
+        key, equals, value = item.partition("=")
+        if not (equals and key and value):
+            raise GroundTruthError(f"ground truth {spec!r}: option {item!r} is not key=value")
+        if key in options:
+            raise GroundTruthError(f"ground truth {spec!r}: option {key!r} is given twice")
+        options[key] = value
+    if not location:
+        raise GroundTruthError(f"ground truth {spec!r} names no file or folder")
+    return kind, location, options
+
+
+# --------------------------------------------------------------------------------------------
+# Reading through fsspec.
+
+
+def _read_bytes(uri: str, what: str, error: type[ValueError] = GroundTruthError) -> bytes:
+    """The bytes at ``uri``; ``error`` naming ``what`` when they cannot be had."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise error(f"{what} does not exist") from None
+    except Exception as failure:
+        # Each fsspec backend raises its own types (botocore's, aiohttp's, ...): whatever the
+        # type, the user needs to know which file failed and why.
+        raise error(f"{what} cannot be read: {type(failure).__name__}: {failure}") from failure
+
+
+def read_json(uri: str, what: str, error: type[ValueError] = GroundTruthError) -> Any:
+    """The JSON document at ``uri``; ``error`` (naming ``what`` and the URI) when it is missing,
+    unreadable or not JSON."""
+    label = f"{what} {uri!r}"
+    data = _read_bytes(uri, label, error)
+    try:
+        return json.loads(data)
+    except ValueError as failure:  # JSONDecodeError and UnicodeDecodeError
+        raise error(f"{label} is not valid JSON: {failure}") from None
+
+
+def _uri_path(uri: str) -> str:
+    """The URI's path as its filesystem lists paths (no protocol; local paths absolute)."""
+    try:
+        return fsspec.core.strip_protocol(uri)
+    except Exception as error:  # an unknown protocol
+        raise GroundTruthError(f"image URI {uri!r}: {type(error).__name__}: {error}") from error
+
+
+def _stem(name: str) -> str:
+    return posixpath.splitext(posixpath.basename(name))[0]
+
+
+def _integer(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GroundTruthError(f"{what} must be an integer, got {value!r:.80}")
+    return value
+
+
+def _class_id(value: Any, what: str) -> int:
+    if _integer(value, what) < 0:
+        raise GroundTruthError(f"{what} must be a class id >= 0, got {value}")
+    return value
+
+
+def _id_table(uri: str, what: str, *, null_means_ignore: bool) -> dict[int, int]:
+    """A JSON object {"id": class id (or null: IGNORE)} read from ``uri``; ids are >= 0."""
+    table = read_json(uri, what)
+    label = f"{what} {uri!r}"
+    if not isinstance(table, dict) or not table:
+        raise GroundTruthError(f"{label} must be a non-empty JSON object {{id: class id}}")
+    result = {}
+    for key, value in table.items():
+        try:
+            source = int(key)
+        except ValueError:
+            source = -1
+        if source < 0:
+            raise GroundTruthError(f"{label}: key {key!r} is not an id >= 0")
+        if value is None and null_means_ignore:
+            result[source] = IGNORE
+        else:
+            result[source] = _class_id(value, f"{label}[{key!r}]")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# COCO instances.
+
+
+@dataclass(frozen=True)
+class CocoDataset:
+    """A checked COCO instances JSON."""
+
+    uri: str
+    images: dict[int, dict]  # image id -> its entry (id, file_name, height, width, ...)
+    annotations: dict[int, list[dict]]  # image id -> its annotations, in file order
+    categories: dict[int, str]  # category id -> name
+
+
+def read_coco(uri: str) -> CocoDataset:
+    """Read a COCO instances JSON, checking the fields that ground truth relies on."""
+    dataset = read_json(uri, "COCO annotations")
+    label = f"COCO annotations {uri!r}"
+    if not isinstance(dataset, dict):
+        raise GroundTruthError(f"{label} must be a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise GroundTruthError(f"{label} has no {key!r} list")
+
+    images: dict[int, dict] = {}
+    for i, image in enumerate(dataset["images"]):
+        what = f"{label}: images[{i}]"
+        if not isinstance(image, dict):
+            raise GroundTruthError(f"{what} is not an object")
+        image_id = _integer(image.get("id"), f"{what}['id']")
+        if not isinstance(image.get("file_name"), str):
+            raise GroundTruthError(f"{what} has no 'file_name' string")
+        for side in ("height", "width"):
+            if _integer(image.get(side), f"{what}[{side!r}]") <= 0:
+                raise GroundTruthError(f"{what}[{side!r}] must be positive")
+        if image_id in images:
+            raise GroundTruthError(f"{label}: image id {image_id} is listed twice")
+        images[image_id] = image
+
+    annotations: dict[int, list[dict]] = defaultdict(list)
+    for i, annotation in enumerate(dataset["annotations"]):
+        what = f"{label}: annotations[{i}]"
+        if not isinstance(annotation, dict):
+            raise GroundTruthError(f"{what} is not an object")
+        _integer(annotation.get("category_id"), f"{what}['category_id']")
+        annotations[_integer(annotation.get("image_id"), f"{what}['image_id']")].append(annotation)
+
+    categories: dict[int, str] = {}
+    for i, category in enumerate(dataset["categories"]):
+        what = f"{label}: categories[{i}]"
+        if not isinstance(category, dict) or not isinstance(category.get("name"), str):
+            raise GroundTruthError(f"{what} must be an object with a 'name' string")
+        category_id = _integer(category.get("id"), f"{what}['id']")
+        if category_id in categories:
+            raise GroundTruthError(f"{label}: category id {category_id} is listed twice")
+        categories[category_id] = category["name"]
+    return CocoDataset(uri, images, dict(annotations), categories)
+
+
+class _CocoImages(GroundTruth):
+    """A COCO JSON whose images are matched to URIs by file name."""
+
+    def __init__(self, spec: str, location: str) -> None:
+        super().__init__(spec)
+        self.dataset = read_coco(location)
+        self._by_name: dict[str, list[int]] = defaultdict(list)
+        self._by_stem: dict[str, list[int]] = defaultdict(list)
+        for image_id, image in self.dataset.images.items():
+            self._by_name[posixpath.basename(image["file_name"])].append(image_id)
+            self._by_stem[_stem(image["file_name"])].append(image_id)
+
+    def _image(self, uri: str) -> dict:
+        name = posixpath.basename(_uri_path(uri))
+        found = self._by_name.get(name) or self._by_stem.get(_stem(name), [])
+        if len(found) != 1:
+            problem = "no image" if not found else f"{len(found)} images (ids {sorted(found)})"
+            raise GroundTruthError(
+                f"ground truth for {uri!r}: {self.dataset.uri!r} has {problem} with file name "
+                f"{name!r} or stem {_stem(name)!r}"
+            )
+        return self.dataset.images[found[0]]
+
+    def _source(self, image: dict) -> str:
+        return f"{self.dataset.uri}#image_id={image['id']}"
+
+
+class _CocoInstances(_CocoImages):
+    kind = "instance"
+
+    def __init__(self, spec: str, location: str, options: dict, ignore_index: int | None) -> None:
+        super().__init__(spec, location)
+        self.categories = dict(self.dataset.categories)
+
+    def target(self, uri: str) -> InstanceTarget:
+        image = self._image(uri)
+        return InstanceTarget(
+            height=image["height"],
+            width=image["width"],
+            annotations=list(self.dataset.annotations.get(image["id"], [])),
+            source=self._source(image),
+        )
+
+
+class _CocoSemantic(_CocoImages):
+    kind = "semantic"
+    options = frozenset({"categories"})
+
+    def __init__(self, spec: str, location: str, options: dict, ignore_index: int | None) -> None:
+        if "categories" not in options:
+            raise GroundTruthError(
+                f"ground truth {spec!r} needs ?categories=voc or ?categories=URI of a JSON "
+                "object {coco category id: class id}"
+            )
+        if options["categories"] == "voc":
+            self._classes = {category: i for i, category in enumerate(VOC_CATEGORIES)}
+        else:
+            self._classes = _id_table(options["categories"], "categories", null_means_ignore=False)
+        super().__init__(spec, location)
+        self._ignore_index = ignore_index
+
+    def target(self, uri: str) -> SemanticTarget:
+        image = self._image(uri)
+        height, width, source = image["height"], image["width"], self._source(image)
+        labels = np.zeros((height, width), np.int64)
+        # Crowd annotations are kept: torchvision's segmentation reference does not filter
+        # iscrowd (its detection reference does), so crowd regions take their class.
+        coverage = np.zeros((height, width), np.int32)
+        for annotation in self.dataset.annotations.get(image["id"], []):
+            class_id = self._classes.get(annotation["category_id"])
+            if class_id is None:
+                continue
+            mask = _annotation_mask(annotation, height, width, f"{uri!r}: {source}")
+            np.maximum(labels, np.where(mask, class_id, 0), out=labels)
+            coverage += mask
+        labels[coverage > 1] = IGNORE
+        return SemanticTarget(_ignoring(labels, self._ignore_index), source)
+
+
+def _annotation_mask(annotation: dict, height: int, width: int, where: str) -> np.ndarray:
+    """The annotation's pixels (H, W) as uint8, its polygons merged (pycocotools' annToMask)."""
+    what = f"ground truth for {where}: annotation {annotation.get('id')!r}"
+    if "segmentation" not in annotation:
+        raise GroundTruthError(f"{what} has no 'segmentation'")
+    try:
+        rles = rle.fr_py_objects(annotation["segmentation"], height, width)
+        if isinstance(rles, dict):
+            return rle.decode(rles)
+        if not rles:
+            return np.zeros((height, width), np.uint8)
+        return rle.decode(rle.merge(rles))
+    except rle.RLEError as error:
+        raise GroundTruthError(f"{what}: {error}") from None
+
+
+def _ignoring(labels: np.ndarray, ignore_index: int | None) -> np.ndarray:
+    if ignore_index is None:
+        return labels
+    return np.where(labels == ignore_index, IGNORE, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Label map files.
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """Integer codes (label values, packed colours) to class ids, applied to whole arrays."""
+
+    codes: np.ndarray  # (N,) int64, sorted, N >= 1
+    classes: np.ndarray  # (N,) int64, IGNORE for ignored codes
+
+    @classmethod
+    def of(cls, table: Mapping[int, int]) -> _Lookup:
+        codes = np.array(sorted(table), np.int64)
+        return cls(codes, np.array([table[code] for code in codes.tolist()], np.int64))
+
+    def apply(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The class id of each value (IGNORE where unknown), and where the value is known."""
+        position = np.minimum(np.searchsorted(self.codes, values), len(self.codes) - 1)
+        known = self.codes[position] == values
+        return np.where(known, self.classes[position], IGNORE), known
+
+
+def _packed(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _read_palette(uri: str) -> _Lookup:
+    palette = read_json(uri, "palette")
+    label = f"palette {uri!r}"
+    if not isinstance(palette, dict) or not isinstance(palette.get("classes"), list):
+        raise GroundTruthError(f"{label} must be a JSON object with a 'classes' list")
+    ignored = palette.get("ignore_rgb", [])
+    if not palette["classes"] or not isinstance(ignored, list):
+        raise GroundTruthError(f"{label}: 'classes' must not be empty, 'ignore_rgb' is a list")
+    colours: list[tuple[str, Any, int]] = []
+    for i, entry in enumerate(palette["classes"]):
+        what = f"{label}: classes[{i}]"
+        if not isinstance(entry, dict):
+            raise GroundTruthError(f"{what} must be an object with 'id' and 'rgb'")
+        colours.append((f"{what}['rgb']", entry.get("rgb"), _class_id(entry.get("id"), what)))
+    colours += [(f"{label}: ignore_rgb[{i}]", rgb, IGNORE) for i, rgb in enumerate(ignored)]
+    table: dict[int, int] = {}
+    for what, rgb, class_id in colours:
+        if not (
+            isinstance(rgb, list)
+            and len(rgb) == 3
+            and all(type(c) is int and 0 <= c <= 255 for c in rgb)
+        ):
+            raise GroundTruthError(f"{what} must be [r, g, b] with values 0-255, got {rgb!r:.80}")
+        code = int(_packed(np.array(rgb)))
+        if code in table:
+            raise GroundTruthError(f"{label}: colour {rgb} is listed twice")
+        table[code] = class_id
+    return _Lookup.of(table)
+
+
+class _LabelMaps(GroundTruth):
+    kind = "semantic"
+    options = frozenset({"id_map", "palette"})
+
+    def __init__(self, spec: str, location: str, options: dict, ignore_index: int | None) -> None:
+        super().__init__(spec)
+        self._location = location
+        self._ignore_index = ignore_index
+        self._palette_uri = options.get("palette")
+        self._palette = _read_palette(self._palette_uri) if self._palette_uri else None
+        self._id_map = (
+            _Lookup.of(_id_table(options["id_map"], "id_map", null_means_ignore=True))
+            if "id_map" in options
+            else None
+        )
+        label = f"ground truth folder {location!r}"
+        try:
+            self._fs, root = fsspec.core.url_to_fs(location)
+            if not self._fs.isdir(root):
+                problem = "is a file, not a folder" if self._fs.isfile(root) else "does not exist"
+                raise GroundTruthError(f"{label} {problem}")
+            paths = self._fs.find(root)
+        except GroundTruthError:
+            raise
+        except Exception as error:  # backend-specific, as in _read_bytes
+            raise GroundTruthError(
+                f"{label} cannot be listed: {type(error).__name__}: {error}"
+            ) from error
+        self._by_stem: dict[str, list[str]] = defaultdict(list)
+        for path in paths:
+            if path.lower().endswith(".png"):
+                self._by_stem[_stem(path)].append(path)
+        if not self._by_stem:
+            raise GroundTruthError(f"{label} holds no .png label files")
+
+    def target(self, uri: str) -> SemanticTarget:
+        path = self._label_file(uri)
+        source = self._fs.unstrip_protocol(path)
+        where = f"ground truth for {uri!r}"
+        data = _read_bytes(source, f"{where}: label file {source!r}")
+        try:
+            if self._palette is None:
+                labels = decode_label_map(data, name=source)
+            else:
+                rgb = decode_image(data, name=source).numpy()
+                labels = self._colours_to_classes(rgb, f"{where}: {source}")
+        except UnsupportedModeError as error:
+            raise GroundTruthError(
+                f"{where}: {error}; give the spec a palette=URI option"
+            ) from None
+        except ImageDecodeError as error:
+            raise GroundTruthError(f"{where}: {error}") from None
+        if self._id_map is not None:
+            # Ids are >= 0, so IGNORE pixels (palette ignore colours) stay IGNORE.
+            labels, _ = self._id_map.apply(labels)
+        return SemanticTarget(_ignoring(labels, self._ignore_index), source)
+
+    def _colours_to_classes(self, rgb: np.ndarray, where: str) -> np.ndarray:
+        labels, known = self._palette.apply(_packed(rgb))
+        if not known.all():
+            unknown = rgb[~known]
+            colour = unknown[0].tolist()
+            count = int(np.all(unknown == unknown[0], axis=1).sum())
+            raise GroundTruthError(
+                f"{where}: colour {colour} ({count} pixels) is not in palette {self._palette_uri!r}"
+            )
+        return labels
+
+    def _label_file(self, uri: str) -> str:
+        image_path = _uri_path(uri)
+        stem = _stem(image_path)
+        # A PNG image under DIR is listed too, and is not its own label map.
+        candidates = [path for path in self._by_stem.get(stem, []) if path != image_path]
+        if not candidates:
+            raise GroundTruthError(
+                f"ground truth for {uri!r}: no label file {stem}.png under {self._location!r}"
+            )
+        image_folders = set(posixpath.dirname(image_path).split("/"))
+        shared = [
+            len(image_folders & set(posixpath.dirname(path).split("/"))) for path in candidates
+        ]
+        best = [
+            path for path, count in zip(candidates, shared, strict=True) if count == max(shared)
+        ]
+        if len(best) > 1:
+            names = ", ".join(repr(self._fs.unstrip_protocol(path)) for path in sorted(best))
+            raise GroundTruthError(
+                f"ground truth for {uri!r}: label files {names} match it equally well (same stem, "
+                "as many folder names in common)"
+            )
+        return best[0]
+
+
+_ADAPTERS: dict[str, type[GroundTruth]] = {
+    "coco": _CocoInstances,
+    "masks": _LabelMaps,
+    "coco-semantic": _CocoSemantic,
+}
