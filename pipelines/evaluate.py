@@ -30,13 +30,13 @@ class RegressionError(RuntimeError):
 
 @task(cache_policy=NONE, retries=1, retry_delay_seconds=10)
 def compute(run: str, where: str | None) -> dict[str, Any]:
-    return evaluate_run(run, where=where)
+    return evaluate_run(run, where=where, latest=True)
 
 
 @task(cache_policy=NONE)
-def record(run: str, result: dict[str, Any]) -> str:
+def record(result: dict[str, Any]) -> str:
     """Write ``evaluations/<UTC time>/summary.json`` and ``figures.parquet`` into the run."""
-    store = open_run(run).store
+    store = open_run(result["run"]).store
     folder = f"evaluations/{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}"
     store.write_json(f"{folder}/summary.json", result)
     figures = headline_figures(result)
@@ -110,11 +110,11 @@ def evaluate(
     regression_threshold: float = 0.01,
     fail_on_regression: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``run`` (``OUT/run=<id>``, or ``OUT`` holding one run), optionally only the
-    images an SQL predicate ``where`` over its ``images`` table selects."""
+    """Evaluate ``run`` (``OUT/run=<id>``, or ``OUT``: the run in it that finished last),
+    optionally only the images an SQL predicate ``where`` over its ``images`` table selects."""
     logger = get_run_logger()
     result = compute(run, where)
-    location = record(run, result)
+    location = record(result)
     key = artifact_key(run, where)
     rows = compare(headline_figures(result), previous_figures(key), regression_threshold)
     create_table_artifact(

@@ -27,9 +27,12 @@ import duckdb
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segflow import schema
+from segflow.coco_results import coco_results_from_masks
+from segflow.groundtruth import coco_image_id
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator
 from segflow.metrics.semantic import SemanticScores
 from segflow.scoring import IOU_TYPES
@@ -66,43 +69,48 @@ class Run:
         return pa.concat_tables([part.replace_schema_metadata(None) for part in parts])
 
 
-def open_run(location: str) -> Run:
-    """``OUT/run=<id>``, or ``OUT`` when it holds exactly one run."""
+def open_run(location: str, *, latest: bool = False) -> Run:
+    """``OUT/run=<id>``, or ``OUT`` when it holds exactly one run — or, with ``latest``, the
+    run of ``OUT`` that finished last (a scheduled evaluation of whatever ran last night)."""
     fs, root = fsspec.core.url_to_fs(location)
     root = root.rstrip("/")
     leaf = root.rsplit("/", 1)[-1]
     if leaf.startswith("run="):
         out, run_id = location.rstrip("/").rsplit("/", 1)[0], leaf.removeprefix("run=")
     else:
-        runs = sorted(p.rsplit("/", 2)[-2] for p in fs.glob(f"{root}/run=*/run.json"))
-        if len(runs) != 1:
-            found = ", ".join(runs) if runs else "none"
-            raise EvaluationError(
-                f"{location}: expected one run folder (run=<id>) in it, found {found}; "
-                "name the run folder"
-            )
-        out, run_id = location, runs[0].removeprefix("run=")
+        pattern = "summary.json" if latest else "run.json"
+        found = fs.glob(f"{root}/run=*/{pattern}")
+        if latest and found:
+            found = [max(found, key=fs.modified)]
+        if len(found) != 1:
+            names = ", ".join(sorted(p.rsplit("/", 2)[-2] for p in found)) or "none"
+            wanted = "a finished run" if latest else "one run folder (run=<id>)"
+            raise EvaluationError(f"{location}: expected {wanted} in it, found {names}")
+        out, run_id = location, found[0].rsplit("/", 2)[-2].removeprefix("run=")
     store = RunStore(out, run_id)
     if not store.exists():
         raise EvaluationError(f"{location}: not a segflow run (no run.json)")
     return Run(store, store.read_json("evaluation.json"))
 
 
-def evaluate_run(location: str, *, where: str | None = None) -> dict[str, Any]:
+def evaluate_run(
+    location: str, *, where: str | None = None, latest: bool = False
+) -> dict[str, Any]:
     """The run's figures as one JSON-ready object: ``semantic`` or ``instance`` as the run's
-    model is, plus the counts of images selected and evaluated."""
-    run = open_run(location)
+    model is, plus the counts of images selected and evaluated (see :func:`open_run` for
+    ``location`` and ``latest``)."""
+    run = open_run(location, latest=latest)
     if run.evaluation is None:
         raise EvaluationError(
             f"{run.uri} was segmented without ground truth: rerun segment with --gt to evaluate it"
         )
-    images = run.table("images", ["image_id", "uri", "status", "gt_uri", "height", "width"])
+    images = run.table("images")  # every column: a slice may filter on any
     db = duckdb.connect()
     db.register("images", images)
     predicate = where or "TRUE"
     try:
         evaluated = db.sql(
-            "SELECT image_id FROM images "
+            "SELECT image_id, gt_uri FROM images "
             f"WHERE status = 'ok' AND gt_uri IS NOT NULL AND ({predicate}) ORDER BY image_id"
         ).to_arrow_table()
         [(selected,)] = db.sql(f"SELECT count(*) FROM images WHERE ({predicate})").fetchall()
@@ -117,7 +125,7 @@ def evaluate_run(location: str, *, where: str | None = None) -> dict[str, Any]:
     if run.evaluation["task"] == "semantic":
         result["semantic"] = _semantic(run, db)
     else:
-        result["instance"] = _instance(run, db, evaluated.column("image_id").to_numpy())
+        result["instance"] = _instance(run, db, evaluated.column("gt_uri").to_pylist())
     return result
 
 
@@ -182,15 +190,18 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     }
 
 
-def _instance(run: Run, db: duckdb.DuckDBPyConnection, image_ids: np.ndarray) -> dict[str, Any]:
+def _instance(run: Run, db: duckdb.DuckDBPyConnection, gt_sources: list[str]) -> dict[str, Any]:
     categories = {int(k): v for k, v in run.evaluation["categories"].items()}
+    gt_image_ids = np.array([coco_image_id(source) for source in gt_sources], np.int64)
     db.register("coco_detections", run.table("coco_detections"))
     db.register("coco_ground_truth", run.table("coco_ground_truth"))
     result = {}
     for iou_type in IOU_TYPES:
+        # COCOeval's image ids, in whose order it pools detections of equal score.
         tables = {
             name: db.sql(
-                f"SELECT * EXCLUDE (run_id, iou_type) FROM {table} "
+                f"SELECT * EXCLUDE (run_id, iou_type, image_id, gt_image_id), "
+                f"gt_image_id AS image_id FROM {table} "
                 "SEMI JOIN evaluated USING (image_id) WHERE iou_type = $iou_type",
                 params={"iou_type": iou_type},
             ).fetchnumpy()
@@ -203,7 +214,7 @@ def _instance(run: Run, db: duckdb.DuckDBPyConnection, image_ids: np.ndarray) ->
             {
                 "iou_type": iou_type,
                 "categories": sorted(categories),
-                "images": {"image_id": image_ids},
+                "images": {"image_id": gt_image_ids},
                 **tables,
             }
         )
@@ -217,6 +228,39 @@ def _instance(run: Run, db: duckdb.DuckDBPyConnection, image_ids: np.ndarray) ->
             },
         }
     return result
+
+
+def coco_results_of_run(location: str) -> list[dict[str, Any]]:
+    """A run's detections as COCO results (what pycocotools' ``loadRes`` reads), with the
+    ground truth's image and category ids when the run was evaluated against COCO ground
+    truth, segflow's image ids and class ids otherwise.
+
+    Each result has the detector's ``bbox`` and the mask. pycocotools, given results with
+    boxes, takes a box's area for the area ranges of ``segm`` too: drop the boxes (as
+    detectron2 does, and as ``segflow evaluate`` does for ``segm``) to score masks by their
+    own area.
+    """
+    run = open_run(location)
+    masks = run.table("masks")
+    if masks.num_rows and masks.column("instance").null_count:
+        raise EvaluationError(f"{run.uri} is a semantic run: COCO results are detections")
+    image_ids = category_ids = None
+    if run.evaluation is not None and run.evaluation["task"] == "instance":
+        images = run.table("images", ["image_id", "gt_uri"]).filter(pc.is_valid(pc.field("gt_uri")))
+        image_ids = {
+            image_id: coco_image_id(source)
+            for image_id, source in zip(
+                images.column("image_id").to_pylist(),
+                images.column("gt_uri").to_pylist(),
+                strict=True,
+            )
+        }
+        masks = masks.filter(pc.is_in(masks.column("image_id"), pa.array(list(image_ids))))
+        category_ids = {name: int(i) for i, name in run.evaluation["categories"].items()}
+        masks = masks.filter(
+            pc.is_in(masks.column("class_name"), pa.array(list(category_ids), pa.string()))
+        )
+    return coco_results_from_masks(masks, image_ids=image_ids, category_ids=category_ids)
 
 
 def _number(value: float, undefined: float | None = None) -> float | None:

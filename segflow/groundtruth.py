@@ -303,7 +303,19 @@ class _CocoImages(GroundTruth):
         return self.dataset.images[found[0]]
 
     def _source(self, image: dict) -> str:
-        return f"{self.dataset.uri}#image_id={image['id']}"
+        return f"{self.dataset.uri}{_IMAGE_ID_MARK}{image['id']}"
+
+
+_IMAGE_ID_MARK = "#image_id="
+
+
+def coco_image_id(source: str) -> int:
+    """The COCO image id in an :class:`InstanceTarget`'s ``source`` (an ``images`` row's
+    ``gt_uri``)."""
+    _, mark, image_id = source.rpartition(_IMAGE_ID_MARK)
+    if not mark:
+        raise GroundTruthError(f"{source!r} does not name a COCO image")
+    return int(image_id)
 
 
 class _CocoInstances(_CocoImages):

@@ -105,6 +105,8 @@ image and category, by score), enough to accumulate COCO mAP exactly
 =============  =======  ========================================================
 run_id         string   the run
 image_id       int64    see ``masks``
+gt_image_id    int64    the image's id in the COCO ground truth (COCOeval orders
+                        detections of equal score by it)
 iou_type       string   ``segm`` or ``bbox``
 category_id    int64    the ground truth's category id
 rank           int32    position among the image's detections of the category, by
@@ -122,6 +124,7 @@ ignored_all    int32    bit t set: ignored at that threshold and area range (mat
 ================  ======  ========================================================
 run_id            string  the run
 image_id          int64   see ``masks``
+gt_image_id       int64   the image's id in the COCO ground truth
 iou_type          string  ``segm`` or ``bbox``
 category_id       int64   the ground truth's category id
 num_gt_all        int32   objects that count (not crowd) in area range ``all``;
@@ -224,6 +227,7 @@ COCO_DETECTIONS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("gt_image_id", pa.int64(), nullable=False),
         pa.field("iou_type", pa.string(), nullable=False),
         pa.field("category_id", pa.int64(), nullable=False),
         pa.field("rank", pa.int32(), nullable=False),
@@ -237,6 +241,7 @@ COCO_GROUND_TRUTH = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("gt_image_id", pa.int64(), nullable=False),
         pa.field("iou_type", pa.string(), nullable=False),
         pa.field("category_id", pa.int64(), nullable=False),
         *(pa.field(f"num_gt_{area}", pa.int32(), nullable=False) for area in AREA_RANGES),

@@ -27,6 +27,7 @@ from segflow.groundtruth import (
     GroundTruthError,
     InstanceTarget,
     SemanticTarget,
+    coco_image_id,
 )
 from segflow.metrics.boundary import boundary_region, boundary_width
 from segflow.metrics.instance import CocoEvaluator
@@ -72,6 +73,9 @@ class ImageScorer:
 
     def reset(self) -> None:
         self._class_stats: list[dict[str, np.ndarray]] = []
+        # COCOeval pools detections of equal score in the ground truth's image id order: the
+        # evaluators are keyed by that id, mapped back to segflow's for the tables.
+        self._image_id_of: dict[int, int] = {}
         self._evaluators = (
             {
                 iou_type: CocoEvaluator(iou_type, sorted(self.category_of.values()))
@@ -163,14 +167,20 @@ class ImageScorer:
         # A segm detection with a box would get the box's area (loadRes's rule); the mask's
         # is the one that means something here.
         without_boxes = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
+        gt_image_id = coco_image_id(target.source)
+        if gt_image_id in self._image_id_of:
+            raise GroundTruthError(
+                f"{target.source}: already the ground truth of another image of this shard"
+            )
         for iou_type, evaluator in self._evaluators.items():
             evaluator.update(
-                image_id,
+                gt_image_id,
                 target.annotations,
                 without_boxes if iou_type == "segm" else detections,
                 height=target.height,
                 width=target.width,
             )
+        self._image_id_of[gt_image_id] = image_id
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:
         """The shard's ``class_stats``, ``coco_detections`` and ``coco_ground_truth``."""
@@ -181,6 +191,10 @@ class ImageScorer:
             state = evaluator.state()
             for name in coco:
                 rows = dict(state[name])
+                rows["gt_image_id"] = rows["image_id"]
+                rows["image_id"] = np.array(
+                    [self._image_id_of[i] for i in rows["gt_image_id"].tolist()], np.int64
+                )
                 rows["iou_type"] = np.full(len(rows["image_id"]), iou_type, dtype=object)
                 coco[name].append(rows)
         return {
