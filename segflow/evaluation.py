@@ -175,6 +175,13 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             totals["boundary_intersection"] / totals["boundary_union"],
             np.nan,
         )
+    db.register("confusion", run.table("confusion"))
+    cells = db.sql(
+        "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM confusion "
+        "SEMI JOIN evaluated USING (image_id) GROUP BY ALL"
+    ).fetchnumpy()
+    confusion = np.zeros((len(classes), len(classes)), np.int64)
+    confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
     return {
         "miou": _number(scores.miou),
         "pixel_accuracy": _number(scores.pixel_accuracy),
@@ -187,6 +194,7 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         "per_class_boundary_iou": [_number(v) for v in boundary],
         "gt_pixels": totals["gt_pixels"].tolist(),
         "pred_pixels": totals["pred_pixels"].tolist(),
+        "confusion": confusion.tolist(),  # [ground-truth class][predicted class], pixels
     }
 
 

@@ -1,6 +1,6 @@
 """The Parquet tables segflow writes, column by column.
 
-Every run writes six tables, one file per shard each (tables that do not apply to the run,
+Every run writes seven tables, one file per shard each (tables that do not apply to the run,
 e.g. ``class_stats`` of an instance model or any metrics table of a run without ground
 truth, have zero rows). The types are the ones every
 analytics engine reads the same way (DuckDB, Polars, Spark, pandas): no unsigned integers,
@@ -96,6 +96,17 @@ union                  int64   gt_pixels + pred_pixels - intersection
 boundary_intersection  int64   pixels in both boundary regions (Boundary IoU)
 boundary_union         int64   pixels in either boundary region
 =====================  ======  ==================================================
+
+``confusion`` — semantic runs with ground truth: the image's confusion matrix, its non-zero
+cells only (ignored pixels not counted); summed over images, the dataset's:
+
+============  ======  ===================================================
+run_id        string  the run
+image_id      int64   see ``masks``
+gt_class      int32   the ground truth's class (index in the model's classes)
+pred_class    int32   the predicted class
+pixels        int64   pixels of ``gt_class`` predicted as ``pred_class``
+============  ======  ===================================================
 
 ``coco_detections`` — instance runs with COCO ground truth: the per-image records of
 COCOeval's ``evaluateImg`` for each IoU type, one row per evaluated detection (at most 100 per
@@ -223,6 +234,16 @@ CLASS_STATS = pa.schema(
     ]
 )
 
+CONFUSION = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("gt_class", pa.int32(), nullable=False),
+        pa.field("pred_class", pa.int32(), nullable=False),
+        pa.field("pixels", pa.int64(), nullable=False),
+    ]
+)
+
 COCO_DETECTIONS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
@@ -253,6 +274,7 @@ TABLES: Mapping[str, pa.Schema] = {
     "images": IMAGES,
     "errors": ERRORS,
     "class_stats": CLASS_STATS,
+    "confusion": CONFUSION,
     "coco_detections": COCO_DETECTIONS,
     "coco_ground_truth": COCO_GROUND_TRUTH,
 }

@@ -43,7 +43,7 @@ _COUNT_COLUMNS = (
     "boundary_union",
 )
 IOU_TYPES = ("segm", "bbox")
-METRIC_TABLES = ("class_stats", "coco_detections", "coco_ground_truth")
+METRIC_TABLES = ("class_stats", "confusion", "coco_detections", "coco_ground_truth")
 
 
 class ImageScorer:
@@ -73,6 +73,7 @@ class ImageScorer:
 
     def reset(self) -> None:
         self._class_stats: list[dict[str, np.ndarray]] = []
+        self._confusion: list[dict[str, np.ndarray]] = []
         # COCOeval pools detections of equal score in the ground truth's image id order: the
         # evaluators are keyed by that id, mapped back to segflow's for the tables.
         self._image_id_of: dict[int, int] = {}
@@ -149,6 +150,15 @@ class ImageScorer:
             {"image_id": np.full(len(present), image_id), "class_id": present.cpu().numpy()}
             | counts
         )
+        cells = torch.nonzero(confusion).cpu().numpy()
+        self._confusion.append(
+            {
+                "image_id": np.full(len(cells), image_id),
+                "gt_class": cells[:, 0],
+                "pred_class": cells[:, 1],
+                "pixels": confusion[cells[:, 0], cells[:, 1]].cpu().numpy(),
+            }
+        )
         return _image_figures(counts)
 
     def _score_instances(
@@ -183,8 +193,9 @@ class ImageScorer:
         self._image_id_of[gt_image_id] = image_id
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:
-        """The shard's ``class_stats``, ``coco_detections`` and ``coco_ground_truth``."""
+        """The shard's metric tables (:data:`METRIC_TABLES`)."""
         class_stats = _concatenated(self._class_stats, ("image_id", "class_id", *_COUNT_COLUMNS))
+        confusion = _concatenated(self._confusion, ("image_id", "gt_class", "pred_class", "pixels"))
         class_stats["class_name"] = np.array(self.classes, dtype=object)[class_stats["class_id"]]
         coco: dict[str, list[dict[str, np.ndarray]]] = {"detections": [], "ground_truth": []}
         for iou_type, evaluator in self._evaluators.items():
@@ -198,9 +209,8 @@ class ImageScorer:
                 rows["iou_type"] = np.full(len(rows["image_id"]), iou_type, dtype=object)
                 coco[name].append(rows)
         return {
-            "class_stats": _table(
-                "class_stats", run_id, class_stats if len(class_stats["image_id"]) else None
-            ),
+            "class_stats": _table("class_stats", run_id, class_stats),
+            "confusion": _table("confusion", run_id, confusion),
             "coco_detections": _table("coco_detections", run_id, _merged(coco["detections"])),
             "coco_ground_truth": _table("coco_ground_truth", run_id, _merged(coco["ground_truth"])),
         }

@@ -173,9 +173,8 @@ def jittered_detections(coco: COCO, image_id: int, rng) -> InstancePrediction:
         masks.append(mask)
         labels.append(int(rng.choice(sorted(coco.cats))))
     stacked = torch.from_numpy(np.stack(masks).astype(bool))
-    boxes = torch.tensor(
-        [coco_mask.toBbox(coco_mask.encode(np.asfortranarray(m))) for m in masks]
-    ) + torch.from_numpy(rng.normal(0, 2, (len(masks), 4)))
+    boxes = np.array([coco_mask.toBbox(coco_mask.encode(np.asfortranarray(m))) for m in masks])
+    boxes = torch.from_numpy(boxes + rng.normal(0, 2, boxes.shape))
     scores = torch.from_numpy(np.round(rng.random(len(masks)), 1))
     order = torch.argsort(scores, descending=True, stable=True)
     return InstancePrediction(
@@ -328,3 +327,14 @@ def test_evaluate_cli_scores_a_results_file_as_cocoeval(instance_run, coco_subse
     )
     stats = json.loads(printed.stdout)["instance"]["bbox"]["stats"]
     np.testing.assert_array_equal(stats, cocoeval_stats(coco, results, "bbox"))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_confusion_matrix_sums_to_the_class_counts(camvid_run: Path):
+    semantic = evaluate_run(str(camvid_run))["semantic"]
+    confusion = np.array(semantic["confusion"])
+    np.testing.assert_array_equal(confusion.sum(axis=1), semantic["gt_pixels"])
+    np.testing.assert_array_equal(confusion.sum(axis=0), semantic["pred_pixels"])
+    iou = np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion))
+    np.testing.assert_array_equal(iou, semantic["per_class_iou"])
