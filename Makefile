@@ -38,6 +38,7 @@ bench: venv
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/model_forward.py
 	$(BIN)/python bench/coco_map.py
+	$(BIN)/python bench/evaluate_slice.py
 	$(BIN)/python bench/segment.py
 
 clean:
