@@ -56,6 +56,8 @@ def segment(
     # Ray reads its auth mode at import: set it before anything imports ray. Token auth is
     # what `ray start` clusters use (Ray 2.60), and it is kept on.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # The ephemeral Prefect server would otherwise phone home (and log an error offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from pipelines.segment import segment as segment_flow
 
     _stop_promptly_on_interrupt()

@@ -51,6 +51,7 @@ __all__ = [
     "GroundTruthError",
     "InstanceTarget",
     "SemanticTarget",
+    "coco_image_id",
     "open_ground_truth",
     "read_coco",
     "read_json",
