@@ -292,6 +292,114 @@ def export_coco(
     console.print(f"{len(results)} detections written to {out}")
 
 
+@app.command()
+def query(
+    run: Annotated[
+        str, typer.Argument(help="A run folder (OUT/run=<id>), or OUT holding one run.")
+    ],
+    sql: Annotated[
+        str,
+        typer.Argument(
+            help="DuckDB SQL over the run's tables (masks, images, errors, class_stats, ...) "
+            "and the rle_* mask functions; see docs/analytics.md."
+        ),
+    ],
+    output_format: Annotated[
+        str, typer.Option("--format", help="table, csv, or json (an array of row objects).")
+    ] = "table",
+) -> None:
+    """Run SQL over a run's tables: each is a view of its name over the committed shards."""
+    import duckdb
+    from rich.markup import escape
+
+    from segflow.analytics import connect
+
+    if output_format not in ("table", "csv", "json"):
+        console.print(f"[red]error:[/] --format must be table, csv or json, not {output_format!r}")
+        raise typer.Exit(code=2)
+    try:
+        with connect(run) as db:
+            result = db.sql(sql)
+            names, rows = result.columns, result.fetchall()
+    except duckdb.Error as exc:
+        console.print(f"[red]error:[/] the query failed: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    except (ValueError, OSError) as exc:  # not a run, or unreadable
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    if output_format == "json":
+        json.dump([dict(zip(names, row, strict=True)) for row in rows], sys.stdout, default=_json)
+        sys.stdout.write("\n")
+    elif output_format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows([_cell(value, null="") for value in row] for row in rows)
+    else:
+        table = Table(*names)
+        for row in rows:
+            table.add_row(*(_cell(value, null="NULL") for value in row))
+        Console().print(table)
+
+
+def _json(value: object) -> object:
+    """JSON for what DuckDB returns beyond JSON's types: timestamps and dates in ISO 8601,
+    blobs (rle_png) in base64, decimals as numbers, anything else (intervals, UUIDs) as text."""
+    import base64
+    import numbers
+
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, numbers.Number):
+        return float(value)
+    isoformat = getattr(value, "isoformat", None)
+    return isoformat() if isoformat is not None else str(value)
+
+
+def _cell(value: object, null: str) -> str:
+    if value is None:
+        return null
+    if isinstance(value, list | dict):
+        return json.dumps(value, default=_json)
+    if isinstance(value, str | int | float):
+        return str(value)
+    return str(_json(value))
+
+
+@app.command()
+def show(
+    run: Annotated[
+        str, typer.Argument(help="A run folder (OUT/run=<id>), or OUT holding one run.")
+    ],
+    image_id: Annotated[int, typer.Argument(help="The image's id (images.image_id).")],
+    out: Annotated[str, typer.Option(help="Where to write the PNG (local path or s3://).")] = (
+        "overlay.png"
+    ),
+    alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Opacity of the masks over the image.")
+    ] = 0.5,
+    legend: Annotated[
+        bool, typer.Option(help="Semantic runs: list the classes in the top-left corner.")
+    ] = True,
+) -> None:
+    """Draw one image of a run with its masks over it: a colour per class (semantic), or per
+    detection with its box and label (instance)."""
+    import fsspec
+    from rich.markup import escape
+
+    from segflow.analytics import overlay
+
+    try:
+        picture = overlay(run, image_id, alpha=alpha, legend=legend)
+        with fsspec.open(out, "wb") as f:
+            picture.save(f, format="PNG")
+    except (ValueError, OSError) as exc:  # not a run, unknown id, unreadable image
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    console.print(f"image {image_id} with its masks written to {out}")
+
+
 @app.command("models")
 def list_models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -317,6 +425,34 @@ def list_models(
     for row in rows:
         table.add_row(*row.values())
     Console().print(table)
+
+
+@app.command()
+def report(
+    run: Annotated[
+        str, typer.Argument(help="A run folder (OUT/run=<id>), or OUT holding one run.")
+    ],
+    out: Annotated[str, typer.Option(help="Where to write the HTML (local path or s3://).")] = (
+        "report.html"
+    ),
+    worst: Annotated[int, typer.Option(min=0, help="Lowest-scoring images to draw.")] = 12,
+) -> None:
+    """Write one self-contained HTML page about a run: summary, figures, charts, the worst
+    images with prediction and ground truth overlaid, and the errors."""
+    from segflow.evaluation import EvaluationError
+    from segflow.groundtruth import GroundTruthError
+    from segflow.report import render_report
+
+    try:
+        page = render_report(run, worst=worst)
+    except (EvaluationError, GroundTruthError, OSError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    import fsspec
+
+    with fsspec.open(out, "w", encoding="utf-8") as f:
+        f.write(page)
+    console.print(f"report written to {out}")
 
 
 if __name__ == "__main__":

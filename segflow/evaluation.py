@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from segflow import schema
 from segflow.coco_results import coco_results_from_masks
 from segflow.groundtruth import coco_image_id
-from segflow.metrics.instance import STAT_NAMES, CocoEvaluator
+from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.metrics.semantic import SemanticScores
 from segflow.scoring import IOU_TYPES
 from segflow.store import RunStore
@@ -100,13 +100,55 @@ def evaluate_run(
     model is, plus the counts of images selected and evaluated (see :func:`open_run` for
     ``location`` and ``latest``)."""
     run = open_run(location, latest=latest)
+    db, selected, evaluated = _select(run, where)
+    result: dict[str, Any] = {
+        "run": run.uri,
+        "where": where,
+        "images": {"selected": selected, "evaluated": evaluated},
+    }
+    if run.evaluation["task"] == "semantic":
+        result["semantic"] = _semantic(run, db)
+    else:
+        categories = {int(k): v for k, v in run.evaluation["categories"].items()}
+        result["instance"] = {
+            iou_type: {
+                "stats": [float(v) for v in scores.stats],
+                "stat_names": list(STAT_NAMES),
+                "per_class_ap": {
+                    categories[c]: _number(ap, undefined=-1)
+                    for c, ap in zip(scores.categories, scores.per_class_ap, strict=True)
+                },
+            }
+            for iou_type, scores in _coco_scores(run, db).items()
+        }
+    return result
+
+
+def instance_scores(location: str, *, where: str | None = None) -> dict[str, CocoScores]:
+    """COCOeval's pooled results over an instance run's evaluated images (or a slice), per
+    IoU type (``segm``, ``bbox``): what :func:`evaluate_run` summarises, with the precision a
+    PR curve reads, ``precision[t, :, k, 0, -1]`` (IoU threshold t, category k, area ``all``,
+    100 detections) at :data:`~segflow.metrics.instance.RECALL_THRESHOLDS`. Categories are the
+    ground truth's ids, which the run's ``evaluation["categories"]`` names."""
+    run = open_run(location)
+    if run.evaluation is None or run.evaluation["task"] != "instance":
+        raise EvaluationError(
+            f"{run.uri} is not an instance run segmented with ground truth (--gt coco:FILE)"
+        )
+    db, _, _ = _select(run, where)
+    return _coco_scores(run, db)
+
+
+def _select(run: Run, where: str | None) -> tuple[duckdb.DuckDBPyConnection, int, int]:
+    """A DuckDB connection holding the run's ``images`` and, as ``evaluated``, the ids and
+    ground truth of the images ``where`` selects that were segmented and evaluated; how many
+    images ``where`` selects, and how many of them were evaluated."""
     if run.evaluation is None:
         raise EvaluationError(
             f"{run.uri} was segmented without ground truth: rerun segment with --gt to evaluate it"
         )
-    images = run.table("images")  # every column: a slice may filter on any
     db = duckdb.connect()
-    db.register("images", images)
+    db.register("images", run.table("images"))  # every column: a slice may filter on any
     predicate = where or "TRUE"
     try:
         evaluated = db.sql(
@@ -117,16 +159,7 @@ def evaluate_run(
     except duckdb.Error as exc:
         raise EvaluationError(f"--where {where!r} is not a predicate over images: {exc}") from None
     db.register("evaluated", evaluated)
-    result: dict[str, Any] = {
-        "run": run.uri,
-        "where": where,
-        "images": {"selected": selected, "evaluated": evaluated.num_rows},
-    }
-    if run.evaluation["task"] == "semantic":
-        result["semantic"] = _semantic(run, db)
-    else:
-        result["instance"] = _instance(run, db, evaluated.column("gt_uri").to_pylist())
-    return result
+    return db, selected, evaluated.num_rows
 
 
 SEMANTIC_FIGURES = ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou")
@@ -198,17 +231,18 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     }
 
 
-def _instance(run: Run, db: duckdb.DuckDBPyConnection, gt_sources: list[str]) -> dict[str, Any]:
-    categories = {int(k): v for k, v in run.evaluation["categories"].items()}
-    gt_image_ids = np.array([coco_image_id(source) for source in gt_sources], np.int64)
+def _coco_scores(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, CocoScores]:
+    categories = sorted(int(c) for c in run.evaluation["categories"])
+    gt_sources = db.sql("SELECT gt_uri FROM evaluated").fetchnumpy()["gt_uri"]
+    # COCOeval's image ids, in whose order it pools detections of equal score.
+    images = {"image_id": np.array([coco_image_id(s) for s in gt_sources], np.int64)}
     db.register("coco_detections", run.table("coco_detections"))
     db.register("coco_ground_truth", run.table("coco_ground_truth"))
-    result = {}
+    scores = {}
     for iou_type in IOU_TYPES:
-        # COCOeval's image ids, in whose order it pools detections of equal score.
         tables = {
             name: db.sql(
-                f"SELECT * EXCLUDE (run_id, iou_type, image_id, gt_image_id), "
+                "SELECT * EXCLUDE (run_id, iou_type, image_id, gt_image_id), "
                 f"gt_image_id AS image_id FROM {table} "
                 "SEMI JOIN evaluated USING (image_id) WHERE iou_type = $iou_type",
                 params={"iou_type": iou_type},
@@ -218,24 +252,9 @@ def _instance(run: Run, db: duckdb.DuckDBPyConnection, gt_sources: list[str]) ->
                 ("ground_truth", "coco_ground_truth"),
             )
         }
-        evaluator = CocoEvaluator.from_state(
-            {
-                "iou_type": iou_type,
-                "categories": sorted(categories),
-                "images": {"image_id": gt_image_ids},
-                **tables,
-            }
-        )
-        scores = evaluator.compute()
-        result[iou_type] = {
-            "stats": [float(v) for v in scores.stats],
-            "stat_names": list(STAT_NAMES),
-            "per_class_ap": {
-                categories[c]: _number(ap, undefined=-1)
-                for c, ap in zip(scores.categories, scores.per_class_ap, strict=True)
-            },
-        }
-    return result
+        state = {"iou_type": iou_type, "categories": categories, "images": images, **tables}
+        scores[iou_type] = CocoEvaluator.from_state(state).compute()
+    return scores
 
 
 def coco_results_of_run(location: str) -> list[dict[str, Any]]:

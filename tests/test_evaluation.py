@@ -9,25 +9,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import duckdb
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segflow import schema
 from segflow.evaluation import EvaluationError, coco_results_of_run, evaluate_run
-from segflow.groundtruth import open_ground_truth
-from segflow.manifest import Shard
 from segflow.metrics.semantic import ConfusionMatrix
-from segflow.prediction import InstancePrediction
-from segflow.scoring import ImageScorer
-from segflow.shard import mask_rows
 from segflow.store import RunStore
 
 SEGFLOW = str(Path(sys.executable).with_name("segflow"))
@@ -143,114 +135,6 @@ def test_a_bad_slice_or_a_run_without_ground_truth_is_a_clear_error(camvid_run: 
 # --------------------------------------------------------------------------------------------
 # Instance runs: the workers' COCOeval records, pooled for the run or a slice, against
 # pycocotools on the COCO results the run exports.
-
-
-@pytest.fixture(scope="module")
-def coco_subset(shared: Path) -> tuple[Path, COCO]:
-    path = shared / "data" / "coco_val2017_10" / "annotations" / "instances_val2017_subset.json"
-    with contextlib.redirect_stdout(io.StringIO()):
-        return path, COCO(str(path))
-
-
-def jittered_detections(coco: COCO, image_id: int, rng) -> InstancePrediction:
-    """Detections near the image's objects (some with the wrong category), and false
-    positives, scores with one decimal so that ties occur."""
-    image = coco.imgs[image_id]
-    height, width = image["height"], image["width"]
-    masks, labels = [], []
-    for annotation in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
-        mask = coco.annToMask(annotation)
-        for _ in range(int(rng.integers(0, 3))):
-            masks.append(np.roll(mask, rng.integers(-6, 7, 2), axis=(0, 1)))
-            wrong = rng.random() < 0.15
-            labels.append(
-                int(rng.choice(sorted(coco.cats))) if wrong else annotation["category_id"]
-            )
-    for _ in range(int(rng.integers(1, 4))):
-        mask = np.zeros((height, width), np.uint8)
-        x, y = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
-        mask[y : y + int(rng.integers(4, 40)), x : x + int(rng.integers(4, 40))] = 1
-        masks.append(mask)
-        labels.append(int(rng.choice(sorted(coco.cats))))
-    stacked = torch.from_numpy(np.stack(masks).astype(bool))
-    boxes = np.array([coco_mask.toBbox(coco_mask.encode(np.asfortranarray(m))) for m in masks])
-    boxes = torch.from_numpy(boxes + rng.normal(0, 2, boxes.shape))
-    scores = torch.from_numpy(np.round(rng.random(len(masks)), 1))
-    order = torch.argsort(scores, descending=True, stable=True)
-    return InstancePrediction(
-        boxes=boxes[order].float(),
-        labels=torch.tensor(labels)[order],
-        scores=scores[order].float(),
-        masks=stacked[order],
-    )
-
-
-@pytest.fixture(scope="module")
-def instance_run(coco_subset, shared: Path, tmp_path_factory) -> Path:
-    """A run of an instance "model" whose detections are jittered ground truth, written by
-    the workers' code path (mask rows, ImageScorer, commit) over two shards."""
-    gt_path, coco = coco_subset
-    out = tmp_path_factory.mktemp("instance") / "out"
-    store = RunStore(str(out), "inst")
-    store.prepare({"input": "coco"})
-    names = ["N/A"] * (max(coco.cats) + 1)
-    for category_id, category in coco.cats.items():
-        names[category_id] = category["name"]
-    model = SimpleNamespace(name="jitter", classes=tuple(names), task="instance")
-    ground_truth = open_ground_truth(f"coco:{gt_path}")
-    images_dir = shared / "data" / "coco_val2017_10" / "images"
-    uris = [str(images_dir / coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
-    rng = np.random.default_rng(3)
-    for index, shard_uris in enumerate((uris[:6], uris[6:])):
-        scorer = ImageScorer(ground_truth, model.classes, "instance")
-        masks, images = [], []
-        for uri in shard_uris:
-            image_id = schema.image_id_for(uri)
-            target = ground_truth.target(uri)
-            prediction = jittered_detections(coco, int(target.source.rsplit("=", 1)[1]), rng)
-            rows = mask_rows(prediction, model, run_id="inst", uri=uri)
-            figures = scorer.score(image_id, uri, prediction, rows, target)
-            masks += rows
-            images.append(image_row(uri, prediction, len(rows), figures))
-        tables = {"masks": masks, "images": images, "errors": []}
-        store.commit_shard(
-            Shard(index, index * 6, index * 6 + len(shard_uris)),
-            {name: schema.table_from_rows(name, rows) for name, rows in tables.items()}
-            | scorer.tables("inst"),
-            {"shard": index},
-        )
-    store.write_json(
-        "evaluation.json",
-        {
-            "task": "instance",
-            "classes": list(names),
-            "gt": f"coco:{gt_path}",
-            "ignore_index": None,
-            "categories": {str(k): v["name"] for k, v in coco.cats.items()},
-        },
-    )
-    return out
-
-
-def image_row(uri: str, prediction, num_masks: int, figures: dict) -> dict:
-    from datetime import UTC, datetime
-
-    return {
-        "run_id": "inst",
-        "image_id": schema.image_id_for(uri),
-        "uri": uri,
-        "status": "ok",
-        "height": prediction.height,
-        "width": prediction.width,
-        "num_masks": num_masks,
-        "read_ms": None,
-        "decode_ms": None,
-        "infer_ms": None,
-        "encode_ms": None,
-        "model": "jitter",
-        "processed_at": datetime.now(UTC),
-        **figures,
-    }
 
 
 def cocoeval_stats(coco: COCO, results: list[dict], iou_type: str, image_ids=None) -> np.ndarray:
