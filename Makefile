@@ -6,9 +6,17 @@ BIN    := $(VENV)/bin
 SHARED ?= $(abspath ../shared)
 DEMO_OUT ?= out/demo
 
-.PHONY: venv test lint format demo bench clean
+.PHONY: venv test lint format demo bench clean browser
 
 venv: $(VENV)/.installed
+
+# The report test opens the HTML in a real headless Chromium (Debian's package). Installed
+# when missing and this user can; without it that test skips and says why.
+browser:
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; \
+		else echo "chromium missing and no root: the report's browser test will skip"; fi; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,onnx,smp]'
 	touch $@
 
-test: venv
+test: venv browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
