@@ -21,7 +21,7 @@ browser:
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,onnx,smp]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,onnx,smp,demo]'
 	touch $@
 
 test: venv browser

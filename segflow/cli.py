@@ -11,8 +11,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from segflow.progress import segment_progress
 
 app = typer.Typer(help="Segment large image corpora into COCO RLE masks in Parquet.")
 console = Console(stderr=True)
@@ -63,28 +64,8 @@ def segment(
     _stop_promptly_on_interrupt()
 
     started = time.perf_counter()
-    with Progress(
-        TextColumn("segment"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} img/s"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        bar = progress.add_task("segment", total=None, rate=0.0)
-
-        def on_plan(plan) -> None:
-            started_shards = time.perf_counter()
-            progress.update(bar, total=sum(len(s) for s in plan.pending), completed=0)
-            progress.tasks[bar].fields["since"] = started_shards
-
-        def on_shard(summary: dict) -> None:
-            task = progress.tasks[bar]
-            done = task.completed + summary["images"]
-            rate = done / max(time.perf_counter() - task.fields["since"], 1e-9)
-            progress.update(bar, completed=done, rate=rate)
-
-        try:
+    try:
+        with segment_progress(console) as hooks:
             summary = segment_flow(
                 input,
                 model,
@@ -101,15 +82,13 @@ def segment(
                     for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap))
                     if value is not None
                 },
-                on_plan=on_plan,
-                on_shard=on_shard,
+                **hooks,
             )
-        except (ValueError, OSError, ImportError) as exc:
-            # Job-level mistakes (bad input, unknown model, missing weights, unreachable
-            # cluster, a run of another configuration): one clear line, no traceback.
-            progress.stop()
-            console.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(code=2) from None
+    except (ValueError, OSError, ImportError) as exc:
+        # Job-level mistakes (bad input, unknown model, missing weights, unreachable
+        # cluster, a run of another configuration): one clear line, no traceback.
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
 
     table = Table(title=f"run {summary['run_id']}")
     columns = (
@@ -398,6 +377,52 @@ def show(
         console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     console.print(f"image {image_id} with its masks written to {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="Local folder for the runs and reports.")] = "out/demo",
+    images: Annotated[int, typer.Option(min=1, help="Corpus images (512x512).")] = 24,
+    large: Annotated[int, typer.Option(min=0, help="Images larger than a tile.")] = 2,
+    broken: Annotated[int, typer.Option(min=0, help="Deliberately broken files.")] = 3,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 8,
+    real: Annotated[
+        bool, typer.Option(help="Also segment and evaluate ../shared's CamVid frames.")
+    ] = False,
+) -> None:
+    """The main job end to end on an embedded default: an S3 endpoint on loopback, a local
+    Ray, Prefect's ephemeral server; the demo corpus segmented and evaluated with the demo
+    models, figures, queries and HTML reports. Stops what it started."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from pathlib import Path
+
+    import ray
+
+    from pipelines.demo import run_demo, shared_folder
+    from segflow.demo.s3 import local_s3
+
+    _stop_promptly_on_interrupt()
+    shared = shared_folder() if real else None
+    if real and shared is None:
+        console.print("[red]error:[/] --real needs ../shared (or SEGFLOW_SHARED)")
+        raise typer.Exit(code=2)
+    started = time.perf_counter()
+    with local_s3() as endpoint:
+        os.environ.update(endpoint)  # before Ray starts: its workers inherit the environment
+        try:
+            run_demo(
+                Path(out),
+                images=images,
+                large=large,
+                broken=broken,
+                shard_size=shard_size,
+                console=Console(),
+                shared=shared,
+            )
+        finally:
+            ray.shutdown()
+    console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
 @app.command("models")

@@ -6,8 +6,6 @@ import contextlib
 import io
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -74,23 +72,10 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 def s3_env() -> Iterator[dict[str, str]]:
     """A real S3 endpoint (moto server) on loopback, and the standard AWS variables that
     point boto/s3fs at it. Tests pass these to subprocesses or set them with monkeypatch."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        yield {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        }
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    from segflow.demo.s3 import local_s3
+
+    with local_s3() as env:
+        yield env
 
 
 @pytest.fixture(scope="session")
