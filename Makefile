@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SHARED ?= $(abspath ../shared)
 DEMO_OUT ?= out/demo
 
-.PHONY: venv test lint format demo bench clean browser
+.PHONY: venv test lint format demo demo-real bench clean browser
 
 venv: $(VENV)/.installed
 
@@ -38,8 +38,11 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 demo: venv
-	$(BIN)/segflow segment "$(SHARED)/data/camvid_val/images" \
-		--model "$(SHARED)/models/espnet_camvid.pt2" --out "$(DEMO_OUT)" --shard-size 16
+	$(BIN)/segflow demo --out "$(DEMO_OUT)"
+
+# The same, plus the CamVid frames of ../shared with the ESPNet model (its card's figures).
+demo-real: venv
+	SEGFLOW_SHARED="$(SHARED)" $(BIN)/segflow demo --out "$(DEMO_OUT)" --real
 
 bench: venv
 	$(BIN)/python bench/rle_encode.py

@@ -39,6 +39,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from segflow.models.card import card_fields
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SEGFLOW_SHARED", REPO.parent / "shared")).resolve()
 SEGFLOW = str(Path(sys.executable).with_name("segflow"))
@@ -65,22 +67,7 @@ def export_grey_model(folder: Path) -> Path:
         dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
     )
     torch.export.save(program, path)
-    card = {
-        "name": "grey-levels",
-        "task": "semantic",
-        "files": {"pt2": path.name},
-        "input": {
-            "color": "RGB",
-            "dtype": "float32",
-            "range": [0.0, 1.0],
-            "layout": "NCHW",
-            "fixed_size": None,
-            "size_multiple": None,
-            "batch": "dynamic",
-        },
-        "output": {"kind": "logits", "layout": "NCHW", "resolution": "same as input"},
-        "classes": [f"grey{k}" for k in range(11)],
-    }
+    card = card_fields(name="grey-levels", task="semantic", classes=[f"grey{k}" for k in range(11)])
     path.with_suffix(".json").write_text(json.dumps(card))
     return path
 

@@ -100,7 +100,7 @@ def _mutated(path: tuple[str, ...], value: object) -> dict:
 @pytest.mark.parametrize(
     ("path", "value", "field"),
     [
-        (("task",), "instance", "task"),
+        (("task",), "panoptic", "task"),
         (("classes",), [], "classes"),
         (("classes",), ["ok", 3], "classes"),
         (("input",), KeyError, "input"),

@@ -14,6 +14,19 @@ from typing import Any
 from segflow.models.errors import ModelCardError
 from segflow.prediction import Task
 
+# How an instance model's graph output becomes instances (segflow.models.exported_instance).
+INSTANCE_METHODS = ("boundary-band",)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """A card's ``instances`` section: how per-pixel outputs become instances."""
+
+    method: str
+    things: tuple[int, ...]  # class ids cut into instances
+    band: int  # boundary band width in pixels, as trained
+    min_area: int  # smaller pieces are dropped as noise
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -24,6 +37,36 @@ class ModelCard:
     fixed_size: tuple[int, int] | None  # (height, width) the graph only accepts
     size_multiple: int | None  # height and width must be multiples of this
     batch: int | None  # None: any batch size; N: the graph only accepts batches of N
+    instances: InstanceSpec | None = None  # instance models only
+
+
+def card_fields(
+    *,
+    name: str,
+    task: Task,
+    classes: list[str],
+    fixed_size: tuple[int, int] | None = None,
+    size_multiple: int | None = None,
+) -> dict[str, Any]:
+    """A card's required fields for a graph taking RGB floats in [0, 1] (NCHW, any batch) and
+    returning logits at input resolution: what an exporter writes beside its ``.pt2``, adding
+    its own informational fields (source, reference, ...) and, for instance models, the
+    ``instances`` section."""
+    return {
+        "name": name,
+        "task": task,
+        "classes": list(classes),
+        "input": {
+            "color": "RGB",
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "layout": "NCHW",
+            "fixed_size": list(fixed_size) if fixed_size else None,
+            "size_multiple": size_multiple,
+            "batch": "dynamic",
+        },
+        "output": {"kind": "logits", "layout": "NCHW", "resolution": "same as input"},
+    }
 
 
 def card_path(model_path: Path) -> Path:
@@ -52,8 +95,9 @@ def _parse(raw: Any, path: Path, default_name: str) -> ModelCard:
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise fields.error("name", f"must be a non-empty string, got {name!r}")
-    # Exported instance models have no agreed output layout yet, so only semantic is accepted.
-    fields.expect(raw, "task", "semantic")
+    task = raw.get("task", "<missing>")
+    if task not in ("semantic", "instance"):
+        raise fields.error("task", f"must be 'semantic' or 'instance', got {task!r}")
     classes = raw.get("classes")
     if not isinstance(classes, list) or not classes or not all(_is_name(c) for c in classes):
         raise fields.error("classes", f"must be a non-empty list of class names, got {classes!r}")
@@ -77,11 +121,41 @@ def _parse(raw: Any, path: Path, default_name: str) -> ModelCard:
     return ModelCard(
         path=path,
         name=name,
-        task="semantic",
+        task=task,
         classes=tuple(classes),
         fixed_size=tuple(fixed_size) if fixed_size else None,
         size_multiple=size_multiple,
         batch=None if batch == "dynamic" else batch,
+        instances=_instances(fields, raw, classes) if task == "instance" else None,
+    )
+
+
+def _instances(fields: _Fields, raw: dict[str, Any], classes: list[str]) -> InstanceSpec:
+    if "instances" not in raw:
+        raise fields.error(
+            "instances",
+            "is missing: a card whose 'task' is 'instance' states there how instances are "
+            f"formed (method, one of {INSTANCE_METHODS}; things, band, min_area)",
+        )
+    section = fields.section(raw, "instances")
+    method = section.get("method")
+    if method not in INSTANCE_METHODS:
+        raise fields.error("instances.method", f"must be one of {INSTANCE_METHODS}, got {method!r}")
+    things = section.get("things")
+    if not isinstance(things, list) or not things or not set(things) <= set(classes):
+        raise fields.error(
+            "instances.things", f"must be a non-empty list of the card's classes, got {things!r}"
+        )
+    band, min_area = section.get("band"), section.get("min_area")
+    if not _is_count(band):
+        raise fields.error("instances.band", f"must be an integer >= 1, got {band!r}")
+    if not _is_count(min_area):
+        raise fields.error("instances.min_area", f"must be an integer >= 1, got {min_area!r}")
+    return InstanceSpec(
+        method=method,
+        things=tuple(classes.index(thing) for thing in things),
+        band=band,
+        min_area=min_area,
     )
 
 

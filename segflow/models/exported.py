@@ -84,18 +84,11 @@ def load_pt2(
 ) -> ExportedSemanticModel:
     """``precision="auto"`` is fp32 even on CUDA: the graph is a fixed artifact whose card
     reference was measured in fp32, so autocast ("bf16", "fp16") is an explicit opt-in."""
-    path = Path(path)
-    _reject_weights(path, weights)
-    card = read_card(path)
-    resolved = resolve_device(device)
-    program = torch.export.load(path)
-    if resolved.type != "cpu":
-        # Moves constants baked into the graph too, which module().to(device) would miss.
-        program = torch.export.passes.move_to_device_pass(program, resolved)
+    card, forward, resolved = load_program(Path(path), device, weights, task="semantic")
     return ExportedSemanticModel(
         card=card,
-        model_path=path,
-        forward=program.module(),
+        model_path=Path(path),
+        forward=forward,
         device=resolved,
         **semantic_options,
         batch_size=batch_size,
@@ -103,6 +96,19 @@ def load_pt2(
         # The exported graph fixes its own layouts; there is no module to convert.
         channels_last=False,
     )
+
+
+def load_program(
+    path: Path, device: str | torch.device, weights: str | Path | None, *, task: str
+) -> tuple[ModelCard, torch.nn.Module, torch.device]:
+    """A ``.pt2`` program on ``device``, with its card, which must state ``task``."""
+    card = exported_card(path, weights, task)
+    resolved = resolve_device(device)
+    program = torch.export.load(path)
+    if resolved.type != "cpu":
+        # Moves constants baked into the graph too, which module().to(device) would miss.
+        program = torch.export.passes.move_to_device_pass(program, resolved)
+    return card, program.module(), resolved
 
 
 def load_onnx(
@@ -119,8 +125,7 @@ def load_onnx(
     import onnxruntime
 
     path = Path(path)
-    _reject_weights(path, weights)
-    card = read_card(path)
+    card = exported_card(path, weights, "semantic")
     if precision not in ("auto", "fp32"):
         raise ValueError(
             f"{path}: ONNX models run in the precision they were exported in; "
@@ -151,8 +156,13 @@ def load_onnx(
     )
 
 
-def _reject_weights(path: Path, weights: str | Path | None) -> None:
+def exported_card(path: Path, weights: str | Path | None, task: str) -> ModelCard:
+    """The card of an exported model, which carries its own weights, for a ``task`` loader."""
     if weights is not None:
         raise ValueError(
             f"{path} is an exported model and carries its own weights; got weights={weights!r}"
         )
+    card = read_card(path)
+    if card.task != task:
+        raise ModelCardError(f"model card {card.path} states a {card.task} model, not {task}")
+    return card

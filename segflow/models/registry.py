@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from segflow.models.base import SegmentationModel
+from segflow.models.card import card_path, read_card
 from segflow.models.errors import MissingDependencyError, UnknownModelError
 from segflow.prediction import Task
 
@@ -80,6 +81,13 @@ EXPORTED_FORMATS: dict[str, ModelInfo] = {
     ),
 }
 
+# Exported models whose card states "task": "instance" (see segflow.models.exported_instance).
+EXPORTED_INSTANCE_FORMATS: dict[str, ModelInfo] = {
+    ".pt2": ModelInfo(
+        "*.pt2", "instance", "torch.export", "segflow.models.exported_instance:load_pt2"
+    ),
+}
+
 
 def available_models() -> list[ModelInfo]:
     """Registered names (exported ``.pt2`` / ``.onnx`` files are loaded by path instead)."""
@@ -112,6 +120,15 @@ def _resolve(spec: str | Path) -> tuple[ModelInfo, str | Path]:
     if exported is not None:
         if not path.is_file():
             raise FileNotFoundError(f"exported model {path} does not exist")
+        # Without a card the loader reports it (after any missing dependency, named first).
+        if card_path(path).is_file() and read_card(path).task == "instance":
+            instance = EXPORTED_INSTANCE_FORMATS.get(path.suffix.lower())
+            if instance is None:
+                raise UnknownModelError(
+                    f"{path}: its card {card_path(path)} states an instance model, and exported "
+                    f"instance models load from {' / '.join(EXPORTED_INSTANCE_FORMATS)} files only"
+                )
+            return instance, path
         return exported, path
     close = difflib.get_close_matches(str(spec), list(KNOWN_MODELS), n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""

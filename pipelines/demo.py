@@ -1,0 +1,195 @@
+"""The demo: the product's main job, end to end, on an embedded default.
+
+On a laptop with nothing else running: an S3 endpoint on loopback (moto's server), a local
+Ray and Prefect's ephemeral server. The demo writes the synthetic aerial corpus's held-out
+split into a bucket, runs the ``segment`` flow with the project's demo models (a U-Net for
+semantic segmentation, an instance model for buildings and cars) reading from and writing to
+``s3://`` as production does, runs the ``evaluate`` flow on both runs, copies the runs to a
+local folder (the endpoint's storage goes away with it), writes an HTML report per run and
+prints the figures and a few DuckDB queries. With ``real``, it also segments and evaluates
+the CamVid frames of ``../shared`` with the ESPNet model, whose card states its figures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.evaluate import evaluate
+from pipelines.segment import segment
+from segflow import analytics
+from segflow.demo.corpus import write_corpus
+from segflow.progress import segment_progress
+from segflow.report import render_report
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODELS = REPO / "models" / "demo"
+BUCKET = "s3://segflow-demo"
+
+QUERIES = {
+    "semantic": [
+        (
+            "Pixels per class over the run",
+            "SELECT class_name, sum(area) AS pixels, count(DISTINCT image_id) AS images "
+            "FROM masks GROUP BY class_name ORDER BY pixels DESC",
+        ),
+        (
+            "The three worst images by their own mIoU",
+            "SELECT regexp_extract(uri, '[^/]+$') AS image, round(miou, 3) AS miou, "
+            "round(boundary_iou, 3) AS boundary_iou FROM images WHERE miou IS NOT NULL "
+            "ORDER BY miou LIMIT 3",
+        ),
+    ],
+    "instance": [
+        (
+            "Images with the most detections scored 0.5 or more",
+            "SELECT regexp_extract(uri, '[^/]+$') AS image, count(*) AS detections, "
+            "count(*) FILTER (class_name = 'car') AS cars FROM masks WHERE score >= 0.5 "
+            "GROUP BY uri ORDER BY detections DESC LIMIT 3",
+        ),
+        (
+            "Errors by stage",
+            "SELECT stage, error_type, count(*) AS images FROM errors GROUP BY ALL ORDER BY 3 DESC",
+        ),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    name: str
+    model: Path | str
+    gt: str
+    ignore_index: int | None = None
+
+
+def demo_runs(corpus_root: str) -> list[DemoRun]:
+    return [
+        DemoRun("semantic", DEMO_MODELS / "aerial_unet.pt2", f"masks:{corpus_root}/labels"),
+        DemoRun(
+            "instance",
+            DEMO_MODELS / "aerial_instances.pt2",
+            f"coco:{corpus_root}/instances.json",
+        ),
+    ]
+
+
+def run_demo(
+    out: Path,
+    *,
+    images: int,
+    large: int,
+    broken: int,
+    shard_size: int,
+    console: Console,
+    shared: Path | None = None,
+) -> dict[str, Any]:
+    """Everything above; the S3 endpoint must already be in the environment (``local_s3``).
+    Returns each run's evaluation, by run name."""
+    console.rule("1. the corpus")
+    split = write_corpus(
+        f"{BUCKET}/corpus", split="heldout", images=images, large=large, broken=broken
+    )
+    console.print(
+        f"{split.num_images} images ({large} larger than the tiling threshold) and "
+        f"{split.num_broken} broken files in {split.images}"
+    )
+    plans = [(run, split.images) for run in demo_runs(split.root)]
+    if shared is not None:
+        camvid = shared / "data" / "camvid_val"
+        plans.append(
+            (
+                DemoRun(
+                    "camvid",
+                    shared / "models" / "espnet_camvid.pt2",
+                    f"masks:{camvid / 'labels'}",
+                    ignore_index=11,
+                ),
+                str(camvid / "images"),
+            )
+        )
+    results = {}
+    for step, (run, source) in enumerate(plans, start=2):
+        console.rule(f"{step}. segment: {run.name} ({Path(run.model).name})")
+        with segment_progress(console, run.name) as hooks:
+            summary = segment(
+                input=source,
+                model=str(run.model),
+                out=f"{BUCKET}/runs/{run.name}",
+                gt=run.gt,
+                ignore_index=run.ignore_index,
+                shard_size=shard_size,
+                **hooks,
+            )
+        console.print(
+            f"{summary['images'] - summary['failed']} images segmented, {summary['failed']} "
+            f"failed (see the errors table), {summary['masks']} masks, "
+            f"{summary['images_per_second']:.1f} img/s"
+        )
+        results[run.name] = evaluate(run=summary["output"])
+        local = out / "runs" / run.name / f"run={summary['run_id']}"
+        _copy_run(summary["output"], local)
+        report = out / f"report-{run.name}.html"
+        report.write_text(render_report(str(local)), encoding="utf-8")
+        results[run.name]["local"] = str(local)
+        results[run.name]["report"] = str(report)
+    console.rule(f"{len(plans) + 2}. results")
+    for name, result in results.items():
+        _print_figures(console, name, result)
+        for title, sql in QUERIES.get("instance" if "instance" in result else "semantic", []):
+            _print_query(console, result["local"], title, sql)
+        console.print(f"run: {result['local']}   report: {result['report']}\n")
+    return results
+
+
+def _copy_run(uri: str, local: Path) -> None:
+    fs, root = fsspec.core.url_to_fs(uri)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if local.exists():
+        shutil.rmtree(local)
+    fs.get(root.rstrip("/") + "/", str(local), recursive=True)
+
+
+def _print_figures(console: Console, name: str, result: dict[str, Any]) -> None:
+    table = Table(title=f"{name}: {result['images']['evaluated']} images evaluated")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    if "semantic" in result:
+        semantic = result["semantic"]
+        for figure in ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou"):
+            table.add_row(figure, _formatted(semantic[figure]))
+        for class_name, iou in zip(semantic["classes"], semantic["per_class_iou"], strict=True):
+            table.add_row(f"  IoU {class_name}", _formatted(iou))
+    for iou_type, scores in result.get("instance", {}).items():
+        for figure, value in zip(scores["stat_names"][:3], scores["stats"][:3], strict=True):
+            table.add_row(f"{iou_type} {figure}", _formatted(value))
+    console.print(table)
+
+
+def _print_query(console: Console, run: str, title: str, sql: str) -> None:
+    with analytics.connect(run) as db:
+        relation = db.sql(sql)
+        columns, rows = relation.columns, relation.fetchall()
+    table = Table(title=title, caption=sql, caption_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(value) for value in row))
+    console.print(table)
+
+
+def _formatted(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
+
+
+def shared_folder() -> Path | None:
+    """``../shared`` (or ``SEGFLOW_SHARED``) when it is there."""
+    root = Path(os.environ.get("SEGFLOW_SHARED", REPO.parent / "shared"))
+    return root if (root / "models" / "espnet_camvid.pt2").is_file() else None
