@@ -49,6 +49,10 @@ def segment(
     tile_overlap: Annotated[
         int | None, typer.Option(min=0, help="Pixels neighbouring tiles share (default 128).")
     ] = None,
+    soft_metrics: Annotated[
+        bool,
+        typer.Option(help="Semantic models with --gt: also soft IoU/Dice from probabilities."),
+    ] = False,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -79,7 +83,11 @@ def segment(
                 device=device,
                 model_options={
                     name: value
-                    for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap))
+                    for name, value in (
+                        ("tile_size", tile_size),
+                        ("tile_overlap", tile_overlap),
+                        ("return_probabilities", soft_metrics or None),
+                    )
                     if value is not None
                 },
                 **hooks,

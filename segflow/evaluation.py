@@ -215,7 +215,7 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     ).fetchnumpy()
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
-    return {
+    result = {
         "miou": _number(scores.miou),
         "pixel_accuracy": _number(scores.pixel_accuracy),
         "mean_accuracy": _number(scores.mean_accuracy),
@@ -228,6 +228,29 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         "gt_pixels": totals["gt_pixels"].tolist(),
         "pred_pixels": totals["pred_pixels"].tolist(),
         "confusion": confusion.tolist(),  # [ground-truth class][predicted class], pixels
+    }
+    return result | _soft(db, len(classes))
+
+
+def _soft(db: duckdb.DuckDBPyConnection, num_classes: int) -> dict[str, Any]:
+    """Soft IoU and Dice from the summed probabilities, when the run was asked for them
+    (float sums: equal to a from-scratch evaluation to rounding, not bit for bit)."""
+    sums = db.sql(
+        "SELECT class_id, sum(soft_intersection) AS i, sum(soft_union) AS u "
+        "FROM class_stats SEMI JOIN evaluated USING (image_id) "
+        "WHERE soft_union IS NOT NULL GROUP BY class_id"
+    ).fetchnumpy()
+    if not len(sums["class_id"]):
+        return {}
+    intersection, union = np.zeros(num_classes), np.zeros(num_classes)
+    intersection[sums["class_id"]], union[sums["class_id"]] = sums["i"], sums["u"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, intersection / union, np.nan)
+        dice = np.where(union > 0, 2 * intersection / (union + intersection), np.nan)
+    return {
+        "soft_miou": _number(np.nanmean(iou)),
+        "soft_mdice": _number(np.nanmean(dice)),
+        "per_class_soft_iou": [_number(v) for v in iou],
     }
 
 

@@ -19,11 +19,13 @@ Task = Literal["semantic", "instance"]
 class SemanticPrediction:
     """A label map: ``labels[y, x]`` is the class id of pixel (x, y).
 
-    ``scores``, when the caller asked for it, holds the softmax probability of the chosen class.
+    ``scores``, when the caller asked for it, holds the softmax probability of the chosen class;
+    ``probabilities``, when asked, every class's (soft IoU and Dice are computed from them).
     """
 
     labels: torch.Tensor  # (H, W) int64
     scores: torch.Tensor | None = None  # (H, W) float32 in [0, 1]
+    probabilities: torch.Tensor | None = None  # (C, H, W) float32, summing to 1 per pixel
 
     @property
     def height(self) -> int:

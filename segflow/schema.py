@@ -95,6 +95,12 @@ intersection           int64   pixels of the class in both
 union                  int64   gt_pixels + pred_pixels - intersection
 boundary_intersection  int64   pixels in both boundary regions (Boundary IoU)
 boundary_union         int64   pixels in either boundary region
+soft_intersection      double  with soft metrics asked for (``--soft-metrics``): the
+                               sum over the class's ground-truth pixels of its
+                               predicted probability; null otherwise. Then every class
+                               has a row, present or not
+soft_union             double  the sum of the class's probability over all pixels, plus
+                               gt_pixels, minus soft_intersection; null likewise
 =====================  ======  ==================================================
 
 ``confusion`` — semantic runs with ground truth: the image's confusion matrix, its non-zero
@@ -231,6 +237,8 @@ CLASS_STATS = pa.schema(
                 "boundary_union",
             )
         ),
+        pa.field("soft_intersection", pa.float64()),
+        pa.field("soft_union", pa.float64()),
     ]
 )
 

@@ -42,6 +42,7 @@ _COUNT_COLUMNS = (
     "boundary_intersection",
     "boundary_union",
 )
+_SOFT_COLUMNS = ("soft_intersection", "soft_union")
 IOU_TYPES = ("segm", "bbox")
 METRIC_TABLES = ("class_stats", "confusion", "coco_detections", "coco_ground_truth")
 
@@ -101,7 +102,7 @@ class ImageScorer:
         if isinstance(prediction, SemanticPrediction) and isinstance(target, SemanticTarget):
             if tuple(target.labels.shape) != size:
                 raise _size_mismatch(target.source, tuple(target.labels.shape), uri, size)
-            figures = self._score_semantic(image_id, prediction.labels, target)
+            figures = self._score_semantic(image_id, prediction, target)
         elif isinstance(prediction, InstancePrediction) and isinstance(target, InstanceTarget):
             if (target.height, target.width) != size:
                 raise _size_mismatch(target.source, (target.height, target.width), uri, size)
@@ -114,8 +115,9 @@ class ImageScorer:
         return {name: figures.get(name) for name in IMAGE_COLUMNS} | {"gt_uri": target.source}
 
     def _score_semantic(
-        self, image_id: int, labels: torch.Tensor, target: SemanticTarget
+        self, image_id: int, prediction: SemanticPrediction, target: SemanticTarget
     ) -> dict[str, float | None]:
+        labels = prediction.labels
         n = len(self.classes)
         truth = torch.from_numpy(np.asarray(target.labels, dtype=np.int64)).to(labels.device)
         valid = truth >= 0
@@ -129,7 +131,14 @@ class ImageScorer:
         confusion = torch.bincount(truth[valid] * n + labels[valid], minlength=n * n).view(n, n)
         gt_pixels, pred_pixels = confusion.sum(1), confusion.sum(0)
         intersection = confusion.diagonal()
-        present = torch.nonzero(gt_pixels + pred_pixels).flatten()
+        soft = prediction.probabilities
+        # With probabilities every class has a row: one absent from this image still holds
+        # some probability, part of its dataset soft union.
+        present = (
+            torch.arange(n, device=labels.device)
+            if soft is not None
+            else torch.nonzero(gt_pixels + pred_pixels).flatten()
+        )
         width = boundary_width(*labels.shape)
         boundary = np.zeros((2, len(present)), np.int64)
         for i, class_id in enumerate(present.tolist()):
@@ -146,6 +155,16 @@ class ImageScorer:
             "boundary_union": boundary[1],
         }
         counts["union"] = counts["gt_pixels"] + counts["pred_pixels"] - counts["intersection"]
+        if soft is not None:
+            soft = soft.to(labels.device, torch.float64)[:, valid]  # (C, evaluated pixels)
+            soft_intersection = soft.gather(0, truth[valid][None]).flatten()
+            soft_intersection = torch.zeros(n, dtype=torch.float64, device=soft.device).index_add_(
+                0, truth[valid], soft_intersection
+            )
+            counts["soft_intersection"] = soft_intersection.cpu().numpy()
+            counts["soft_union"] = (
+                (soft.sum(1) + gt_pixels.double() - soft_intersection).cpu().numpy()
+            )
         self._class_stats.append(
             {"image_id": np.full(len(present), image_id), "class_id": present.cpu().numpy()}
             | counts
@@ -195,6 +214,14 @@ class ImageScorer:
     def tables(self, run_id: str) -> dict[str, pa.Table]:
         """The shard's metric tables (:data:`METRIC_TABLES`)."""
         class_stats = _concatenated(self._class_stats, ("image_id", "class_id", *_COUNT_COLUMNS))
+        for column in _SOFT_COLUMNS:
+            class_stats[column] = np.concatenate(
+                [
+                    part.get(column, np.full(len(part["image_id"]), np.nan))
+                    for part in self._class_stats
+                ]
+                or [np.zeros(0)]
+            )
         confusion = _concatenated(self._confusion, ("image_id", "gt_class", "pred_class", "pixels"))
         class_stats["class_name"] = np.array(self.classes, dtype=object)[class_stats["class_id"]]
         coco: dict[str, list[dict[str, np.ndarray]]] = {"detections": [], "ground_truth": []}
@@ -263,6 +290,10 @@ def _table(name: str, run_id: str, columns: dict[str, np.ndarray] | None) -> pa.
     rows = len(columns["image_id"])
     columns = {"run_id": np.full(rows, run_id, dtype=object), **columns}
     return pa.table(
-        [pa.array(columns[field.name], type=field.type) for field in table_schema],
+        # NaN marks a missing float (soft metrics not asked for): null in the table.
+        [
+            pa.array(columns[field.name], type=field.type, from_pandas=True)
+            for field in table_schema
+        ],
         schema=table_schema,
     )

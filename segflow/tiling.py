@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from segflow.prediction import SemanticPrediction
+
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Window starts covering ``[0, length)`` with at least ``overlap`` shared pixels; the last
@@ -44,16 +46,18 @@ def ramp(size: int, overlap: int, *, fade_start: bool, fade_end: bool, device) -
     return (distance / (overlap + 1)) ** 3
 
 
-def tiled_labels(
+def tiled_prediction(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     *,
     tile: int,
     overlap: int,
     return_scores: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Label map (H, W) int64, and optionally the winning softmax probability (H, W), of one
-    image (1, 3, H, W), running ``logits_fn`` on windows of at most ``tile x tile``."""
+    return_probabilities: bool = False,
+) -> SemanticPrediction:
+    """The label map (H, W) int64 of one image (1, 3, H, W), and optionally the winning softmax
+    probability (H, W) and every class's (C, H, W), running ``logits_fn`` on windows of at
+    most ``tile x tile``. The probabilities are the one output as large as the logits."""
     if not 0 <= overlap < tile:
         raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
     if image.ndim != 4 or image.shape[0] != 1:
@@ -66,6 +70,7 @@ def tiled_labels(
     scores = (
         torch.empty((height, width), dtype=torch.float32, device=device) if return_scores else None
     )
+    probabilities: torch.Tensor | None = None  # (C, H, W), allocated once C is known
 
     band_top = 0  # first image row held in the accumulators
     accumulated: torch.Tensor | None = None  # (C, rows held, W)
@@ -98,13 +103,19 @@ def tiled_labels(
         done = rows[row_index + 1] if row_index + 1 < len(rows) else height
         finished = done - band_top
         blended = accumulated[:, :finished] / weights[:finished]
-        if scores is not None:
-            best, winner = torch.softmax(blended, dim=0).max(dim=0)
-            scores[band_top:done] = best
+        if return_scores or return_probabilities:
+            softmax = torch.softmax(blended, dim=0)
+            best, winner = softmax.max(dim=0)
             labels[band_top:done] = winner
+            if scores is not None:
+                scores[band_top:done] = best
+            if return_probabilities:
+                if probabilities is None:
+                    probabilities = softmax.new_empty((softmax.shape[0], height, width))
+                probabilities[:, band_top:done] = softmax
         else:
             labels[band_top:done] = blended.max(dim=0).indices
         accumulated = accumulated[:, finished:]
         weights = weights[finished:]
         band_top = done
-    return labels, scores
+    return SemanticPrediction(labels=labels, scores=scores, probabilities=probabilities)

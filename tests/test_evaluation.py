@@ -13,12 +13,15 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segflow.evaluation import EvaluationError, coco_results_of_run, evaluate_run
+from segflow.groundtruth import open_ground_truth
+from segflow.manifest import Shard
 from segflow.metrics.semantic import ConfusionMatrix
 from segflow.store import RunStore
 
@@ -222,3 +225,43 @@ def test_the_confusion_matrix_sums_to_the_class_counts(camvid_run: Path):
     np.testing.assert_array_equal(confusion.sum(axis=0), semantic["pred_pixels"])
     iou = np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion))
     np.testing.assert_array_equal(iou, semantic["per_class_iou"])
+
+
+def test_soft_metrics_equal_the_softmax_of_the_graph(shared: Path, tmp_path: Path):
+    from segflow.models import load_model
+    from segflow.shard import segment_images
+
+    model_path = shared / "models" / "espnet_camvid.pt2"
+    labels_dir = shared / "data" / "camvid_val" / "labels"
+    uris = sorted(str(p) for p in (shared / "data" / "camvid_val" / "images").glob("*.png"))[:3]
+    gt = f"masks:{labels_dir}"
+    model = load_model(model_path, device="cpu", return_probabilities=True)
+    result = segment_images(
+        model, uris, run_id="soft", ground_truth=open_ground_truth(gt, ignore_index=11)
+    )
+    store = RunStore(str(tmp_path), "soft")
+    store.prepare({"input": "soft"})
+    store.commit_shard(Shard(0, 0, len(uris)), result.tables, {"shard": 0})
+    store.write_json(
+        "evaluation.json",
+        {"task": "semantic", "classes": list(model.classes), "gt": gt, "ignore_index": 11},
+    )
+    semantic = evaluate_run(str(tmp_path))["semantic"]
+
+    # From scratch: the exported graph's logits (480x360 needs no padding), softmax, sums.
+    graph = torch.export.load(model_path).module()
+    intersection, union = np.zeros(11), np.zeros(11)
+    for uri in uris:
+        pixels = torch.from_numpy(np.array(Image.open(uri).convert("RGB"))).permute(2, 0, 1)
+        with torch.inference_mode():
+            probabilities = torch.softmax(graph(pixels[None].float() / 255)[0], 0).double()
+        truth = np.array(Image.open(labels_dir / Path(uri).name), dtype=np.int64)
+        valid = truth != 11
+        p = probabilities.numpy()[:, valid]
+        onehot = np.eye(11)[truth[valid]].T
+        intersection += (p * onehot).sum(1)
+        union += p.sum(1) + onehot.sum(1) - (p * onehot).sum(1)
+    expected = intersection / union
+    np.testing.assert_allclose(semantic["per_class_soft_iou"], expected, rtol=1e-6)
+    assert semantic["soft_miou"] == pytest.approx(expected.mean(), rel=1e-6)
+    assert semantic["soft_miou"] < semantic["miou"]  # probabilities below 1 cost soft IoU

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segflow.tiling import tile_starts, tiled_labels
+from segflow.tiling import tile_starts, tiled_prediction
 
 
 @settings(max_examples=200, deadline=None)
@@ -53,8 +53,12 @@ def test_a_pointwise_model_gives_the_untiled_answer(height, width, tile, overlap
     x = image(height, width)
     with torch.inference_mode():
         logits = model(x)[0]
-        labels, scores = tiled_labels(model, x, tile=tile, overlap=overlap, return_scores=True)
+        tiled = tiled_prediction(
+            model, x, tile=tile, overlap=overlap, return_scores=True, return_probabilities=True
+        )
+        labels, scores = tiled.labels, tiled.scores
     torch.testing.assert_close(scores, torch.softmax(logits, 0).max(0).values)
+    torch.testing.assert_close(tiled.probabilities, torch.softmax(logits, 0))
     # Blending identical logits can move them by an ulp; only exact ties could flip.
     agree = (labels == logits.argmax(0)).float().mean().item()
     assert agree == 1.0
@@ -65,8 +69,8 @@ def test_blending_hides_the_seams_of_a_model_with_context():
     x = image(150, 170)
     with torch.inference_mode():
         reference = model(x)[0].argmax(0)
-        blended, _ = tiled_labels(model, x, tile=48, overlap=16)
-        hard_cut, _ = tiled_labels(model, x, tile=48, overlap=0)
+        blended = tiled_prediction(model, x, tile=48, overlap=16).labels
+        hard_cut = tiled_prediction(model, x, tile=48, overlap=0).labels
     # Windows that simply abut disagree with the untiled run along every cut; blended ones
     # only where a random model's logits are near ties (the window edges still count, at
     # weight (1/17)^3).
@@ -78,9 +82,9 @@ def test_blending_hides_the_seams_of_a_model_with_context():
 
 def test_bad_tiling_arguments():
     with pytest.raises(ValueError, match="overlap"):
-        tiled_labels(pointwise_model(), image(10, 10), tile=8, overlap=8)
+        tiled_prediction(pointwise_model(), image(10, 10), tile=8, overlap=8)
     with pytest.raises(ValueError, match="one image"):
-        tiled_labels(pointwise_model(), image(10, 10).repeat(2, 1, 1, 1), tile=8, overlap=2)
+        tiled_prediction(pointwise_model(), image(10, 10).repeat(2, 1, 1, 1), tile=8, overlap=2)
 
 
 @pytest.mark.slow
