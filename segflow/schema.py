@@ -220,25 +220,25 @@ ERRORS = pa.schema(
     ]
 )
 
+# class_stats' per-class integer counts, and its soft sums (null unless asked for).
+CLASS_COUNTS = (
+    "gt_pixels",
+    "pred_pixels",
+    "intersection",
+    "union",
+    "boundary_intersection",
+    "boundary_union",
+)
+CLASS_SOFT_SUMS = ("soft_intersection", "soft_union")
+
 CLASS_STATS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("image_id", pa.int64(), nullable=False),
         pa.field("class_id", pa.int32(), nullable=False),
         pa.field("class_name", pa.string(), nullable=False),
-        *(
-            pa.field(name, pa.int64(), nullable=False)
-            for name in (
-                "gt_pixels",
-                "pred_pixels",
-                "intersection",
-                "union",
-                "boundary_intersection",
-                "boundary_union",
-            )
-        ),
-        pa.field("soft_intersection", pa.float64()),
-        pa.field("soft_union", pa.float64()),
+        *(pa.field(name, pa.int64(), nullable=False) for name in CLASS_COUNTS),
+        *(pa.field(name, pa.float64()) for name in CLASS_SOFT_SUMS),
     ]
 )
 

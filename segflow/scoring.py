@@ -34,15 +34,6 @@ from segflow.metrics.instance import CocoEvaluator
 from segflow.prediction import InstancePrediction, Prediction, SemanticPrediction
 
 IMAGE_COLUMNS = ("gt_uri", "pixel_accuracy", "miou", "mdice", "boundary_iou")
-_COUNT_COLUMNS = (
-    "gt_pixels",
-    "pred_pixels",
-    "intersection",
-    "union",
-    "boundary_intersection",
-    "boundary_union",
-)
-_SOFT_COLUMNS = ("soft_intersection", "soft_union")
 IOU_TYPES = ("segm", "bbox")
 METRIC_TABLES = ("class_stats", "confusion", "coco_detections", "coco_ground_truth")
 
@@ -213,8 +204,10 @@ class ImageScorer:
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:
         """The shard's metric tables (:data:`METRIC_TABLES`)."""
-        class_stats = _concatenated(self._class_stats, ("image_id", "class_id", *_COUNT_COLUMNS))
-        for column in _SOFT_COLUMNS:
+        class_stats = _concatenated(
+            self._class_stats, ("image_id", "class_id", *schema.CLASS_COUNTS)
+        )
+        for column in schema.CLASS_SOFT_SUMS:
             class_stats[column] = np.concatenate(
                 [
                     part.get(column, np.full(len(part["image_id"]), np.nan))

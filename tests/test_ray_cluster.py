@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_for_port
+from segflow.demo.s3 import wait_for_port
+from tests.conftest import free_port
 from tests.test_segment_flow import Cli, assert_exactly_once, make_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

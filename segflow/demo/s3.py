@@ -27,7 +27,7 @@ def local_s3(startup_timeout: float = 30.0) -> Iterator[dict[str, str]]:
     except OSError as exc:
         raise RuntimeError(f"cannot start moto's S3 server: {exc}") from exc
     try:
-        _wait_for_port(port, server, startup_timeout)
+        wait_for_port(port, startup_timeout, server)
         yield {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -39,17 +39,21 @@ def local_s3(startup_timeout: float = 30.0) -> Iterator[dict[str, str]]:
         server.wait(timeout=10)
 
 
-def _wait_for_port(port: int, server: subprocess.Popen, timeout: float) -> None:
+def wait_for_port(
+    port: int, timeout: float = 30.0, process: subprocess.Popen | None = None
+) -> None:
+    """Until something listens on 127.0.0.1:``port``; fail early if ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
+        if process is not None and process.poll() is not None:
             raise RuntimeError(
-                f"moto's S3 server exited with status {server.returncode} "
-                "(is moto[server] installed? pip install 'segflow[demo]')"
+                f"{process.args[0]} ... exited with status {process.returncode} before "
+                f"listening on 127.0.0.1:{port} (moto's server needs moto[server]: "
+                "pip install 'segflow[demo]')"
             )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.2)
-    raise TimeoutError(f"moto's S3 server did not listen on 127.0.0.1:{port} in {timeout}s")
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
