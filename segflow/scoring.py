@@ -192,14 +192,20 @@ class ImageScorer:
             raise GroundTruthError(
                 f"{target.source}: already the ground truth of another image of this shard"
             )
-        for iou_type, evaluator in self._evaluators.items():
-            evaluator.update(
+        # Evaluated on its own first, so that an annotation one IoU type cannot use leaves
+        # neither evaluator holding the image.
+        this_image = {
+            iou_type: CocoEvaluator(iou_type, evaluator.categories).update(
                 gt_image_id,
                 target.annotations,
                 without_boxes if iou_type == "segm" else detections,
                 height=target.height,
                 width=target.width,
             )
+            for iou_type, evaluator in self._evaluators.items()
+        }
+        for iou_type, evaluator in self._evaluators.items():
+            evaluator.merge(this_image[iou_type])
         self._image_id_of[gt_image_id] = image_id
 
     def tables(self, run_id: str) -> dict[str, pa.Table]:

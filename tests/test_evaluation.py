@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import duckdb
 import numpy as np
@@ -23,6 +24,8 @@ from segflow.evaluation import EvaluationError, coco_results_of_run, evaluate_ru
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard
 from segflow.metrics.semantic import ConfusionMatrix
+from segflow.scoring import ImageScorer
+from segflow.shard import mask_rows
 from segflow.store import RunStore
 
 SEGFLOW = str(Path(sys.executable).with_name("segflow"))
@@ -265,3 +268,35 @@ def test_soft_metrics_equal_the_softmax_of_the_graph(shared: Path, tmp_path: Pat
     np.testing.assert_allclose(semantic["per_class_soft_iou"], expected, rtol=1e-6)
     assert semantic["soft_miou"] == pytest.approx(expected.mean(), rel=1e-6)
     assert semantic["soft_miou"] < semantic["miou"]  # probabilities below 1 cost soft IoU
+
+
+def test_an_annotation_one_iou_type_cannot_use_leaves_the_shard_state_whole(coco_subset):
+    from dataclasses import replace
+
+    from segflow.metrics.instance import CocoEvalError
+    from tests.conftest import jittered_detections
+
+    gt_path, coco = coco_subset
+    ground_truth = open_ground_truth(f"coco:{gt_path}")
+    names = ["N/A"] * (max(coco.cats) + 1)
+    for category_id, category in coco.cats.items():
+        names[category_id] = category["name"]
+    model = SimpleNamespace(name="jitter", classes=tuple(names), task="instance")
+    scorer = ImageScorer(ground_truth, model.classes, "instance")
+    rng = np.random.default_rng(0)
+    uris = [f"/x/{coco.imgs[i]['file_name']}" for i in sorted(coco.imgs)[:2]]
+    targets = [ground_truth.target(uri) for uri in uris]
+    predictions = [jittered_detections(coco, int(t.source.rsplit("=", 1)[1]), rng) for t in targets]
+    rows = [mask_rows(p, model, run_id="r", uri=u) for p, u in zip(predictions, uris, strict=True)]
+    scorer.score(1, uris[0], predictions[0], rows[0], targets[0])
+    # Masks still evaluate (segm) but boxes cannot (bbox): the image must land in neither.
+    boxless = replace(
+        targets[1],
+        annotations=[{k: v for k, v in a.items() if k != "bbox"} for a in targets[1].annotations],
+    )
+    with pytest.raises(CocoEvalError, match="bbox"):
+        scorer.score(2, uris[1], predictions[1], rows[1], boxless)
+    tables = scorer.tables("r")
+    for name in ("coco_detections", "coco_ground_truth"):
+        assert set(tables[name].column("image_id").to_pylist()) == {1}
+        assert set(tables[name].column("iou_type").to_pylist()) == {"segm", "bbox"}
