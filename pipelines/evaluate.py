@@ -44,7 +44,7 @@ def record(result: dict[str, Any]) -> str:
         f"{folder}/figures.parquet",
         pa.table({"figure": list(figures), "value": list(figures.values())}),
     )
-    return store.path(folder)
+    return store.fs.unstrip_protocol(store.path(folder))
 
 
 def artifact_key(run: str, where: str | None) -> str:

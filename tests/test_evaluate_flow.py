@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 
@@ -59,9 +60,13 @@ def test_evaluate_records_publishes_and_compares(semantic_run: str):
     first = evaluate(run=semantic_run)
     assert first["semantic"] == evaluate_run(semantic_run)["semantic"]
     assert first["regressions"] == []
-    figures = pq.read_table(f"{first['figures_location']}/figures.parquet").to_pylist()
+    location = first["figures_location"]
+    assert location.startswith("file://")  # a URI, whatever the store
+    with fsspec.open(f"{location}/figures.parquet", "rb") as f:
+        figures = pq.read_table(f).to_pylist()
     assert {"figure": "semantic/miou", "value": first["semantic"]["miou"]} in figures
-    recorded = json.loads(Path(first["figures_location"], "summary.json").read_text())
+    with fsspec.open(f"{location}/summary.json") as f:
+        recorded = json.load(f)
     assert recorded["semantic"]["miou"] == first["semantic"]["miou"]
 
     second = evaluate(run=semantic_run)
