@@ -7,16 +7,17 @@ restarts at shard level. Rerunning the same command resumes: committed shards ar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import ray
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
@@ -29,8 +30,8 @@ from segflow.manifest import Shard, build_manifest, shards
 from segflow.models import load_model
 from segflow.scoring import ImageScorer
 from segflow.store import RunStore
-from workers.cluster import connect, plan_actors
-from workers.segment_actor import SegmentActor
+from workers.cluster import connect
+from workers.pool import WorkerConfig, Workers, claim, discard_prestart, prestart
 
 DEFAULT_SHARD_SIZE = 256
 
@@ -135,64 +136,34 @@ def plan_run(
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=10)
 def run_shards(
     plan: Plan,
-    *,
-    model: str,
-    out: str,
-    device: str,
-    model_options: dict[str, Any],
-    batch_size: int,
-    prefetch_threads: int,
-    max_pixels: int | None,
-    cpus_per_actor: float | None,
-    gt: str | None,
-    ignore_index: int | None,
+    config: WorkerConfig,
     on_shard: Callable[[dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
     done = plan.store.committed()
     pending = [shard for shard in plan.pending if shard.index not in done]
     if not pending:
         return []
-    actors = plan_actors(len(pending), device=device, cpus_per_actor=cpus_per_actor)
+    workers = claim(config, len(pending))
     get_run_logger().info(
-        "%d actor(s), %s CPU and %s GPU each", actors.actors, actors.num_cpus, actors.num_gpus
+        "%d actor(s), %s CPU and %s GPU each",
+        len(workers.actors),
+        workers.plan.num_cpus,
+        workers.plan.num_gpus,
     )
-    remote_actor = ray.remote(SegmentActor).options(
-        num_cpus=actors.num_cpus,
-        num_gpus=actors.num_gpus,
-        # Ray's fault tolerance: a dead actor is restarted and its shard retried on it.
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
-    manifest_ref = ray.put(plan.manifest)
-    workers = [
-        remote_actor.remote(
-            manifest_ref,
-            model=model,
-            out=out,
-            run_id=plan.store.run_id,
-            device=actors.device,
-            model_options=model_options,
-            batch_size=batch_size,
-            prefetch_threads=prefetch_threads,
-            max_pixels=max_pixels,
-            gt=gt,
-            ignore_index=ignore_index,
-        )
-        for _ in range(actors.actors)
-    ]
     summaries = []
     try:
-        pool = ActorPool(workers)
+        pool = ActorPool(workers.actors)
         for summary in pool.map_unordered(
-            lambda actor, shard: actor.__call__.remote(shard), pending
+            lambda actor, shard: actor.__call__.remote(
+                plan.store, shard, plan.manifest.slice(shard.start, len(shard)).to_pylist()
+            ),
+            pending,
         ):
             summaries.append(summary)
             if on_shard is not None:
                 on_shard(summary)
     finally:
-        # Free the GPUs and memory now: a driver on a long-lived cluster may go on to other work.
-        for worker in workers:
-            ray.kill(worker)
+        workers.stop()
     return summaries
 
 
@@ -224,14 +195,6 @@ def finish_run(plan: Plan, run_now: list[dict[str, Any]], seconds: float) -> dic
     return summary
 
 
-def _absolute_if_local(location: str) -> str:
-    return (
-        os.path.abspath(location)
-        if "://" not in location and os.path.exists(location)
-        else location
-    )
-
-
 @flow(name="segment", log_prints=True)
 def segment(
     input: str,
@@ -261,28 +224,44 @@ def segment(
     # Actors on other nodes, or in another working directory, must find the same files.
     if "://" not in out:
         out = os.path.abspath(out)
-    if os.path.exists(model):
-        model = os.path.abspath(model)
+    model = _absolute_if_exists(model)
     # Unknown model, missing weights, a bad card or ground truth: fail here, before any work.
     evaluation = evaluation_info(load_model(model, device="cpu", **model_options), gt, ignore_index)
     config = run_config(input, model, shard_size, model_options, gt, ignore_index)
     run_id = run_id or default_run_id(config)
-    connect(ray_address)
-    plan = plan_run(input, out, run_id, config, evaluation)
-    if on_plan is not None:
-        on_plan(plan)
-    run_now = run_shards(
-        plan,
-        model=model,
-        out=out,
-        device=device,
-        model_options=model_options,
-        batch_size=batch_size,
-        prefetch_threads=prefetch_threads,
-        max_pixels=max_pixels,
-        cpus_per_actor=cpus_per_actor,
-        gt=gt,
-        ignore_index=ignore_index,
-        on_shard=on_shard,
+    try:
+        connect(ray_address)
+        plan = plan_run(input, out, run_id, config, evaluation)
+        if on_plan is not None:
+            on_plan(plan)
+        # The actors' share of the arguments, picked as prestart_segment picks it.
+        workers = worker_config(locals())
+        run_now = run_shards(plan, workers, on_shard)
+        return finish_run(plan, run_now, time.perf_counter() - started)
+    finally:
+        discard_prestart()
+
+
+def prestart_segment(input: str, model: str, out: str, **options: Any) -> Workers:
+    """Before calling :func:`segment` with the same arguments: connect to Ray and start the
+    actors loading the model, which then overlaps Prefect's start-up, the flow's checks
+    and the run's planning. The flow takes the actors over."""
+    arguments = inspect.signature(segment.fn).bind(input, model, out, **options)
+    arguments.apply_defaults()
+    return prestart(arguments.arguments["ray_address"], worker_config(arguments.arguments))
+
+
+def worker_config(arguments: Mapping[str, Any]) -> WorkerConfig:
+    """The actors' part of the flow's arguments."""
+    values = {field.name: arguments[field.name] for field in dataclasses.fields(WorkerConfig)}
+    return WorkerConfig(
+        **values
+        | {
+            "model": _absolute_if_exists(values["model"]),
+            "model_options": tuple(sorted((values["model_options"] or {}).items())),
+        }
     )
-    return finish_run(plan, run_now, time.perf_counter() - started)
+
+
+def _absolute_if_exists(path: str) -> str:
+    return os.path.abspath(path) if os.path.exists(path) else path

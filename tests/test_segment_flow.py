@@ -243,3 +243,67 @@ def test_bad_jobs_fail_before_any_work(shared, tmp_path, frames):
     assert returncode == 0, output
     returncode, output = Cli(*args, "--shard-size", "5", log=tmp_path / "second.log").wait()
     assert returncode == 2 and "another configuration" in output, output
+
+
+def actor_pid(actor) -> int:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
+
+
+def is_stopped(actor) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
+def shard_worker_pids(run: Path) -> set[int]:
+    commits = (json.loads(p.read_text()) for p in (run / "_commits").glob("*.json"))
+    return {int(commit["worker"].rsplit(":", 1)[1]) for commit in commits}
+
+
+def prestartable_run(frames, shared, folder: Path, images: int, run_id: str) -> dict:
+    return {
+        "input": str(make_corpus(folder / "in", frames, good=images, bad=False)),
+        "model": str(shared / "models" / "espnet_camvid.pt2"),
+        "out": str(folder / "out"),
+        "shard_size": 2,
+        "run_id": run_id,
+    }
+
+
+def test_the_flow_takes_over_actors_prestarted_for_it_and_stops_them(
+    prefect_harness, local_ray, frames, shared, tmp_path
+):
+    from pipelines.segment import prestart_segment
+
+    run = prestartable_run(frames, shared, tmp_path, images=6, run_id="p")
+    prestarted = prestart_segment(**run)
+    prestarted_pids = {actor_pid(actor) for actor in prestarted.actors}
+    summary = run_flow(**run)
+    assert summary["images"] == 6
+    assert shard_worker_pids(tmp_path / "out" / "run=p") <= prestarted_pids
+    assert all(is_stopped(actor) for actor in prestarted.actors)
+
+    # A rerun of the finished run has nothing to do: the actors started for it are stopped.
+    prestarted = prestart_segment(**run)
+    assert run_flow(**run)["shards_run_now"] == 0
+    assert all(is_stopped(actor) for actor in prestarted.actors)
+
+
+def test_actors_prestarted_for_another_configuration_are_replaced(
+    prefect_harness, local_ray, frames, shared, tmp_path
+):
+    from pipelines.segment import prestart_segment
+
+    run = prestartable_run(frames, shared, tmp_path, images=4, run_id="q")
+    prestarted = prestart_segment(**run, batch_size=1)
+    prestarted_pids = {actor_pid(actor) for actor in prestarted.actors}
+    assert run_flow(**run, batch_size=2)["images"] == 4
+    assert not shard_worker_pids(tmp_path / "out" / "run=q") & prestarted_pids
+    assert all(is_stopped(actor) for actor in prestarted.actors)
+    assert_exactly_once(tmp_path / "out" / "run=q", 4)

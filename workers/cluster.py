@@ -71,10 +71,10 @@ class ActorPlan:
 
 
 def plan_actors(
-    shards: int, *, device: str = "auto", cpus_per_actor: float | None = None
+    shards: int | None, *, device: str = "auto", cpus_per_actor: float | None = None
 ) -> ActorPlan:
     """One actor per GPU when the cluster has GPUs (and ``device`` allows), else one per
-    ``cpus_per_actor`` CPUs (default 1). Never more actors than shards.
+    ``cpus_per_actor`` CPUs (default 1). Never more actors than ``shards``, when given.
 
     Actors fetch and decode in their own threads: there are no separate reader tasks that
     actors holding every CPU could starve (the hang seen with Ray Data's read stage).
@@ -88,10 +88,14 @@ def plan_actors(
         raise ClusterError("device 'cuda' was asked for but the Ray cluster has no GPUs")
     if gpus and device != "cpu":
         per_gpu_cpus = cpus_per_actor or max(1.0, min(4.0, cpus // gpus - 1))
-        return ActorPlan(actors=max(1, min(gpus, shards)), num_cpus=per_gpu_cpus, num_gpus=1)
+        return ActorPlan(actors=_at_most(gpus, shards), num_cpus=per_gpu_cpus, num_gpus=1)
     per_actor = cpus_per_actor or 1.0
     if cpus < per_actor:
         raise ClusterError(f"the Ray cluster has {cpus} CPUs; an actor needs {per_actor}")
     return ActorPlan(
-        actors=max(1, min(int(cpus // per_actor), shards)), num_cpus=per_actor, num_gpus=0
+        actors=_at_most(int(cpus // per_actor), shards), num_cpus=per_actor, num_gpus=0
     )
+
+
+def _at_most(actors: int, shards: int | None) -> int:
+    return max(1, actors if shards is None else min(actors, shards))

@@ -7,9 +7,9 @@ import socket
 import time
 from typing import Any
 
-import pyarrow as pa
 import ray
 
+from segflow.allocator import retain_freed_memory
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard
 from segflow.models import load_model
@@ -18,17 +18,15 @@ from segflow.store import RunStore
 
 
 class SegmentActor:
-    """Called with a shard, segments its images, commits the shard's tables and returns the
-    shard summary. Ray restarts a killed actor and retries its shard; the commit protocol
-    (:mod:`segflow.store`) makes the retry overwrite rather than duplicate."""
+    """Called with a run's store, a shard and its image URIs: segments them, commits the
+    shard's tables into the run and returns the shard summary. Ray restarts a killed actor
+    and retries its shard; the commit protocol (:mod:`segflow.store`) makes the retry
+    overwrite rather than duplicate."""
 
     def __init__(
         self,
-        manifest: pa.Array,
         *,
         model: str,
-        out: str,
-        run_id: str,
         device: str,
         model_options: dict[str, Any],
         batch_size: int,
@@ -37,21 +35,19 @@ class SegmentActor:
         gt: str | None,
         ignore_index: int | None,
     ) -> None:
-        self.manifest = manifest
+        retain_freed_memory()
         self.model = load_model(model, device=device, **model_options)
         self.ground_truth = None if gt is None else open_ground_truth(gt, ignore_index=ignore_index)
-        self.store = RunStore(out, run_id)
         self.batch_size = batch_size
         self.prefetch_threads = prefetch_threads
         self.max_pixels = max_pixels
 
-    def __call__(self, shard: Shard) -> dict[str, Any]:
+    def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> dict[str, Any]:
         started_at = time.time()
-        uris = self.manifest.slice(shard.start, len(shard)).to_pylist()
         result = segment_images(
             self.model,
             uris,
-            run_id=self.store.run_id,
+            run_id=store.run_id,
             batch_size=self.batch_size,
             prefetch_threads=self.prefetch_threads,
             max_pixels=self.max_pixels,
@@ -69,5 +65,5 @@ class SegmentActor:
             "started_at": started_at,
             "finished_at": time.time(),
         }
-        self.store.commit_shard(shard, result.tables, summary)
+        store.commit_shard(shard, result.tables, summary)
         return summary
