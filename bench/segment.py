@@ -11,13 +11,19 @@ and on a moto S3 server on 127.0.0.1):
   Data recipe (read_images, map_batches with a model actor, write_parquet); (d) ``segflow
   segment``. Goals d/b >= 1.2, d/c >= 2.5.
 
+Both (c) and (d) run twice: cold, where each command starts its own Ray and Prefect server
+(the README's embedded default, seconds of fixed start-up), and warm, against a Ray cluster
+(``ray start``) and a Prefect server already running, as in production. Each (d) also
+prints the rate of the flow alone (after the process's imports and Prefect's start) and of
+the actors at work (first shard start to last shard end).
+
 Also: the driver's peak RSS when planning a 1M-URI manifest.
 
-The machine's speed drifts by tens of percent over minutes (a shared host), so (a) is
-measured right before and right after (d) and their mean is the ratio's denominator. This
+The machine's speed drifts by tens of percent over minutes (a shared host), so (a) and (b)
+are measured first and last, and their means are the ratios' denominators. This
 process keeps freed memory for reuse as segflow's workers do (:mod:`segflow.allocator`),
-which makes (a) and (b) about 1.6x faster than with glibc's defaults: the baselines get the
-same allocator as segflow, not a slower one.
+which made (a) about 1.6x faster than with glibc's defaults: the baselines get the same
+allocator as segflow, not a slower one.
 
 Usage: .venv/bin/python bench/segment.py [--images 1000] [--skip-s3]
 """
@@ -25,14 +31,17 @@ Usage: .venv/bin/python bench/segment.py [--images 1000] [--skip-s3]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -46,6 +55,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from segflow.allocator import retain_freed_memory
+from segflow.demo.s3 import local_s3, wait_for_port
 from segflow.models.card import card_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,9 +205,12 @@ def plain_loop(model_path: Path, paths: list[Path], out: Path) -> dict:
     return timed("(b) plain loop: PIL, forward, pycocotools, pyarrow", len(paths), run)
 
 
-def ray_data_recipe(model_path: Path, folder: Path, count: int, out: Path) -> dict:
+def ray_data_recipe(
+    label: str, model_path: Path, folder: Path, count: int, out: Path, address: str | None
+) -> dict:
     """(c): read_images -> map_batches(actor) -> write_parquet, CPUs split so the read
-    tasks are not starved by the actor."""
+    tasks are not starved by the actor. ``address``: a running cluster, else a local Ray
+    started (and its start-up timed) here."""
     import ray
 
     class Segmenter:
@@ -218,23 +231,32 @@ def ray_data_recipe(model_path: Path, folder: Path, count: int, out: Path) -> di
             return {"uri": uris, "class_id": classes, "counts": counts}
 
     def run() -> None:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        if address is None:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
         try:
             dataset = ray.data.read_images(str(folder), mode="RGB", include_paths=True)
             dataset = dataset.map_batches(Segmenter, concurrency=1, num_cpus=1, batch_size=8)
-            dataset.write_parquet(str(out / "ray_data"))
+            dataset.write_parquet(str(out))
         finally:
             ray.shutdown()
 
-    return timed("(c) Ray Data: read_images, map_batches, write_parquet", count, run)
+    return timed(label, count, run)
 
 
-def segflow_cli(label: str, source: str, model: Path, out: str, count: int, env=None) -> dict:
-    """(d): the real command, start-up (Ray, Prefect's server) included."""
+def segflow_cli(
+    label: str, source: str, model: Path, out: str, count: int, env=None, ray_address=None
+) -> dict:
+    """(d): the real command, from process start to exit."""
+    command = [SEGFLOW, "segment", source, "--model", str(model), "--out", out]
+    command += ["--shard-size", "64"]
+    if ray_address is not None:
+        command += ["--ray-address", ray_address]
 
     def run() -> None:
         completed = subprocess.run(
-            [SEGFLOW, "segment", source, "--model", str(model), "--out", out, "--shard-size", "64"],
+            command,
             env={**os.environ, **(env or {})},
             capture_output=True,
             text=True,
@@ -251,32 +273,56 @@ def segflow_cli(label: str, source: str, model: Path, out: str, count: int, env=
     result["flow_img_s"] = summary["images_per_second"]
     result["steady_img_s"] = count / busy
     print(
-        f"      the flow alone (after process and Prefect start-up): {result['flow_img_s']:.1f} "
+        f"      the flow alone (after the process's imports and Prefect's start): "
+        f"{result['flow_img_s']:.1f} "
         f"img/s; actors at work (first shard start to last shard end): "
         f"{result['steady_img_s']:.1f} img/s"
     )
     return result
 
 
-def start_moto() -> tuple[subprocess.Popen, dict[str, str]]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+@contextlib.contextmanager
+def running_services(folder: Path) -> Iterator[dict[str, str]]:
+    """A Ray head started with ``ray start`` (token auth) and a Prefect server, already up as
+    on a production cluster, so that runs against them skip Ray's and Prefect's start-up.
+    Yields the Ray address and the environment that points Prefect at the server."""
+    ray_port, prefect_port = free_port(), free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PREFECT_HOME": str(folder / "prefect")}
+    env |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect = subprocess.Popen(
+        [str(bin_dir / "prefect"), "server", "start", "--host=127.0.0.1", f"--port={prefect_port}"],
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    env = {
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    time.sleep(3)
-    return server, env
+    try:
+        subprocess.run(
+            [
+                *(str(bin_dir / "ray"), "start", "--head", f"--port={ray_port}"),
+                *("--node-ip-address=127.0.0.1", "--include-dashboard=false"),
+                *("--disable-usage-stats", f"--num-cpus={os.cpu_count()}"),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        wait_for_port(prefect_port, 120, prefect)
+        yield {
+            "ray_address": f"127.0.0.1:{ray_port}",
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "PREFECT_HOME": env["PREFECT_HOME"],
+        }
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True)
+        prefect.terminate()
+        prefect.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def upload(folder: Path, env: dict[str, str]) -> None:
@@ -319,77 +365,118 @@ def main() -> None:
     args = parser.parse_args()
     retain_freed_memory()
     print(f"machine: {os.cpu_count()} CPUs; {args.images} images (CamVid 480x360 PNG, replicated)")
-    with tempfile.TemporaryDirectory(prefix="segflow-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="segflow-bench-") as tmp,
+        contextlib.ExitStack() as on_exit,
+    ):
         tmp = Path(tmp)
+        count = args.images
         corpus = tmp / "corpus"
-        paths = replicate_corpus(corpus, args.images)
+        paths = replicate_corpus(corpus, count)
         espnet = SHARED / "models" / "espnet_camvid.pt2"
         grey = export_grey_model(tmp)
-        server, s3_env = (None, None) if args.skip_s3 else start_moto()
-        try:
-            if server:
-                upload(corpus, s3_env)
+        s3_env = None if args.skip_s3 else on_exit.enter_context(local_s3())
+        if s3_env:
+            upload(corpus, s3_env)
+        batches = decoded_batches(paths, batch_size=8)
 
-            print("compute-bound: espnet_camvid.pt2")
-            batches = decoded_batches(paths, batch_size=8)
-            a_before = forward_only("(a) forward alone, pre-decoded, warmed up", espnet, batches)
-            d_local = segflow_cli(
-                "(d) segflow segment, local disk", str(corpus), espnet, str(tmp / "o1"), len(paths)
+        print("cold: every command starts its own Ray and Prefect server (the README's default)")
+        a_runs = [forward_only("(a) espnet forward alone, pre-decoded, warmed up", espnet, batches)]
+        b_runs = [plain_loop(grey, paths, tmp)]
+        d = {
+            "cold": segflow_cli(
+                "(d) espnet: segflow segment", str(corpus), espnet, str(tmp / "o1"), count
             )
-            a_after = forward_only("(a) again, after (d)", espnet, batches)
-            del batches
-            a = {"img_s": (a_before["img_s"] + a_after["img_s"]) / 2}
-            print(f"  (a) mean of the two: {a['img_s']:.1f} img/s")
-            compute = {"a": a, "d": d_local}
-            if server:
-                compute["d_s3"] = segflow_cli(
-                    "(d) segflow segment, moto S3 in and out",
-                    "s3://bench/images",
-                    espnet,
-                    "s3://bench/o1",
-                    len(paths),
-                    s3_env,
-                )
+        }
+        c = {
+            "cold": ray_data_recipe(
+                "(c) grey: Ray Data read_images, map_batches, write_parquet",
+                grey,
+                corpus,
+                count,
+                tmp / "c1",
+                None,
+            )
+        }
+        feed = {
+            "cold": segflow_cli(
+                "(d) grey: segflow segment", str(corpus), grey, str(tmp / "o2"), count
+            )
+        }
+        if s3_env:
+            d["S3"] = segflow_cli(
+                "(d) espnet: segflow segment, moto S3 in and out",
+                "s3://bench/images",
+                espnet,
+                "s3://bench/o1",
+                count,
+                s3_env,
+            )
+            feed["S3"] = segflow_cli(
+                "(d) grey: segflow segment, moto S3 in and out",
+                "s3://bench/images",
+                grey,
+                "s3://bench/o2",
+                count,
+                s3_env,
+            )
 
-            print("feed-rate: near-free grey-level model")
-            b = plain_loop(grey, paths, tmp)
-            c = ray_data_recipe(grey, corpus, len(paths), tmp)
-            d_feed = segflow_cli(
-                "(d) segflow segment, local disk", str(corpus), grey, str(tmp / "o2"), len(paths)
+        print(
+            "warm: a Ray cluster (ray start) and a Prefect server already running, as in production"
+        )
+        with running_services(tmp) as services:
+            env = {name: services[name] for name in ("PREFECT_API_URL", "PREFECT_HOME")}
+            address = services["ray_address"]
+            d["warm"] = segflow_cli(
+                "(d) espnet: segflow segment --ray-address",
+                str(corpus),
+                espnet,
+                str(tmp / "o3"),
+                count,
+                env,
+                address,
             )
-            feed = {"b": b, "c": c, "d": d_feed}
-            if server:
-                feed["d_s3"] = segflow_cli(
-                    "(d) segflow segment, moto S3 in and out",
-                    "s3://bench/images",
-                    grey,
-                    "s3://bench/o2",
-                    len(paths),
-                    s3_env,
-                )
+            c["warm"] = ray_data_recipe(
+                "(c) grey: Ray Data on the running cluster",
+                grey,
+                corpus,
+                count,
+                tmp / "c2",
+                address,
+            )
+            feed["warm"] = segflow_cli(
+                "(d) grey: segflow segment --ray-address",
+                str(corpus),
+                grey,
+                str(tmp / "o4"),
+                count,
+                env,
+                address,
+            )
 
-            print("ratios")
-            print(f"  compute-bound d/a = {compute['d']['img_s'] / a['img_s']:.2f}   (goal >= 0.9)")
-            print(
-                f"    the flow alone {compute['d']['flow_img_s'] / a['img_s']:.2f}, "
-                f"actors at work {compute['d']['steady_img_s'] / a['img_s']:.2f}"
-            )
-            if "d_s3" in compute:
-                print(f"  compute-bound d/a, S3 = {compute['d_s3']['img_s'] / a['img_s']:.2f}")
-            for name, baseline, goal in (("b", b, 1.2), ("c", c, 2.5)):
-                print(
-                    f"  feed-rate d/{name} = {feed['d']['img_s'] / baseline['img_s']:.2f}   "
-                    f"(goal >= {goal}); the flow alone "
-                    f"{feed['d']['flow_img_s'] / baseline['img_s']:.2f}, actors at work "
-                    f"{feed['d']['steady_img_s'] / baseline['img_s']:.2f}"
-                )
-            if "d_s3" in feed:
-                print(f"  feed-rate d/b, S3 = {feed['d_s3']['img_s'] / b['img_s']:.2f}")
-            print("driver memory")
-            planning_rss(tmp)
-        finally:
-            if server:
-                server.terminate()
+        print("baselines again, for the machine's drift")
+        a_runs.append(forward_only("(a) espnet forward alone, again", espnet, batches))
+        b_runs.append(plain_loop(grey, paths, tmp))
+        a = sum(run["img_s"] for run in a_runs) / 2
+        b = sum(run["img_s"] for run in b_runs) / 2
+        print(f"  (a) mean {a:.1f} img/s; (b) mean {b:.1f} img/s")
+
+        print("ratios (whole command / the flow alone / actors at work)")
+        for name, run in d.items():
+            print(f"  compute-bound d/a, {name:<5} {ratios(run, a)}   goal >= 0.9")
+        for name, run in feed.items():
+            print(f"  feed-rate d/b, {name:<5}     {ratios(run, b)}   goal >= 1.2")
+        for name in ("cold", "warm"):
+            versus_c = ratios(feed[name], c[name]["img_s"])
+            print(f"  feed-rate d/c, {name:<5}     {versus_c}   goal >= 2.5")
+        print("driver memory")
+        planning_rss(tmp)
+
+
+def ratios(run: dict, baseline: float) -> str:
+    return " / ".join(
+        f"{run[key] / baseline:4.2f}" for key in ("img_s", "flow_img_s", "steady_img_s")
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ from tests.test_segment_flow import Cli, assert_exactly_once, make_corpus
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def shard_nodes(run: Path) -> set[str]:
+    return {json.loads(p.read_text())["node"] for p in (run / "_commits").iterdir()}
+
+
 def test_two_node_cluster_with_token_auth(shared, frames, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     port = free_port()
@@ -59,9 +63,24 @@ def test_two_node_cluster_with_token_auth(shared, frames, tmp_path):
         ).wait()
         assert returncode == 0, output
         assert_exactly_once(out / "run=cluster", 8)
-        nodes = {
-            json.loads(p.read_text())["node"] for p in (out / "run=cluster" / "_commits").iterdir()
-        }
+        nodes = shard_nodes(out / "run=cluster")
         assert len(nodes) == 2, "both nodes should have run shards"
+
+        # Without --ray-address the command starts a Ray of its own, not joining this one.
+        returncode, output = Cli(
+            str(corpus),
+            "--model",
+            str(shared / "models" / "espnet_camvid.pt2"),
+            "--out",
+            str(out),
+            "--shard-size",
+            "4",
+            "--run-id",
+            "own",
+            log=tmp_path / "own.log",
+            env={"RAY_AUTH_MODE": "token"},
+        ).wait()
+        assert returncode == 0, output
+        assert not shard_nodes(out / "run=own") & nodes
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)

@@ -27,8 +27,16 @@ def connect(address: str | None, *, probe_timeout: float = 5.0) -> None:
     if ray.is_initialized():
         return
     if address is None:
-        # Keep a laptop's local cluster on loopback rather than the machine's LAN address.
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        # "local": a new Ray of this process's own, even where a `ray start` cluster runs on
+        # the machine (ray.init() would join that one, whose workers lack this process's
+        # environment, its storage credentials for one). On loopback rather than the
+        # machine's LAN address.
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=False,
+        )
         return
     if os.environ.get("RAY_AUTH_MODE") not in ("token", "disabled"):
         raise ClusterError(
