@@ -123,13 +123,17 @@ def _processes() -> list[tuple[int, float, int]]:
 
 
 class PeakRss:
-    """Peak summed RSS of this process and every process started since (Ray's workers,
-    Prefect's server, the CLI), sampled every 0.25 s."""
+    """Peak memory of one measurement: the summed RSS of every process started since it
+    began (Ray's workers, Prefect's server, the CLI), plus what this process grew by. What
+    this process held before (the pre-decoded images of (a)) is not counted. Sampled every
+    0.25 s."""
 
     def __init__(self) -> None:
         self.peak = 0
         self._stop = threading.Event()
         self._since = time.clock_gettime(time.CLOCK_BOOTTIME) - 1
+        self._me = os.getpid()
+        self._my_start = self._my_rss()
 
     def __enter__(self) -> PeakRss:
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -140,13 +144,17 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
 
+    def _my_rss(self) -> int:
+        return next(rss for pid, _, rss in _processes() if pid == self._me)
+
     def _sample(self) -> None:
-        me = os.getpid()
         while not self._stop.wait(0.25):
-            total = sum(
-                rss for pid, started, rss in _processes() if pid == me or started >= self._since
+            processes = _processes()
+            started = sum(
+                rss for pid, at, rss in processes if at >= self._since and pid != self._me
             )
-            self.peak = max(self.peak, total)
+            grown = sum(rss for pid, _, rss in processes if pid == self._me) - self._my_start
+            self.peak = max(self.peak, started + max(0, grown))
 
 
 def timed(label: str, images: int, fn) -> dict:

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,28 +20,31 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SEGFLOW = str(Path(sys.executable).with_name("segflow"))
 
 
-def processes() -> dict[int, str]:
+def processes_tagged(tag: str) -> dict[int, str]:
+    """The processes whose environment holds ``tag``: the demo's and every descendant's,
+    whichever parent they end up with, and nobody else's on the machine."""
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                found[int(entry.name)] = (
-                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                )
+                if tag.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found[int(entry.name)] = (
+                        (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    )
             except OSError:
-                continue  # it ended while we looked
+                continue  # it ended while we looked, or is not ours to read
     return found
 
 
 def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path):
-    before = processes()
+    run_tag = str(uuid.uuid4())
     log = tmp_path / "demo.log"
     out = tmp_path / "demo"
     with log.open("w") as output:
         done = subprocess.run(
             [SEGFLOW, "demo", "--out", str(out), "--images", "6", "--large", "1", "--broken", "2"],
             cwd=REPO_ROOT,
-            env={**os.environ, "COLUMNS": "200"},
+            env={**os.environ, "COLUMNS": "200", "SEGFLOW_DEMO_TEST": run_tag},
             stdout=output,
             stderr=subprocess.STDOUT,
             timeout=600,
@@ -61,11 +65,7 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path):
 
     # Ray, moto and Prefect's server stop with the demo (Ray's may take a moment).
     deadline = time.monotonic() + 30
-    while leftovers := {
-        pid: command
-        for pid, command in processes().items()
-        if pid not in before and pid != os.getpid() and command.strip()
-    }:
+    while leftovers := processes_tagged(f"SEGFLOW_DEMO_TEST={run_tag}"):
         if time.monotonic() > deadline:
             pytest.fail(f"the demo left processes behind: {leftovers}")
         time.sleep(1)

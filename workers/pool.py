@@ -40,6 +40,8 @@ class WorkerConfig:
 
 @dataclass
 class Workers:
+    """A pool's actors, and what each reserves."""
+
     plan: ActorPlan
     actors: list[ActorHandle]
 
