@@ -46,14 +46,10 @@ def test_two_node_cluster_with_token_auth(shared, frames, tmp_path):
         )
         corpus = make_corpus(tmp_path / "in", frames, good=8, bad=False)
         out = tmp_path / "out"
+        job = [str(corpus), "--model", str(shared / "models" / "espnet_camvid.pt2")]
+        job += ["--out", str(out), "--shard-size", "2"]
         returncode, output = Cli(
-            str(corpus),
-            "--model",
-            str(shared / "models" / "espnet_camvid.pt2"),
-            "--out",
-            str(out),
-            "--shard-size",
-            "2",
+            *job,
             "--run-id",
             "cluster",
             "--ray-address",
@@ -68,13 +64,7 @@ def test_two_node_cluster_with_token_auth(shared, frames, tmp_path):
 
         # Without --ray-address the command starts a Ray of its own, not joining this one.
         returncode, output = Cli(
-            str(corpus),
-            "--model",
-            str(shared / "models" / "espnet_camvid.pt2"),
-            "--out",
-            str(out),
-            "--shard-size",
-            "4",
+            *job,
             "--run-id",
             "own",
             log=tmp_path / "own.log",
