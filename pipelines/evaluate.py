@@ -21,10 +21,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 
+from segflow.errors import SegflowError
 from segflow.evaluation import evaluate_run, headline_figures, open_run
 
 
-class RegressionError(RuntimeError):
+class RegressionError(SegflowError, RuntimeError):
     """Figures dropped by more than the threshold since the previous evaluation."""
 
 

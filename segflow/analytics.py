@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segflow import palette, rle, schema
 from segflow.decode import decode_image
+from segflow.errors import SegflowError
 from segflow.evaluation import open_run
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 
-class AnalyticsError(ValueError):
+class AnalyticsError(SegflowError, ValueError):
     """A request about a run that cannot be answered; the message names what and why."""
 
 

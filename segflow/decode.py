@@ -46,6 +46,8 @@ import torch
 import torchvision.io
 from PIL import Image, UnidentifiedImageError
 
+from segflow.errors import SegflowError
+
 # A 10k x 10k aerial tile (1e8 pixels) with 79% to spare; it is also PIL's own hard limit
 # (2 * MAX_IMAGE_PIXELS), so at the default the two guards agree. The largest image it admits
 # decodes to 537 MB of RGB.
@@ -88,7 +90,7 @@ _ORIENTATION_OPS: dict[int, tuple[bool, tuple[int, ...]]] = {
 _PIL_DECODE_FAILURES = (OSError, SyntaxError, EOFError, ValueError, struct.error, zlib.error)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(SegflowError, ValueError):
     """Bytes that cannot become an image; ``reason`` says why in one word, for counting."""
 
     reason: ClassVar[str] = "undecodable"

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from segflow import schema
 from segflow.coco_results import coco_results_from_masks
+from segflow.errors import SegflowError
 from segflow.groundtruth import coco_image_id
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.metrics.semantic import SemanticScores
@@ -39,7 +40,7 @@ from segflow.scoring import IOU_TYPES
 from segflow.store import RunStore
 
 
-class EvaluationError(ValueError):
+class EvaluationError(SegflowError, ValueError):
     """A run that cannot be evaluated as asked; the message names the run and the reason."""
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from segflow import rle
 from segflow.decode import ImageDecodeError, UnsupportedModeError, decode_image, decode_label_map
+from segflow.errors import SegflowError
 
 __all__ = [
     "IGNORE",
@@ -64,7 +65,7 @@ IGNORE = -1
 VOC_CATEGORIES = (0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(SegflowError, ValueError):
     """Ground truth that cannot be used; the message names the spec or file, and the image."""
 
 

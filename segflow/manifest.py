@@ -18,11 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from segflow.errors import SegflowError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 
 
-class ManifestError(ValueError):
+class ManifestError(SegflowError, ValueError):
     """The input names no images, or a manifest file is malformed."""
 
 

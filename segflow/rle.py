@@ -60,6 +60,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import numpy as np
 
+from segflow.errors import SegflowError
+
 if TYPE_CHECKING:
     import torch
 
@@ -83,7 +85,7 @@ __all__ = [
 ]
 
 
-class RLEError(ValueError):
+class RLEError(SegflowError, ValueError):
     """A mask, label map, RLE or polygon that cannot be encoded or decoded."""
 
 

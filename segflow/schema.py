@@ -160,6 +160,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segflow import rle
+from segflow.errors import SegflowError
 from segflow.metrics.instance import AREA_RANGES
 
 SCHEMA_VERSION = "2"
@@ -288,7 +289,7 @@ TABLES: Mapping[str, pa.Schema] = {
 }
 
 
-class SchemaError(ValueError):
+class SchemaError(SegflowError, ValueError):
     """A table or file does not match segflow's Parquet schema."""
 
 

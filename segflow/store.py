@@ -37,10 +37,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segflow import schema
+from segflow.errors import SegflowError
 from segflow.manifest import Shard
 
 
-class RunConflictError(ValueError):
+class RunConflictError(SegflowError, ValueError):
     """The output folder already holds a run whose configuration differs."""
 
 

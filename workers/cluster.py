@@ -9,8 +9,10 @@ from urllib.parse import urlsplit
 
 import ray
 
+from segflow.errors import SegflowError
 
-class ClusterError(ConnectionError):
+
+class ClusterError(SegflowError, ConnectionError):
     """The Ray cluster named by the user cannot be reached."""
 
 

@@ -50,6 +50,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from segflow.errors import SegflowError
+
 __all__ = [
     "AREA_RANGES",
     "IOU_THRESHOLDS",
@@ -114,7 +116,7 @@ _TABLES = {
 }
 
 
-class CocoEvalError(ValueError):
+class CocoEvalError(SegflowError, ValueError):
     """Input that COCO evaluation cannot use; the message names the image and the object."""
 
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from segflow.errors import SegflowError
 
-class UnknownModelError(ValueError):
+
+class UnknownModelError(SegflowError, ValueError):
     """The spec is neither a registered model name nor a path to an exported model."""
 
 
-class ModelCardError(ValueError):
+class ModelCardError(SegflowError, ValueError):
     """An exported model's card is missing, unreadable, or has an invalid field."""
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(SegflowError, FileNotFoundError):
     """Pretrained weights were asked for (explicitly or by default) but are not on disk."""
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(SegflowError, ImportError):
     """The model needs an optional dependency that is not installed."""
