@@ -8,9 +8,7 @@ restarts at shard level. Rerunning the same command resumes: committed shards ar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -25,10 +23,9 @@ from ray.util import ActorPool
 
 import segflow
 from segflow.decode import DEFAULT_MAX_PIXELS
-from segflow.groundtruth import open_ground_truth
+from segflow.errors import RunIncompleteError, SegflowError
 from segflow.manifest import Shard, build_manifest, shards
-from segflow.models import load_model
-from segflow.scoring import ImageScorer
+from segflow.preflight import CheckedJob, check_segment_job
 from segflow.store import RunStore
 from workers.cluster import connect
 from workers.pool import WorkerConfig, Workers, claim, discard_prestart, prestart
@@ -45,58 +42,16 @@ class Plan:
     resumed: bool
 
 
-def run_config(
-    input: str,
-    model: str,
-    shard_size: int,
-    model_options: dict[str, Any],
-    gt: str | None,
-    ignore_index: int | None,
-) -> dict:
-    """What a run's output depends on; a resume must match it exactly. The ground truth is
-    recorded for the evaluation step that reads it."""
-    return {
-        "input": input,
-        "model": model,
-        "model_options": model_options,
-        "shard_size": shard_size,
-        "gt": gt,
-        "ignore_index": ignore_index,
-    }
-
-
-def default_run_id(config: dict[str, Any]) -> str:
-    """The same command gets the same run id, so rerunning it resumes the run."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return digest[:12]
-
-
 def _transient(task, task_run, state) -> bool:
     """Retry what may pass on a second try (a flaky store), not a bad input or a conflicting
     run, which would only fail again later."""
     try:
         state.result()
-    except (ValueError, ImportError):
+    except (SegflowError, ValueError, ImportError):
         return False
     except Exception:
         return True
     return False
-
-
-def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dict[str, Any] | None:
-    """What the evaluation of the run needs besides its tables, checked now: a ground truth
-    that cannot be opened or does not fit the model fails the job before any work."""
-    if gt is None:
-        return None
-    ground_truth = open_ground_truth(gt, ignore_index=ignore_index)
-    ImageScorer(ground_truth, model.classes, model.task)
-    return {
-        "task": model.task,
-        "classes": list(model.classes),
-        "gt": gt,
-        "ignore_index": ignore_index,
-        "categories": {str(k): v for k, v in (ground_truth.categories or {}).items()},
-    }
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
@@ -185,7 +140,7 @@ def finish_run(plan: Plan, run_now: list[dict[str, Any]], seconds: float) -> dic
     }
     if len(shard_summaries) != plan.total_shards:
         committed = f"{len(shard_summaries)} of {plan.total_shards}"
-        raise RuntimeError(f"run {plan.store.run_id}: only {committed} shards are committed")
+        raise RunIncompleteError(f"run {plan.store.run_id}: only {committed} shards are committed")
     plan.store.finish(summary)
     create_markdown_artifact(
         key=f"segment-run-{plan.store.run_id}".lower().replace("_", "-"),
@@ -212,26 +167,32 @@ def segment(
     prefetch_threads: int = 4,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cpus_per_actor: float | None = None,
+    checked: CheckedJob | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``input`` with ``model`` into ``out``; returns the run summary.
 
-    ``on_plan`` and ``on_shard`` let a caller (the CLI's progress bar) follow the run.
+    ``checked``: what :func:`~segflow.preflight.check_segment_job` returned for these same
+    arguments, where the caller checked the job already (the CLI, before starting Ray and
+    Prefect). ``on_plan`` and ``on_shard`` let a caller (the CLI's progress bar) follow the run.
     """
     started = time.perf_counter()
     model_options = model_options or {}
-    # Actors on other nodes, or in another working directory, must find the same files.
-    if "://" not in out:
-        out = os.path.abspath(out)
-    model = _absolute_if_exists(model)
     # Unknown model, missing weights, a bad card or ground truth: fail here, before any work.
-    evaluation = evaluation_info(load_model(model, device="cpu", **model_options), gt, ignore_index)
-    config = run_config(input, model, shard_size, model_options, gt, ignore_index)
-    run_id = run_id or default_run_id(config)
+    checked = checked or check_segment_job(
+        input,
+        model,
+        out,
+        run_id=run_id,
+        shard_size=shard_size,
+        model_options=model_options,
+        gt=gt,
+        ignore_index=ignore_index,
+    )
     try:
         connect(ray_address)
-        plan = plan_run(input, out, run_id, config, evaluation)
+        plan = plan_run(input, checked.out, checked.run_id, checked.config, checked.evaluation)
         if on_plan is not None:
             on_plan(plan)
         # The actors' share of the arguments, picked as prestart_segment picks it.

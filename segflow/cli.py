@@ -12,17 +12,67 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from segflow.errors import IMAGES_FAILED, NOT_STARTED
 from segflow.progress import segment_progress
 
 app = typer.Typer(help="Segment large image corpora into COCO RLE masks in Parquet.")
 console = Console(stderr=True)
+_verbose = False
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print the traceback of an error too.")
+    ] = False,
+) -> None:
+    """Exit status: 0 all images done; 1 some images failed (rows in the run's errors table);
+    2 the job could not start (nothing written); 3 the job started and could not finish
+    (committed shards are kept: rerun to resume)."""
+    global _verbose
+    _verbose = verbose
+
+
+@contextlib.contextmanager
+def _reported(started: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Turn any error into one line on stderr and the exit status it means (see
+    :mod:`segflow.errors`); ``started`` tells whether the job had begun writing."""
+    from segflow.errors import INCOMPLETE, exit_status
+
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        status = exit_status(exc, started=started())
+        if _verbose:
+            console.print_exception(show_locals=False)
+        line = f"[red]error:[/] {escape(_reason(exc))}"
+        if status == INCOMPLETE:
+            line += "\n[yellow]committed shards are kept: rerun the same command to resume[/]"
+        console.print(line, soft_wrap=True)
+        raise typer.Exit(code=status) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The error's message; for errors from elsewhere (torch, Ray, the store), its kind and
+    the first line, without the remote traceback Ray's wrappers carry."""
+    from segflow.errors import SegflowError
+
+    while isinstance(getattr(exc, "cause", None), BaseException):  # Ray's task errors
+        exc = exc.cause
+    if isinstance(exc, SegflowError):
+        return str(exc)
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 @app.command()
@@ -70,22 +120,15 @@ def segment(
     # The ephemeral Prefect server would otherwise phone home (and log an error offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     started = time.perf_counter()
-    # Registered before Ray and Prefect are imported, so it runs after their exit handlers:
-    # the interpreter's last garbage collections would walk every object torch, Ray and
-    # Prefect created (1.4 s of the exit, measured); frozen objects are skipped, and the
-    # process is ending. (Not for commands that load DuckDB, whose bindings report objects
-    # left uncollected at exit as leaks.)
-    atexit.register(gc.freeze)
-    # Start-up is seconds of imports, Prefect's temporary server and Ray's processes: let
-    # them overlap. Ray starts on this thread, because its processes die with the thread
-    # that started them.
-    prefect_api = _in_background(_reach_prefect_api)
-    flow_modules = _in_background(importlib.import_module, "pipelines.segment")
-    import ray
-
-    from workers.cluster import connect
-
-    _stop_promptly_on_interrupt()
+    model_options = {
+        name: value
+        for name, value in (
+            ("tile_size", tile_size),
+            ("tile_overlap", tile_overlap),
+            ("return_probabilities", soft_metrics or None),
+        )
+        if value is not None
+    }
     run = {
         "run_id": run_id,
         "gt": gt,
@@ -94,31 +137,63 @@ def segment(
         "batch_size": batch_size,
         "ray_address": ray_address,
         "device": device,
-        "model_options": {
-            name: value
-            for name, value in (
-                ("tile_size", tile_size),
-                ("tile_overlap", tile_overlap),
-                ("return_probabilities", soft_metrics or None),
-            )
-            if value is not None
-        },
+        "model_options": model_options,
     }
-    try:
+    planned = threading.Event()  # from then on, a failure leaves a run to resume
+    with _reported(started=planned.is_set):
+        # A job that cannot run fails here, before Ray and Prefect take seconds to start.
+        from segflow.preflight import check_segment_job
+
+        checked = check_segment_job(
+            input,
+            model,
+            out,
+            run_id=run_id,
+            shard_size=shard_size,
+            model_options=model_options,
+            gt=gt,
+            ignore_index=ignore_index,
+        )
+        # Registered before Ray and Prefect are imported, so it runs after their exit handlers:
+        # the interpreter's last garbage collections would walk every object torch, Ray and
+        # Prefect created (1.4 s of the exit, measured); frozen objects are skipped, and the
+        # process is ending. (Not for commands that load DuckDB, whose bindings report objects
+        # left uncollected at exit as leaks.)
+        atexit.register(gc.freeze)
+        # Start-up is seconds of imports, Prefect's temporary server and Ray's processes:
+        # let them overlap. Ray starts on this thread, because its processes die with the
+        # thread that started them.
+        prefect_api = _in_background(_reach_prefect_api)
+        flow_modules = _in_background(importlib.import_module, "pipelines.segment")
+        import ray
+
+        from workers.cluster import connect
+
+        _stop_promptly_on_interrupt()
         connect(ray_address)
         flow_modules.join()
         from pipelines.segment import prestart_segment
         from pipelines.segment import segment as segment_flow
 
+        if not _verbose:
+            _without_prefect_tracebacks()
         prestart_segment(input, model, out, **run)
         prefect_api.join()
         with segment_progress(console) as hooks:
-            summary = segment_flow(input, model, out, **run, **hooks)
-    except (ValueError, OSError, ImportError) as exc:
-        # Job-level mistakes (bad input, unknown model, missing weights, unreachable
-        # cluster, a run of another configuration): one clear line, no traceback.
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+
+            def on_plan(plan: object) -> None:
+                planned.set()
+                hooks["on_plan"](plan)
+
+            summary = segment_flow(
+                input,
+                model,
+                out,
+                **run,
+                checked=checked,
+                on_plan=on_plan,
+                on_shard=hooks["on_shard"],
+            )
 
     table = Table(title=f"run {summary['run_id']}")
     columns = (
@@ -154,13 +229,26 @@ def segment(
     if any(problems):
         described = "; ".join(p for p in problems if p)
         console.print(f"[red]{described}[/]: see {summary['output']}/errors/")
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=IMAGES_FAILED)
 
 
 def _in_background(function: Callable[..., object], *args: object) -> threading.Thread:
     thread = threading.Thread(target=function, args=args, daemon=True)
     thread.start()
     return thread
+
+
+def _without_prefect_tracebacks() -> None:
+    """Prefect logs a failed flow or task run with its traceback, before the command's own
+    one-line error; keep its lines and drop the tracebacks (``--verbose`` prints the one)."""
+    import logging
+
+    def drop_traceback(record: logging.LogRecord) -> bool:
+        record.exc_info = record.exc_text = None
+        return True
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(drop_traceback)
 
 
 def _reach_prefect_api() -> None:
@@ -215,18 +303,14 @@ def evaluate(
     """Dataset figures of a run (mIoU, COCO mAP, ...) from its Parquet, for all its images or
     the slice --where selects; or of a COCO results file against COCO ground truth."""
     from segflow.evaluation import EvaluationError, evaluate_run
-    from segflow.groundtruth import GroundTruthError
 
-    try:
+    with _reported():
         if predictions is not None:
             result = _evaluate_coco_results(run, gt, predictions, iou_type, where)
         elif run is None:
             raise EvaluationError("give a RUN, or --gt coco:FILE with --predictions RESULTS.json")
         else:
             result = evaluate_run(run, where=where)
-    except (EvaluationError, GroundTruthError, OSError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
     if as_json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -305,17 +389,14 @@ def export_coco(
     out: Annotated[str, typer.Argument(help="Where to write the COCO results JSON.")],
 ) -> None:
     """Write a run's detections as COCO results (what pycocotools' loadRes reads)."""
-    from segflow.evaluation import EvaluationError, coco_results_of_run
-
-    try:
-        results = coco_results_of_run(run)
-    except EvaluationError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
     import fsspec
 
-    with fsspec.open(out, "w") as f:
-        json.dump(results, f)
+    from segflow.evaluation import coco_results_of_run
+
+    with _reported():
+        results = coco_results_of_run(run)
+        with fsspec.open(out, "w") as f:
+            json.dump(results, f)
     console.print(f"{len(results)} detections written to {out}")
 
 
@@ -337,13 +418,12 @@ def query(
 ) -> None:
     """Run SQL over a run's tables: each is a view of its name over the committed shards."""
     import duckdb
-    from rich.markup import escape
 
     from segflow.analytics import connect
 
     if output_format not in ("table", "csv", "json"):
         console.print(f"[red]error:[/] --format must be table, csv or json, not {output_format!r}")
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=NOT_STARTED)
     try:
         with connect(run) as db:
             result = db.sql(sql)
@@ -413,17 +493,13 @@ def show(
     """Draw one image of a run with its masks over it: a colour per class (semantic), or per
     detection with its box and label (instance)."""
     import fsspec
-    from rich.markup import escape
 
     from segflow.analytics import overlay
 
-    try:
+    with _reported():
         picture = overlay(run, image_id, alpha=alpha, legend=legend)
         with fsspec.open(out, "wb") as f:
             picture.save(f, format="PNG")
-    except (ValueError, OSError) as exc:  # not a run, unknown id, unreadable image
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
     console.print(f"image {image_id} with its masks written to {out}")
 
 
@@ -454,9 +530,9 @@ def demo(
     shared = shared_folder() if real else None
     if real and shared is None:
         console.print("[red]error:[/] --real needs ../shared (or SEGFLOW_SHARED)")
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=NOT_STARTED)
     started = time.perf_counter()
-    with local_s3() as endpoint:
+    with _reported(), local_s3() as endpoint:
         os.environ.update(endpoint)  # before Ray starts: its workers inherit the environment
         try:
             run_demo(
@@ -512,19 +588,14 @@ def report(
 ) -> None:
     """Write one self-contained HTML page about a run: summary, figures, charts, the worst
     images with prediction and ground truth overlaid, and the errors."""
-    from segflow.evaluation import EvaluationError
-    from segflow.groundtruth import GroundTruthError
-    from segflow.report import render_report
-
-    try:
-        page = render_report(run, worst=worst)
-    except (EvaluationError, GroundTruthError, OSError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
     import fsspec
 
-    with fsspec.open(out, "w", encoding="utf-8") as f:
-        f.write(page)
+    from segflow.report import render_report
+
+    with _reported():
+        page = render_report(run, worst=worst)
+        with fsspec.open(out, "w", encoding="utf-8") as f:
+            f.write(page)
     console.print(f"report written to {out}")
 
 

@@ -33,12 +33,13 @@ import json
 import posixpath
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import fsspec
 import numpy as np
+from PIL import Image
 
 from segflow import rle
 from segflow.decode import ImageDecodeError, UnsupportedModeError, decode_image, decode_label_map
@@ -98,6 +99,12 @@ class GroundTruth(ABC):
     def target(self, uri: str) -> SemanticTarget | InstanceTarget:
         """The target of the image at ``uri``; GroundTruthError when it has none, more than
         one, or one that cannot be read."""
+
+    def label_values(self) -> Container[int]:
+        """The class ids a semantic target can hold before ``ignore_index`` applies (what
+        an ignore index may name): the mapped ids of an id map, palette or category table,
+        else what the label files' bit depth can store."""
+        return range(0)
 
 
 def open_ground_truth(spec: str, *, ignore_index: int | None = None) -> GroundTruth:
@@ -354,6 +361,9 @@ class _CocoSemantic(_CocoImages):
         super().__init__(spec, location)
         self._ignore_index = ignore_index
 
+    def label_values(self) -> Container[int]:
+        return frozenset(self._classes.values())
+
     def target(self, uri: str) -> SemanticTarget:
         image = self._image(uri)
         height, width, source = image["height"], image["width"], self._source(image)
@@ -486,6 +496,16 @@ class _LabelMaps(GroundTruth):
                 self._by_stem[_stem(path)].append(path)
         if not self._by_stem:
             raise GroundTruthError(f"{label} holds no .png label files")
+
+    def label_values(self) -> Container[int]:
+        lookup = self._id_map or self._palette
+        if lookup is not None:
+            return frozenset(lookup.classes[lookup.classes >= 0].tolist())
+        # Label files of one dataset share a bit depth: the first file's header tells it.
+        first = self._fs.unstrip_protocol(min(p for ps in self._by_stem.values() for p in ps))
+        with self._fs.open(first, "rb") as f:
+            mode = Image.open(f).mode
+        return range(2**16) if mode.startswith("I") else range(2**8)
 
     def target(self, uri: str) -> SemanticTarget:
         path = self._label_file(uri)

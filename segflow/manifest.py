@@ -44,31 +44,52 @@ class Shard:
         return self.stop - self.start
 
 
+def check_input(location: str) -> None:
+    """Fail as :func:`build_manifest` would where ``location`` names nothing, without listing
+    it (a corpus of millions of objects takes minutes to list)."""
+    _located(location)
+
+
 def build_manifest(location: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> pa.Array:
     """The sorted image URIs named by ``location`` (see the module docstring)."""
+    fs, path, kind = _located(location)
+    if kind == "manifest":
+        return _read_manifest_file(location, fs, path)
     try:
-        fs, path = fsspec.core.url_to_fs(location)
-        if fsspec.core.has_magic(path):
-            paths = fs.glob(path)
-        elif fs.isdir(path):
-            paths = fs.find(path)
-        elif fs.isfile(path):
-            if path.lower().endswith(MANIFEST_SUFFIXES):
-                return _read_manifest_file(location, fs, path)
-            paths = [path]
-        else:
-            raise ManifestError(f"input {location!r} does not exist")
-    except ManifestError:
-        raise
+        paths = {"glob": fs.glob, "folder": fs.find, "image": lambda p: [p]}[kind](path)
     except Exception as exc:
-        # Each fsspec backend raises its own types (botocore's NoCredentialsError, aiohttp
-        # errors, ...); the user needs to know which input failed and why, whatever the type.
-        raise ManifestError(f"cannot list input {location!r}: {type(exc).__name__}: {exc}") from exc
+        raise _unlistable(location, exc) from exc
     wanted = tuple(s.lower() for s in suffixes)
     uris = sorted(fs.unstrip_protocol(p) for p in paths if p.lower().endswith(wanted))
     if not uris:
         raise ManifestError(f"input {location!r} holds no images (looked for {', '.join(wanted)})")
     return pa.array(uris, pa.string())
+
+
+def _located(location: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """The store and path of ``location`` and what it is: a glob, a folder, a manifest file or
+    one image."""
+    try:
+        fs, path = fsspec.core.url_to_fs(location)
+        if fsspec.core.has_magic(path):
+            kind = "glob"
+        elif fs.isdir(path):
+            kind = "folder"
+        elif fs.isfile(path):
+            kind = "manifest" if path.lower().endswith(MANIFEST_SUFFIXES) else "image"
+        else:
+            raise ManifestError(f"input {location!r} does not exist")
+    except ManifestError:
+        raise
+    except Exception as exc:
+        raise _unlistable(location, exc) from exc
+    return fs, path, kind
+
+
+def _unlistable(location: str, exc: Exception) -> ManifestError:
+    # Each fsspec backend raises its own types (botocore's NoCredentialsError, aiohttp
+    # errors, ...); the user needs to know which input failed and why, whatever the type.
+    return ManifestError(f"cannot list input {location!r}: {type(exc).__name__}: {exc}")
 
 
 def _read_manifest_file(location: str, fs, path: str) -> pa.Array:

@@ -41,6 +41,10 @@ from segflow.errors import SegflowError
 from segflow.manifest import Shard
 
 
+class RunStoreError(SegflowError, ValueError):
+    """The output cannot hold the run: a bad run id, a path that is a file, a missing bucket."""
+
+
 class RunConflictError(SegflowError, ValueError):
     """The output folder already holds a run whose configuration differs."""
 
@@ -48,7 +52,7 @@ class RunConflictError(SegflowError, ValueError):
 class RunStore:
     def __init__(self, out: str, run_id: str) -> None:
         if not run_id or "/" in run_id or run_id.startswith((".", "_")):
-            raise ValueError(f"run id {run_id!r} must be a plain name (no '/', not '.' or '_')")
+            raise RunStoreError(f"run id {run_id!r} must be a plain name (no '/', not '.' or '_')")
         self.fs, root = fsspec.core.url_to_fs(out)
         self.run_id = run_id
         self.root = f"{root.rstrip('/')}/run={run_id}"
@@ -63,14 +67,12 @@ class RunStore:
     def exists(self) -> bool:
         return self.fs.exists(self.path("run.json"))
 
-    def prepare(self, config: Mapping[str, Any]) -> bool:
-        """Create the run, or check that an existing one has the same ``config``.
-
-        Returns True when the run already existed (a resume).
-        """
-        config_path = self.path("run.json")
-        if self.fs.exists(config_path):
-            existing = json.loads(self.fs.cat_file(config_path))
+    def check(self, config: Mapping[str, Any]) -> None:
+        """Fail, writing nothing, where the run cannot go here: the output is a file or lies
+        under one, its bucket does not exist (never created: a typo would make a new one), or
+        it already holds a run of another configuration."""
+        if self.fs.exists(self.path("run.json")):
+            existing = json.loads(self.fs.cat_file(self.path("run.json")))
             differences = {
                 key: (existing.get(key), config.get(key))
                 for key in sorted(set(existing) | set(config))
@@ -84,6 +86,28 @@ class RunStore:
                     f"{self.uri} belongs to a run with another configuration ({described}); "
                     "choose another --run-id or --out"
                 )
+            return
+        if _is_object_store(self.fs):
+            bucket = self.root.split("/", 1)[0]
+            if not self.fs.exists(bucket):
+                raise RunStoreError(
+                    f"output {self.uri}: bucket {bucket!r} does not exist (segflow does not "
+                    "create buckets; create it, or check the name)"
+                )
+            return
+        folder = self.root
+        while folder and not self.fs.exists(folder):
+            folder = folder.rpartition("/")[0]
+        if folder and not self.fs.isdir(folder):
+            raise RunStoreError(f"output {self.uri}: {folder} is a file, not a folder")
+
+    def prepare(self, config: Mapping[str, Any]) -> bool:
+        """Create the run, or check that an existing one has the same ``config``.
+
+        Returns True when the run already existed (a resume).
+        """
+        self.check(config)
+        if self.exists():
             return True
         self.fs.makedirs(self.root, exist_ok=True)
         self.write_json("run.json", config)
@@ -153,6 +177,12 @@ class RunStore:
         tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
         self.fs.pipe_file(tmp, blob)
         self.fs.mv(tmp, path)
+
+
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    """Stores of buckets and keys (s3, gcs, azure), where folders are only key prefixes."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"})
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -263,7 +263,7 @@ def test_a_bad_instance_card_names_the_field(tmp_path, instances, field):
 
 def evaluated_run(model_path: Path, uris: list[str], gt: str, out: Path) -> dict:
     """Segment ``uris`` into a run folder as a worker does, then evaluate it from its tables."""
-    from pipelines.segment import evaluation_info
+    from segflow.preflight import evaluation_info
 
     model = load_model(model_path, device="cpu")
     store = RunStore(str(out), "demo")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from datetime import UTC, datetime
 
+import duckdb
 import fsspec
 import pyarrow as pa
 import pytest
@@ -12,9 +15,26 @@ import pytest
 from segflow import schema
 from segflow.manifest import Shard
 from segflow.store import RunConflictError, RunStore
+from tests.conftest import REPO_ROOT
 
 
-def _tables(uri: str) -> dict[str, pa.Table]:
+def _tables(uri: str, area: int = 0) -> dict[str, pa.Table]:
+    """One image of 2x3 pixels; with ``area``, one mask of that many pixels."""
+    mask = {
+        "run_id": "r",
+        "image_id": schema.image_id_for(uri),
+        "uri": uri,
+        "instance": None,
+        "class_id": 1,
+        "class_name": "road",
+        "score": None,
+        "bbox": [0.0, 0.0, 1.0, 1.0],
+        "area": area,
+        "counts": "0" + str(area),
+        "height": 2,
+        "width": 3,
+        "model": "m",
+    }
     image = {
         "run_id": "r",
         "image_id": schema.image_id_for(uri),
@@ -35,10 +55,8 @@ def _tables(uri: str) -> dict[str, pa.Table]:
         "mdice": None,
         "boundary_iou": None,
     }
-    return {
-        name: schema.table_from_rows(name, [image] if name == "images" else [])
-        for name in schema.TABLES
-    }
+    rows = {"images": [image], "masks": [mask] if area else []}
+    return {name: schema.table_from_rows(name, rows.get(name, [])) for name in schema.TABLES}
 
 
 def _exercise(out: str) -> None:
@@ -89,3 +107,21 @@ def test_run_ids_must_be_plain_names(tmp_path):
     for bad in ("", "a/b", "_tmp", ".hidden"):
         with pytest.raises(ValueError, match="plain name"):
             RunStore(str(tmp_path), bad)
+
+
+def test_the_readmes_direct_query_reads_committed_shards_only(tmp_path):
+    """After a crash between a shard's file moves and its commit marker, the files of that
+    shard are in place: the README's DuckDB query of the files leaves them out."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    [query] = re.findall(r"```sql\n(.*?_commits.*?)```", readme, re.DOTALL)
+    store = RunStore(str(tmp_path / "out"), "crashed")
+    store.prepare({"input": "in"})
+    store.commit_shard(Shard(0, 0, 1), _tables("a", area=2), {"shard": 0})
+    store.commit_shard(Shard(1, 1, 2), _tables("b", area=3), {"shard": 1})
+    store.commit_shard(Shard(2, 2, 3), _tables("c", area=5), {"shard": 2})
+    os.remove(store.path("_commits", "shard-000002.json"))  # killed before the marker
+    query = query.replace("out/demo/", f"{tmp_path}/out/")
+    db = duckdb.connect()
+    assert db.sql(query).fetchall() == [("road", 5, 2)]
+    every_file = f"'{tmp_path}/out/run=*/masks/*.parquet'"
+    assert db.execute(f"SELECT sum(area)::INT FROM {every_file}").fetchone() == (10,)
