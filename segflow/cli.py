@@ -114,11 +114,7 @@ def segment(
 
     Rerunning the same command resumes: shards already committed are skipped.
     """
-    # Ray reads its auth mode at import: set it before anything imports ray. Token auth is
-    # what `ray start` clusters use (Ray 2.60), and it is kept on.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    # The ephemeral Prefect server would otherwise phone home (and log an error offline).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _set_environment_defaults()
     started = time.perf_counter()
     model_options = {
         name: value
@@ -232,6 +228,19 @@ def segment(
         raise typer.Exit(code=IMAGES_FAILED)
 
 
+def _set_environment_defaults() -> None:
+    """Settings of Ray and Prefect for the commands that start them, unless the user set
+    them."""
+    # Ray reads its auth mode at import: set it before anything imports ray. Token auth is
+    # what `ray start` clusters use (Ray 2.60), and it is kept on.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # The ephemeral Prefect server would otherwise phone home (and log an error offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its 20 s default is too short on a busy 2-core machine (seen here), and Prefect then
+    # starts a second server on the same port, which fails with a traceback.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 def _in_background(function: Callable[..., object], *args: object) -> threading.Thread:
     thread = threading.Thread(target=function, args=args, daemon=True)
     thread.start()
@@ -245,6 +254,12 @@ def _without_prefect_tracebacks() -> None:
 
     def drop_traceback(record: logging.LogRecord) -> bool:
         record.exc_info = record.exc_text = None
+        # A failed state's message quotes the exception, Ray's remote traceback included.
+        message = record.getMessage()
+        for newline in ("\n", "\\n"):
+            if newline in message:
+                message = message.split(newline, 1)[0] + " ..."
+        record.msg, record.args = message, ()
         return True
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
@@ -517,8 +532,7 @@ def demo(
     """The main job end to end on an embedded default: an S3 endpoint on loopback, a local
     Ray, Prefect's ephemeral server; the demo corpus segmented and evaluated with the demo
     models, figures, queries and HTML reports. Stops what it started."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _set_environment_defaults()
     from pathlib import Path
 
     import ray
