@@ -21,17 +21,26 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
-from ray.util import ActorPool
 
 import segflow
 from segflow.decode import DEFAULT_MAX_PIXELS
+from segflow.errors import RunIncompleteError
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard, build_manifest, shards
 from segflow.models import load_model
 from segflow.scoring import ImageScorer
+from segflow.shard import DEFAULT_READ_TIMEOUT
 from segflow.store import RunStore
 from workers.cluster import connect
-from workers.pool import WorkerConfig, Workers, claim, discard_prestart, prestart
+from workers.pool import (
+    WorkerConfig,
+    Workers,
+    claim,
+    discard_prestart,
+    prestart,
+    segment_shards,
+)
+from workers.segment_actor import DEFAULT_STALL_TIMEOUT
 
 DEFAULT_SHARD_SIZE = 256
 
@@ -71,16 +80,24 @@ def default_run_id(config: dict[str, Any]) -> str:
     return digest[:12]
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry what may pass on a second try (a flaky store), not a bad input or a conflicting
-    run, which would only fail again later."""
-    try:
-        state.result()
-    except (ValueError, ImportError):
+def _retry_unless(*final: type[Exception]) -> Callable[[Any, Any, Any], bool]:
+    """A retry condition: retry what may pass on a second try (a flaky store), not a failure
+    of the ``final`` kinds, which would only fail again later."""
+
+    def worth_retrying(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except final:
+            return False
+        except Exception:
+            return True
         return False
-    except Exception:
-        return True
-    return False
+
+    return worth_retrying
+
+
+# Not a bad input or a conflicting run.
+_transient = _retry_unless(ValueError, ImportError)
 
 
 def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dict[str, Any] | None:
@@ -132,8 +149,14 @@ def plan_run(
     return Plan(store, manifest, pending, len(all_shards), resumed)
 
 
-# A retry re-reads the commits, so it runs only the shards the failed attempt left undone.
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=10)
+# A retry re-reads the commits, so it runs only the shards the failed attempt left undone;
+# not after a shard failed each of its attempts on Ray.
+@task(
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_unless(RunIncompleteError),
+)
 def run_shards(
     plan: Plan,
     config: WorkerConfig,
@@ -152,13 +175,7 @@ def run_shards(
     )
     summaries = []
     try:
-        pool = ActorPool(workers.actors)
-        for summary in pool.map_unordered(
-            lambda actor, shard: actor.__call__.remote(
-                plan.store, shard, plan.manifest.slice(shard.start, len(shard)).to_pylist()
-            ),
-            pending,
-        ):
+        for summary in segment_shards(workers, plan.store, plan.manifest, pending, config):
             summaries.append(summary)
             if on_shard is not None:
                 on_shard(summary)
@@ -212,12 +229,17 @@ def segment(
     prefetch_threads: int = 4,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cpus_per_actor: float | None = None,
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     on_plan: Callable[[Plan], None] | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``input`` with ``model`` into ``out``; returns the run summary.
 
-    ``on_plan`` and ``on_shard`` let a caller (the CLI's progress bar) follow the run.
+    A read that takes longer than ``read_timeout`` seconds fails its image; a shard with no
+    image done for ``stall_timeout`` seconds is retried, and fails the run after its last
+    attempt (``None``: no limit). ``on_plan`` and ``on_shard`` let a caller (the CLI's
+    progress bar) follow the run.
     """
     started = time.perf_counter()
     model_options = model_options or {}
