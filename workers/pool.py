@@ -123,7 +123,7 @@ def segment_shards(
 def _died_every_time(shard: Shard, manifest: pa.Array, config: WorkerConfig) -> str:
     stall = (
         f"an actor ends itself when no image of its shard is done for {config.stall_timeout:g} s"
-        f" (--stall-timeout), or it crashed"
+        " (the stall timeout), or it crashed"
         if config.stall_timeout is not None
         else "it crashed"
     )
