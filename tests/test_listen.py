@@ -59,6 +59,7 @@ def test_the_token_it_creates_is_readable_by_its_user_only(home: Path):
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert stat.S_IMODE(token.parent.stat().st_mode) & 0o077 == 0
     assert len(token.read_text()) == 64
+    assert [path.name for path in token.parent.iterdir()] == ["auth_token"]  # no draft left
 
 
 def test_every_socket_of_the_local_ray_listens_on_loopback_only(home: Path):

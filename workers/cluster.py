@@ -90,13 +90,20 @@ def _create_private_token() -> None:
     if {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys():
         return
     path = Path.home() / ".ray" / "auth_token"
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return
-    with open(fd, "w") as f:
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    # Written whole under another name, then linked into place: a Ray starting meanwhile in
+    # another process never reads a half-written token, and an existing one is kept.
+    draft = path.with_name(f".auth_token.{secrets.token_hex(8)}")
+    with open(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         f.write(secrets.token_hex(32))  # 256 bits, as Ray's own tokens
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
 
 
 def _probe(address: str, timeout: float) -> None:
