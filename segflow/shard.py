@@ -10,15 +10,12 @@ A read never holds up the shard for longer than its timeout: each fetch runs in 
 its own, and one that has not returned after ``read_timeout`` seconds becomes a ``read`` error
 ("timed out after N s") while the shard goes on without it (a thread blocked in a read
 cannot be stopped, so it is left behind; it keeps neither the shard nor the process from
-ending). A local path that is not a regular file (a FIFO, a device, a socket, a directory)
-is a ``read`` error at once, without being read: opening a FIFO waits for a writer, and a
-device may never end.
+ending). A local path that is not a regular file (a FIFO, a device) is a ``read`` error at
+once, unread (:mod:`segflow.reading`).
 """
 
 from __future__ import annotations
 
-import os
-import stat
 import threading
 import time
 from collections import deque
@@ -29,15 +26,14 @@ from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from segflow import rle, schema
 from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
 from segflow.groundtruth import GroundTruth, InstanceTarget, SemanticTarget
 from segflow.prediction import InstancePrediction, Prediction, SemanticPrediction
+from segflow.reading import read_bytes
 from segflow.scoring import IMAGE_COLUMNS, METRIC_TABLES, ImageScorer
 
 DEFAULT_READ_TIMEOUT = 60.0
@@ -79,39 +75,6 @@ class _Rows:
     masks: list[dict[str, Any]] = field(default_factory=list)
     images: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
-
-
-def read_bytes(uri: str) -> bytes:
-    """Fetch a whole object through fsspec (local paths, file://, s3://, ...); a local path
-    must name a regular file."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
-        return _read_regular_file(path)
-    with fs.open(path, "rb") as f:
-        return f.read()
-
-
-def _read_regular_file(path: str) -> bytes:
-    # Non-blocking, so that opening a FIFO does not wait for a writer; the type is checked
-    # on the opened file, so nothing can be swapped in under its name in between.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(f"not a regular file ({_file_kind(mode)}): {path}")
-        os.set_blocking(fd, True)
-        return f.read()
-
-
-def _file_kind(mode: int) -> str:
-    kinds = {
-        stat.S_ISFIFO: "a FIFO",
-        stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device",
-        stat.S_ISSOCK: "a socket",
-        stat.S_ISDIR: "a directory",
-    }
-    return next((kind for test, kind in kinds.items() if test(mode)), "of another kind")
 
 
 def _fetch_within(fetch: Callable[[str], bytes], uri: str, seconds: float | None) -> bytes:

@@ -18,9 +18,11 @@ from pycocotools import mask as coco_mask
 
 from segflow import schema
 from segflow.decode import decode_image
+from segflow.groundtruth import open_ground_truth
 from segflow.manifest import build_manifest
 from segflow.models import load_model
-from segflow.shard import read_bytes, segment_images
+from segflow.reading import read_bytes
+from segflow.shard import segment_images
 
 pytestmark = pytest.mark.slow
 
@@ -182,6 +184,33 @@ def test_a_fifo_among_the_frames_is_a_read_error_and_the_shard_goes_on(
     assert {row["stage"] for name, row in errors.items() if name != "x.png"} == {"decode"}
     statuses = [row["status"] for row in result.tables["images"].to_pylist()]
     assert statuses.count("ok") == GOOD
+
+
+def test_a_fifo_among_the_label_files_fails_that_evaluation_only(
+    espnet, shared: Path, tmp_path: Path
+):
+    frames = sorted((shared / "data" / "camvid_val" / "images").glob("*.png"))[:3]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for frame in frames[1:]:
+        shutil.copy(shared / "data" / "camvid_val" / "labels" / frame.name, labels / frame.name)
+    os.mkfifo(labels / frames[0].name)
+    ground_truth = open_ground_truth(f"masks:{labels}", ignore_index=11)
+    uris = [str(frame) for frame in frames]
+    thread, results = _segment_in_background(
+        model=espnet, uris=uris, run_id="r1", ground_truth=ground_truth
+    )
+    try:
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the shard hung on the FIFO"
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(labels / frames[0].name, os.O_WRONLY | os.O_NONBLOCK))
+    [result] = results
+    [error] = result.tables["errors"].to_pylist()
+    assert (error["uri"], error["stage"]) == (uris[0], "gt")
+    assert f"not a regular file (a FIFO): {labels / frames[0].name}" in error["message"]
+    assert result.num_failed == 0 and result.num_not_evaluated == 1
 
 
 def test_a_read_that_never_returns_times_out_into_a_read_error(espnet, corpus: Path):
