@@ -19,16 +19,24 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
-from ray.util import ActorPool
 
 import segflow
 from segflow.decode import DEFAULT_MAX_PIXELS
 from segflow.errors import RunIncompleteError, SegflowError
 from segflow.manifest import Shard, build_manifest, shards
 from segflow.preflight import CheckedJob, check_segment_job
+from segflow.shard import DEFAULT_READ_TIMEOUT
 from segflow.store import RunStore
 from workers.cluster import connect
-from workers.pool import WorkerConfig, Workers, claim, discard_prestart, prestart
+from workers.pool import (
+    WorkerConfig,
+    Workers,
+    claim,
+    discard_prestart,
+    prestart,
+    segment_shards,
+)
+from workers.segment_actor import DEFAULT_STALL_TIMEOUT
 
 DEFAULT_SHARD_SIZE = 256
 
@@ -42,16 +50,24 @@ class Plan:
     resumed: bool
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry what may pass on a second try (a flaky store), not a bad input or a conflicting
-    run, which would only fail again later."""
-    try:
-        state.result()
-    except (SegflowError, ValueError, ImportError):
+def _retry_unless(*final: type[Exception]) -> Callable[[Any, Any, Any], bool]:
+    """A retry condition: retry what may pass on a second try (a flaky store), not a failure
+    of the ``final`` kinds, which would only fail again later."""
+
+    def worth_retrying(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except final:
+            return False
+        except Exception:
+            return True
         return False
-    except Exception:
-        return True
-    return False
+
+    return worth_retrying
+
+
+# Not a bad input or a conflicting run.
+_transient = _retry_unless(SegflowError, ValueError, ImportError)
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
@@ -87,8 +103,14 @@ def plan_run(
     return Plan(store, manifest, pending, len(all_shards), resumed)
 
 
-# A retry re-reads the commits, so it runs only the shards the failed attempt left undone.
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=10)
+# A retry re-reads the commits, so it runs only the shards the failed attempt left undone;
+# not after a shard failed each of its attempts on Ray.
+@task(
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_unless(RunIncompleteError),
+)
 def run_shards(
     plan: Plan,
     config: WorkerConfig,
@@ -107,13 +129,7 @@ def run_shards(
     )
     summaries = []
     try:
-        pool = ActorPool(workers.actors)
-        for summary in pool.map_unordered(
-            lambda actor, shard: actor.__call__.remote(
-                plan.store, shard, plan.manifest.slice(shard.start, len(shard)).to_pylist()
-            ),
-            pending,
-        ):
+        for summary in segment_shards(workers, plan.store, plan.manifest, pending, config):
             summaries.append(summary)
             if on_shard is not None:
                 on_shard(summary)
@@ -168,6 +184,8 @@ def segment(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cpus_per_actor: float | None = None,
     checked: CheckedJob | None = None,
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     on_plan: Callable[[Plan], None] | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -175,7 +193,10 @@ def segment(
 
     ``checked``: what :func:`~segflow.preflight.check_segment_job` returned for these same
     arguments, where the caller checked the job already (the CLI, before starting Ray and
-    Prefect). ``on_plan`` and ``on_shard`` let a caller (the CLI's progress bar) follow the run.
+    Prefect). A read that takes longer than ``read_timeout`` seconds fails its image; a shard
+    with no image done for ``stall_timeout`` seconds is retried, and fails the run after its
+    last attempt (``None``: no limit). ``on_plan`` and ``on_shard`` let a caller (the CLI's
+    progress bar) follow the run.
     """
     started = time.perf_counter()
     model_options = model_options or {}

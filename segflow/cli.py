@@ -109,6 +109,21 @@ def segment(
         bool,
         typer.Option(help="Semantic models with --gt: also soft IoU/Dice from probabilities."),
     ] = False,
+    read_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Seconds a read may take before its image fails (stage read; default 60).",
+        ),
+    ] = None,
+    stall_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Seconds without an image done after which a shard is retried; one that "
+            "stalls on every attempt stops the run (default 600).",
+        ),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -134,6 +149,12 @@ def segment(
         "ray_address": ray_address,
         "device": device,
         "model_options": model_options,
+    }
+    # Left out when not given, so the flow's defaults apply.
+    run |= {
+        name: value
+        for name, value in (("read_timeout", read_timeout), ("stall_timeout", stall_timeout))
+        if value is not None
     }
     planned = threading.Event()  # from then on, a failure leaves a run to resume
     with _reported(started=planned.is_set):

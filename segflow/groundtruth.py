@@ -44,6 +44,7 @@ from PIL import Image
 from segflow import rle
 from segflow.decode import ImageDecodeError, UnsupportedModeError, decode_image, decode_label_map
 from segflow.errors import SegflowError
+from segflow.reading import read_bytes
 
 __all__ = [
     "IGNORE",
@@ -163,8 +164,7 @@ def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
 def _read_bytes(uri: str, what: str, error: type[ValueError] = GroundTruthError) -> bytes:
     """The bytes at ``uri``; ``error`` naming ``what`` when they cannot be had."""
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
-        return fs.cat_file(path)
+        return read_bytes(uri)
     except FileNotFoundError:
         raise error(f"{what} does not exist") from None
     except Exception as failure:

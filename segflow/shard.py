@@ -5,20 +5,27 @@ in-process runner calls it on the whole corpus; both get the same rows. Fetching
 decoding (and reading the ground truth, when the run has one) run in a thread pool ahead of
 the model (the decoders and fsspec release the GIL), so the forward pass does not wait on
 I/O. A failure of one image becomes an ``errors`` row and the shard goes on.
+
+A read never holds up the shard for longer than its timeout: each fetch runs in a thread of
+its own, and one that has not returned after ``read_timeout`` seconds becomes a ``read`` error
+("timed out after N s") while the shard goes on without it (a thread blocked in a read
+cannot be stopped, so it is left behind; it keeps neither the shard nor the process from
+ending). A local path that is not a regular file (a FIFO, a device) is a ``read`` error at
+once, unread (:mod:`segflow.reading`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import torch
 
@@ -26,7 +33,10 @@ from segflow import rle, schema
 from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
 from segflow.groundtruth import GroundTruth, InstanceTarget, SemanticTarget
 from segflow.prediction import InstancePrediction, Prediction, SemanticPrediction
+from segflow.reading import read_bytes
 from segflow.scoring import IMAGE_COLUMNS, METRIC_TABLES, ImageScorer
+
+DEFAULT_READ_TIMEOUT = 60.0
 
 
 @dataclass
@@ -67,10 +77,23 @@ class _Rows:
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
-def read_bytes(uri: str) -> bytes:
-    """Fetch a whole object through fsspec (local paths, file://, s3://, ...)."""
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
+def _fetch_within(fetch: Callable[[str], bytes], uri: str, seconds: float | None) -> bytes:
+    """``fetch(uri)``, or :class:`TimeoutError` once it has run for ``seconds``. It runs in a
+    daemon thread, which is abandoned when it overruns."""
+    if seconds is None:
+        return fetch(uri)
+    outcome: Future[bytes] = Future()
+
+    def run() -> None:
+        try:
+            outcome.set_result(fetch(uri))
+        except BaseException as exc:  # handed to the caller, whatever it is
+            outcome.set_exception(exc)
+
+    threading.Thread(target=run, name=f"fetch {uri}", daemon=True).start()
+    if not wait([outcome], timeout=seconds).done:
+        raise TimeoutError(f"reading timed out after {seconds:g} s")
+    return outcome.result()
 
 
 def segment_images(
@@ -82,12 +105,19 @@ def segment_images(
     prefetch_threads: int = 4,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     fetch: Callable[[str], bytes] = read_bytes,
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     ground_truth: GroundTruth | None = None,
+    on_progress: Callable[[], None] | None = None,
 ) -> ShardResult:
     """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
-    reads one URI's bytes. With ``ground_truth``, every segmented image is also evaluated."""
+    reads one URI's bytes, and one that takes longer than ``read_timeout`` seconds (``None``:
+    no limit) fails that image. With ``ground_truth``, every segmented image is also
+    evaluated. ``on_progress`` is called each time images are done (a batch, or images that
+    failed before the model)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if read_timeout is not None and not read_timeout > 0:
+        raise ValueError(f"read_timeout must be positive seconds or None, got {read_timeout}")
     started = time.perf_counter()
     rows = _Rows()
     model_name = str(model.name)
@@ -97,7 +127,7 @@ def segment_images(
         item = _Decoded(uri)
         t0 = time.perf_counter()
         try:
-            data = fetch(uri)
+            data = _fetch_within(fetch, uri, read_timeout)
         except Exception as exc:  # any fetch failure is this image's error, not the shard's
             item.error = ("read", exc)
             return item
@@ -125,6 +155,8 @@ def segment_images(
                 else:
                     _record_failure(rows, run_id, model_name, item, *item.error)
             _predict_batch(model, model_name, run_id, good, rows, scorer)
+            if on_progress is not None:
+                on_progress()
 
     tables = {name: schema.table_from_rows(name, getattr(rows, name)) for name in _ROW_TABLES}
     if scorer is None:

@@ -3,12 +3,15 @@ two-node ``ray start`` cluster with token auth), a moto S3 endpoint, DuckDB on t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -307,3 +310,65 @@ def test_actors_prestarted_for_another_configuration_are_replaced(
     assert not shard_worker_pids(tmp_path / "out" / "run=q") & prestarted_pids
     assert all(is_stopped(actor) for actor in prestarted.actors)
     assert_exactly_once(tmp_path / "out" / "run=q", 4)
+
+
+def test_a_fifo_in_the_corpus_fails_its_image_not_the_run(frames, shared, tmp_path):
+    corpus = make_corpus(tmp_path / "in", frames, good=3, bad=False)
+    os.mkfifo(corpus / "x.png")  # reading it would wait for a writer that never comes
+    out = tmp_path / "out"
+    args = [str(corpus), "--model", str(shared / "models" / "espnet_camvid.pt2")]
+    try:
+        returncode, output = Cli(
+            *args, "--out", str(out), "--run-id", "f", log=tmp_path / "cli.log"
+        ).wait(timeout=300)
+    finally:
+        with contextlib.suppress(OSError):  # unblock a reader stuck in open(), if any
+            os.close(os.open(corpus / "x.png", os.O_WRONLY | os.O_NONBLOCK))
+    assert returncode == 1, output  # an image failed
+    assert "1 image(s) failed" in output
+    errors = (
+        duckdb.connect()
+        .execute(f"SELECT uri, stage, message FROM {table(out / 'run=f', 'errors')}")
+        .fetchall()
+    )
+    assert [(Path(uri).name, stage) for uri, stage, _ in errors] == [("x.png", "read")]
+    assert errors[0][2].startswith("not a regular file (a FIFO)")
+    assert_exactly_once(out / "run=f", 4)
+
+
+def test_a_shard_that_stalls_every_time_is_retried_then_stops_the_run(shared, tmp_path):
+    # An object store that accepts connections and never answers, with a read timeout
+    # longer than the stall timeout: only the stall watchdog can end the wait.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("s3://corpus/frame.png\n")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "RAY_TMPDIR": ray_tmp,
+    }
+    args = [str(manifest), "--model", str(shared / "models" / "espnet_camvid.pt2")]
+    args += ["--out", str(tmp_path / "out"), "--run-id", "s"]
+    args += ["--read-timeout", "3600", "--stall-timeout", "5"]
+    try:
+        returncode, output = Cli(*args, log=tmp_path / "cli.log", env=env).wait(timeout=400)
+        stalls = [
+            line
+            for log in Path(ray_tmp).rglob("worker-*.err")
+            for line in log.read_text().splitlines()
+            if "segflow: shard 0: nothing done" in line
+        ]
+    finally:
+        silent.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert returncode != 0, output  # the run could not finish (exit status 3, see errors.py)
+    assert "shard-000000 (images 0 to 0, from s3://corpus/frame.png) did not finish" in output
+    assert "its actor died on each of 3 attempts" in output
+    assert "no image of its shard is done for 5 s" in output
+    assert len(stalls) == 3, stalls  # each attempt stalled, and the watchdog ended it
+    assert not (tmp_path / "out" / "run=s" / "_commits" / "shard-000000.json").exists()

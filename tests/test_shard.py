@@ -3,7 +3,10 @@ read back by DuckDB and Polars, masks decoded by pycocotools."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import duckdb
@@ -15,8 +18,10 @@ from pycocotools import mask as coco_mask
 
 from segflow import schema
 from segflow.decode import decode_image
+from segflow.groundtruth import open_ground_truth
 from segflow.manifest import build_manifest
 from segflow.models import load_model
+from segflow.reading import read_bytes
 from segflow.shard import segment_images
 
 pytestmark = pytest.mark.slow
@@ -146,3 +151,94 @@ def test_rows_with_a_null_in_a_required_column_are_refused():
         schema.table_from_rows("errors", [row])
     with pytest.raises(schema.SchemaError, match="unknown table"):
         schema.table_from_rows("nope", [])
+
+
+def _segment_in_background(**kwargs) -> tuple[threading.Thread, list]:
+    """``segment_images`` in a daemon thread, so that a test whose read hangs fails (its
+    join times out) instead of hanging the suite."""
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(segment_images(**kwargs)), daemon=True)
+    thread.start()
+    return thread, results
+
+
+def test_a_fifo_among_the_frames_is_a_read_error_and_the_shard_goes_on(
+    espnet, corpus: Path, tmp_path: Path
+):
+    fifo = corpus / "x.png"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    uris = build_manifest(str(corpus)).to_pylist()
+    assert f"file://{fifo}" in uris
+    thread, results = _segment_in_background(model=espnet, uris=uris, run_id="r1", batch_size=3)
+    try:
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the shard hung on the FIFO"
+    finally:
+        with contextlib.suppress(OSError):  # unblock a reader stuck in open(), if any
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    [result] = results
+    assert result.num_images == len(uris) == GOOD + 5
+    errors = {Path(row["uri"]).name: row for row in result.tables["errors"].to_pylist()}
+    assert errors["x.png"]["stage"] == "read"
+    assert errors["x.png"]["message"] == f"not a regular file (a FIFO): {fifo}"
+    assert {row["stage"] for name, row in errors.items() if name != "x.png"} == {"decode"}
+    statuses = [row["status"] for row in result.tables["images"].to_pylist()]
+    assert statuses.count("ok") == GOOD
+
+
+def test_a_fifo_among_the_label_files_fails_that_evaluation_only(
+    espnet, shared: Path, tmp_path: Path
+):
+    frames = sorted((shared / "data" / "camvid_val" / "images").glob("*.png"))[:3]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for frame in frames[1:]:
+        shutil.copy(shared / "data" / "camvid_val" / "labels" / frame.name, labels / frame.name)
+    os.mkfifo(labels / frames[0].name)
+    ground_truth = open_ground_truth(f"masks:{labels}", ignore_index=11)
+    uris = [str(frame) for frame in frames]
+    thread, results = _segment_in_background(
+        model=espnet, uris=uris, run_id="r1", ground_truth=ground_truth
+    )
+    try:
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the shard hung on the FIFO"
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(labels / frames[0].name, os.O_WRONLY | os.O_NONBLOCK))
+    [result] = results
+    [error] = result.tables["errors"].to_pylist()
+    assert (error["uri"], error["stage"]) == (uris[0], "gt")
+    assert f"not a regular file (a FIFO): {labels / frames[0].name}" in error["message"]
+    assert result.num_failed == 0 and result.num_not_evaluated == 1
+
+
+def test_a_read_that_never_returns_times_out_into_a_read_error(espnet, corpus: Path):
+    uris = [u for u in build_manifest(str(corpus)).to_pylist() if u.endswith("png")][:3]
+    stalled = uris[1]
+    released = threading.Event()
+
+    def fetch(uri: str) -> bytes:
+        if uri == stalled:
+            released.wait()  # an object store that accepted the request and went silent
+        return read_bytes(uri)
+
+    thread, results = _segment_in_background(
+        model=espnet, uris=uris, run_id="r1", fetch=fetch, read_timeout=0.5, batch_size=2
+    )
+    try:
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the shard waited on the stalled read"
+    finally:
+        released.set()
+    [result] = results
+    [error] = result.tables["errors"].to_pylist()
+    assert (error["uri"], error["stage"], error["error_type"]) == (stalled, "read", "TimeoutError")
+    assert error["message"] == "reading timed out after 0.5 s"
+    images = {row["uri"]: row["status"] for row in result.tables["images"].to_pylist()}
+    assert images == {uris[0]: "ok", stalled: "error", uris[2]: "ok"}
+
+
+def test_a_read_timeout_must_be_positive(espnet):
+    with pytest.raises(ValueError, match="read_timeout must be positive"):
+        segment_images(espnet, [], run_id="r1", read_timeout=0)

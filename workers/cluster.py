@@ -1,10 +1,23 @@
-"""Connecting the driver to Ray, and sizing the actor pool from what the cluster has."""
+"""Connecting the driver to Ray, and sizing the actor pool from what the cluster has.
+
+The local Ray that a run starts by default listens on loopback (127.0.0.1) only: its GCS,
+raylet, workers, dashboard agent (metrics export included) and runtime-env agent, which
+would otherwise answer on every interface, the metrics without authentication. Ray 2.60
+turns a node IP of 127.0.0.1 into the machine's LAN address unless it runs as a
+single-machine Ray (``ray_constants.ENABLE_RAY_CLUSTER`` false, what it does on macOS and
+Windows), which :func:`connect` asks for while it starts the local Ray. The token that
+authenticates to it is created readable by its owner only (Ray's own is 0644).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import ray
@@ -31,14 +44,15 @@ def connect(address: str | None, *, probe_timeout: float = 5.0) -> None:
     if address is None:
         # "local": a new Ray of this process's own, even where a `ray start` cluster runs on
         # the machine (ray.init() would join that one, whose workers lack this process's
-        # environment, its storage credentials for one). On loopback rather than the
-        # machine's LAN address.
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        # environment, its storage credentials for one).
+        _create_private_token()
+        with _single_machine():
+            ray.init(
+                address="local",
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                log_to_driver=False,
+            )
         return
     if os.environ.get("RAY_AUTH_MODE") not in ("token", "disabled"):
         raise ClusterError(
@@ -51,6 +65,45 @@ def connect(address: str | None, *, probe_timeout: float = 5.0) -> None:
         ray.init(address=address, log_to_driver=False)
     except ConnectionError as exc:
         raise ClusterError(f"cannot connect to Ray at {address!r}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _single_machine() -> Iterator[None]:
+    """While a local Ray starts: its node IP stays 127.0.0.1, and every server it starts
+    binds that (see the module docstring)."""
+    from ray._private import ray_constants
+
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+
+
+def _create_private_token() -> None:
+    """Where a new local Ray would create ``~/.ray/auth_token`` (token auth on, and no
+    token given by RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or an existing file), create it
+    first, with a random token readable by this user only; Ray then uses it."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys():
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    # Written whole under another name, then linked into place: a Ray starting meanwhile in
+    # another process never reads a half-written token, and an existing one is kept.
+    draft = path.with_name(f".auth_token.{secrets.token_hex(8)}")
+    with open(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, as Ray's own tokens
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
 
 
 def _probe(address: str, timeout: float) -> None:

@@ -12,14 +12,25 @@ store, so Ray can always restart a killed actor.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 
+from segflow.errors import RunIncompleteError
+from segflow.manifest import Shard
+from segflow.store import RunStore
 from workers.cluster import ActorPlan, connect, plan_actors
 from workers.segment_actor import SegmentActor
+
+# Attempts at a shard whose actor dies under it (a stall, see workers.segment_actor, or a
+# crash): one that fails every time would fail again, and must not hold the run forever.
+SHARD_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,8 @@ class WorkerConfig:
     gt: str | None
     ignore_index: int | None
     cpus_per_actor: float | None
+    read_timeout: float | None
+    stall_timeout: float | None
 
 
 @dataclass
@@ -59,7 +72,8 @@ def start_workers(config: WorkerConfig, max_actors: int | None = None) -> Worker
     remote_actor = ray.remote(SegmentActor).options(
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
-        # Ray's fault tolerance: a dead actor is restarted and its shard retried on it.
+        # Ray's fault tolerance: a dead actor is restarted and its shard retried on it (as
+        # many times as segment_shards allows).
         max_restarts=-1,
         max_task_retries=-1,
     )
@@ -73,10 +87,51 @@ def start_workers(config: WorkerConfig, max_actors: int | None = None) -> Worker
             max_pixels=config.max_pixels,
             gt=config.gt,
             ignore_index=config.ignore_index,
+            read_timeout=config.read_timeout,
+            stall_timeout=config.stall_timeout,
         )
         for _ in range(plan.actors)
     ]
     return Workers(plan, actors)
+
+
+def segment_shards(
+    workers: Workers, store: RunStore, manifest: pa.Array, shards: list[Shard], config: WorkerConfig
+) -> Iterator[dict[str, Any]]:
+    """Run ``shards`` on the pool's actors, one at a time each, and yield each shard's summary
+    once it is committed. A shard whose actor died on each of its :data:`SHARD_ATTEMPTS`
+    attempts fails the run (:class:`RunIncompleteError`); shards committed so far stay."""
+    idle = list(workers.actors)
+    waiting = deque(shards)
+    running: dict[ray.ObjectRef, tuple[ActorHandle, Shard]] = {}
+    while waiting or running:
+        while idle and waiting:
+            actor, shard = idle.pop(), waiting.popleft()
+            uris = manifest.slice(shard.start, len(shard)).to_pylist()
+            call = actor.__call__.options(max_task_retries=SHARD_ATTEMPTS - 1)
+            running[call.remote(store, shard, uris)] = (actor, shard)
+        [done], _ = ray.wait(list(running), num_returns=1)
+        actor, shard = running.pop(done)
+        try:
+            summary = ray.get(done)
+        except RayActorError as exc:
+            raise RunIncompleteError(_died_every_time(shard, manifest, config)) from exc
+        idle.append(actor)
+        yield summary
+
+
+def _died_every_time(shard: Shard, manifest: pa.Array, config: WorkerConfig) -> str:
+    stall = (
+        f"an actor ends itself when no image of its shard is done for {config.stall_timeout:g} s"
+        " (the stall timeout), or it crashed"
+        if config.stall_timeout is not None
+        else "it crashed"
+    )
+    return (
+        f"{shard.name} (images {shard.start} to {shard.stop - 1}, from {manifest[shard.start]}) "
+        f"did not finish: its actor died on each of {SHARD_ATTEMPTS} attempts ({stall}); "
+        "the shards committed are kept, and rerunning the same command resumes"
+    )
 
 
 _prestarted: tuple[WorkerConfig, Workers] | None = None

@@ -1,9 +1,17 @@
-"""The Ray actor that segments shards: one model per actor, loaded once."""
+"""The Ray actor that segments shards: one model per actor, loaded once.
+
+A shard that makes no progress (no image done) for ``stall_timeout`` seconds ends its
+actor's process: whatever blocks it (a read past its timeout's reach, a forward pass that
+never returns) cannot be interrupted from inside. Ray then restarts the actor and retries
+the shard on it, a bounded number of times (:func:`workers.pool.segment_shards`).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 import time
 from typing import Any
 
@@ -15,6 +23,8 @@ from segflow.manifest import Shard
 from segflow.models import load_model
 from segflow.shard import segment_images
 from segflow.store import RunStore
+
+DEFAULT_STALL_TIMEOUT = 600.0
 
 
 class SegmentActor:
@@ -34,6 +44,8 @@ class SegmentActor:
         max_pixels: int | None,
         gt: str | None,
         ignore_index: int | None,
+        read_timeout: float | None,
+        stall_timeout: float | None,
     ) -> None:
         retain_freed_memory()
         self.model = load_model(model, device=device, **model_options)
@@ -41,8 +53,16 @@ class SegmentActor:
         self.batch_size = batch_size
         self.prefetch_threads = prefetch_threads
         self.max_pixels = max_pixels
+        self.read_timeout = read_timeout
+        self.stall_timeout = stall_timeout
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> dict[str, Any]:
+        with StallWatchdog(shard, self.stall_timeout) as watchdog:
+            return self._segment(store, shard, uris, watchdog)
+
+    def _segment(
+        self, store: RunStore, shard: Shard, uris: list[str], watchdog: StallWatchdog
+    ) -> dict[str, Any]:
         started_at = time.time()
         result = segment_images(
             self.model,
@@ -51,8 +71,11 @@ class SegmentActor:
             batch_size=self.batch_size,
             prefetch_threads=self.prefetch_threads,
             max_pixels=self.max_pixels,
+            read_timeout=self.read_timeout,
             ground_truth=self.ground_truth,
+            on_progress=watchdog.progress,
         )
+        watchdog.progress()  # the commit gets a stall timeout of its own
         summary = {
             "shard": shard.index,
             "images": result.num_images,
@@ -67,3 +90,44 @@ class SegmentActor:
         }
         store.commit_shard(shard, result.tables, summary)
         return summary
+
+
+class StallWatchdog:
+    """While open, exits the process when :meth:`progress` has not been called for
+    ``seconds`` (``None``: never)."""
+
+    def __init__(self, shard: Shard, seconds: float | None) -> None:
+        self.shard = shard
+        self.seconds = seconds
+        self._last = time.monotonic()
+        self._closed = threading.Event()
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def __enter__(self) -> StallWatchdog:
+        if self.seconds is not None:
+            watch = threading.Thread(
+                target=self._watch, args=(self.seconds,), name="stall watchdog", daemon=True
+            )
+            watch.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._closed.set()
+
+    def _watch(self, seconds: float) -> None:
+        while not self._closed.wait(min(1.0, seconds / 4)):
+            idle = time.monotonic() - self._last
+            if idle >= seconds:
+                print(
+                    f"segflow: shard {self.shard.index}: nothing done for {idle:.0f} s (stall "
+                    f"timeout {seconds:g} s); ending this actor so that Ray retries the "
+                    "shard",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(STALLED_EXIT_STATUS)
+
+
+STALLED_EXIT_STATUS = 75  # EX_TEMPFAIL: the shard may pass on another try
