@@ -27,7 +27,8 @@ import segflow
 from segflow.decode import DEFAULT_MAX_PIXELS
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard, build_manifest, shards
-from segflow.models import load_model
+from segflow.models import load_model, model_file
+from segflow.models.integrity import checked_sha256
 from segflow.scoring import ImageScorer
 from segflow.store import RunStore
 from workers.cluster import connect
@@ -52,12 +53,15 @@ def run_config(
     model_options: dict[str, Any],
     gt: str | None,
     ignore_index: int | None,
+    model_sha256: str | None,
 ) -> dict:
     """What a run's output depends on; a resume must match it exactly. The ground truth is
-    recorded for the evaluation step that reads it."""
+    recorded for the evaluation step that reads it; the model file's sha256 (None: the
+    model reads no file), which every actor checks the file it loads against."""
     return {
         "input": input,
         "model": model,
+        "model_sha256": model_sha256,
         "model_options": model_options,
         "shard_size": shard_size,
         "gt": gt,
@@ -209,6 +213,7 @@ def segment(
     ray_address: str | None = None,
     device: str = "auto",
     model_options: dict[str, Any] | None = None,
+    model_sha256: str | None = None,
     prefetch_threads: int = 4,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cpus_per_actor: float | None = None,
@@ -218,6 +223,8 @@ def segment(
     """Segment every image of ``input`` with ``model`` into ``out``; returns the run summary.
 
     ``on_plan`` and ``on_shard`` let a caller (the CLI's progress bar) follow the run.
+    ``model_sha256`` pins the model file (:func:`segflow.models.model_file`); by default its
+    hash is taken now, and the driver and every actor load only a file of that hash.
     """
     started = time.perf_counter()
     model_options = model_options or {}
@@ -225,9 +232,12 @@ def segment(
     if "://" not in out:
         out = os.path.abspath(out)
     model = _absolute_if_exists(model)
-    # Unknown model, missing weights, a bad card or ground truth: fail here, before any work.
-    evaluation = evaluation_info(load_model(model, device="cpu", **model_options), gt, ignore_index)
-    config = run_config(input, model, shard_size, model_options, gt, ignore_index)
+    model_sha256 = recorded_sha256(model, model_options, model_sha256)
+    # Unknown model, missing weights, a bad card, model file or ground truth: fail here,
+    # before any work.
+    loaded = load_model(model, device="cpu", sha256=model_sha256, **model_options)
+    evaluation = evaluation_info(loaded, gt, ignore_index)
+    config = run_config(input, model, shard_size, model_options, gt, ignore_index, model_sha256)
     run_id = run_id or default_run_id(config)
     try:
         connect(ray_address)
@@ -254,13 +264,25 @@ def prestart_segment(input: str, model: str, out: str, **options: Any) -> Worker
 def worker_config(arguments: Mapping[str, Any]) -> WorkerConfig:
     """The actors' part of the flow's arguments."""
     values = {field.name: arguments[field.name] for field in dataclasses.fields(WorkerConfig)}
+    model = _absolute_if_exists(values["model"])
+    model_options = values["model_options"] or {}
     return WorkerConfig(
         **values
         | {
-            "model": _absolute_if_exists(values["model"]),
-            "model_options": tuple(sorted((values["model_options"] or {}).items())),
+            "model": model,
+            "model_options": tuple(sorted(model_options.items())),
+            "model_sha256": recorded_sha256(model, model_options, values["model_sha256"]),
         }
     )
+
+
+def recorded_sha256(model: str, model_options: Mapping[str, Any], pinned: str | None) -> str | None:
+    """The hash the run's model file must have: ``pinned`` (``--model-sha256``), else that
+    of the file ``model`` is built from as it is now (None: it reads none)."""
+    if pinned is not None:
+        return checked_sha256(pinned)
+    found = model_file(model, model_options.get("weights"))
+    return None if found is None else found.sha256
 
 
 def _absolute_if_exists(path: str) -> str:

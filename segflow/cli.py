@@ -59,6 +59,13 @@ def segment(
         bool,
         typer.Option(help="Semantic models with --gt: also soft IoU/Dice from probabilities."),
     ] = False,
+    model_sha256: Annotated[
+        str | None,
+        typer.Option(
+            help="Expected sha256 of the model file (.pt2/.onnx, or the weights file); "
+            "default: the file's hash when the run starts, which every worker checks."
+        ),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -94,6 +101,7 @@ def segment(
         "batch_size": batch_size,
         "ray_address": ray_address,
         "device": device,
+        "model_sha256": model_sha256,
         "model_options": {
             name: value
             for name, value in (
