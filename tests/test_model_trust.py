@@ -150,6 +150,16 @@ def test_a_pt2_that_would_run_code_is_refused_and_nothing_runs(espnet, tmp_path,
     assert not marker.exists()
 
 
+def test_an_instance_pt2_is_checked_too(espnet, tmp_path):
+    marker = tmp_path / "marker"
+    rewrite(espnet, pickled_weight(pickle.dumps(Touch(marker), protocol=2)))
+    instances = {"method": "boundary-band", "things": ["car"], "band": 2, "min_area": 20}
+    write_card(espnet, lambda card: card.update(task="instance", instances=instances))
+    with pytest.raises(UnsafeModelError, match="as a pickle"):
+        load_model(espnet, device="cpu")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("how", ["pickled weight", "sample inputs that are not weights-only"])
 def test_torch_itself_would_run_those_pickles(espnet, tmp_path, how):
     """The archives above are live: torch.export.load runs their payload (the check the
