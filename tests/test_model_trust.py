@@ -268,7 +268,7 @@ def test_the_cli_refuses_an_unsafe_model_and_a_model_of_another_hash(shared, fra
     corpus = make_corpus(tmp_path / "in", frames, good=1, bad=False)
     marker = tmp_path / "marker"
     unsafe = rewrite(
-        copy_model(shared, tmp_path / "unsafe"),
+        copy_model(shared, tmp_path / "unsafe_model"),
         pickled_weight(pickle.dumps(Touch(marker), protocol=2)),
     )
     model = copy_model(shared, tmp_path / "model")
@@ -281,7 +281,7 @@ def test_the_cli_refuses_an_unsafe_model_and_a_model_of_another_hash(shared, fra
         ),
     }
     for name, (args, message) in cases.items():
-        out = tmp_path / name.replace(" ", "_")
+        out = tmp_path / f"out_{name.replace(' ', '_')}"
         returncode, output = Cli(*args, "--out", str(out), log=tmp_path / f"{name}.log").wait()
         assert returncode == 2, (name, output)
         assert message in " ".join(output.split()), (name, output)
