@@ -24,7 +24,7 @@ import segflow
 from segflow.decode import DEFAULT_MAX_PIXELS
 from segflow.errors import RunIncompleteError, SegflowError
 from segflow.manifest import Shard, build_manifest, shards
-from segflow.preflight import CheckedJob, check_segment_job
+from segflow.preflight import CheckedJob, check_segment_job, recorded_sha256
 from segflow.shard import DEFAULT_READ_TIMEOUT
 from segflow.store import RunStore
 from workers.cluster import connect
@@ -180,6 +180,7 @@ def segment(
     ray_address: str | None = None,
     device: str = "auto",
     model_options: dict[str, Any] | None = None,
+    model_sha256: str | None = None,
     prefetch_threads: int = 4,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cpus_per_actor: float | None = None,
@@ -193,14 +194,17 @@ def segment(
 
     ``checked``: what :func:`~segflow.preflight.check_segment_job` returned for these same
     arguments, where the caller checked the job already (the CLI, before starting Ray and
-    Prefect). A read that takes longer than ``read_timeout`` seconds fails its image; a shard
+    Prefect). ``model_sha256`` pins the model file (:func:`segflow.models.model_file`); by
+    default its hash is taken now, and the driver and every actor load only a file of that
+    hash. A read that takes longer than ``read_timeout`` seconds fails its image; a shard
     with no image done for ``stall_timeout`` seconds is retried, and fails the run after its
     last attempt (``None``: no limit). ``on_plan`` and ``on_shard`` let a caller (the CLI's
     progress bar) follow the run.
     """
     started = time.perf_counter()
     model_options = model_options or {}
-    # Unknown model, missing weights, a bad card or ground truth: fail here, before any work.
+    # Unknown model, missing weights, a bad card, model file or ground truth: fail here,
+    # before any work.
     checked = checked or check_segment_job(
         input,
         model,
@@ -210,7 +214,10 @@ def segment(
         model_options=model_options,
         gt=gt,
         ignore_index=ignore_index,
+        model_sha256=model_sha256,
     )
+    # The actors load the file of the hash the run records.
+    model_sha256 = checked.config["model_sha256"]
     try:
         connect(ray_address)
         plan = plan_run(input, checked.out, checked.run_id, checked.config, checked.evaluation)
@@ -236,11 +243,14 @@ def prestart_segment(input: str, model: str, out: str, **options: Any) -> Worker
 def worker_config(arguments: Mapping[str, Any]) -> WorkerConfig:
     """The actors' part of the flow's arguments."""
     values = {field.name: arguments[field.name] for field in dataclasses.fields(WorkerConfig)}
+    model = _absolute_if_exists(values["model"])
+    model_options = values["model_options"] or {}
     return WorkerConfig(
         **values
         | {
-            "model": _absolute_if_exists(values["model"]),
-            "model_options": tuple(sorted((values["model_options"] or {}).items())),
+            "model": model,
+            "model_options": tuple(sorted(model_options.items())),
+            "model_sha256": recorded_sha256(model, model_options, values["model_sha256"]),
         }
     )
 

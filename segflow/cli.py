@@ -124,6 +124,13 @@ def segment(
             "stalls on every attempt stops the run (default 600).",
         ),
     ] = None,
+    model_sha256: Annotated[
+        str | None,
+        typer.Option(
+            help="Expected sha256 of the model file (.pt2/.onnx, or the weights file); "
+            "default: the file's hash when the run starts, which every worker checks."
+        ),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -148,6 +155,7 @@ def segment(
         "batch_size": batch_size,
         "ray_address": ray_address,
         "device": device,
+        "model_sha256": model_sha256,
         "model_options": model_options,
     }
     # Left out when not given, so the flow's defaults apply.
@@ -170,7 +178,9 @@ def segment(
             model_options=model_options,
             gt=gt,
             ignore_index=ignore_index,
+            model_sha256=model_sha256,
         )
+        run["model_sha256"] = checked.config["model_sha256"]  # what the actors check
         # Registered before Ray and Prefect are imported, so it runs after their exit handlers:
         # the interpreter's last garbage collections would walk every object torch, Ray and
         # Prefect created (1.4 s of the exit, measured); frozen objects are skipped, and the

@@ -29,7 +29,8 @@ from typing import Any
 from segflow.errors import SegflowError
 from segflow.groundtruth import GroundTruthError, open_ground_truth
 from segflow.manifest import check_input
-from segflow.models import load_model
+from segflow.models import load_model, model_file
+from segflow.models.integrity import checked_sha256
 from segflow.scoring import ImageScorer
 from segflow.store import RunStore
 
@@ -62,15 +63,20 @@ def check_segment_job(
     model_options: Mapping[str, Any],
     gt: str | None,
     ignore_index: int | None,
+    model_sha256: str | None = None,
 ) -> CheckedJob:
-    """Check the job (see the module docstring); raises a SegflowError naming what is wrong."""
+    """Check the job (see the module docstring); raises a SegflowError naming what is wrong.
+    ``model_sha256`` pins the model file (``--model-sha256``)."""
     if "://" not in out:
         out = os.path.abspath(out)
     model = os.path.abspath(model) if os.path.exists(model) else model
-    loaded = _load(model, model_options)
+    model_sha256 = recorded_sha256(model, model_options, model_sha256)
+    loaded = _load(model, model_options, model_sha256)
     evaluation = evaluation_info(loaded, gt, ignore_index)
     check_input(input)
-    config = run_config(input, model, shard_size, dict(model_options), gt, ignore_index)
+    config = run_config(
+        input, model, shard_size, dict(model_options), gt, ignore_index, model_sha256
+    )
     run_id = run_id or default_run_id(config)
     RunStore(out, run_id).check(config)
     return CheckedJob(out=out, run_id=run_id, config=config, evaluation=evaluation)
@@ -83,12 +89,15 @@ def run_config(
     model_options: dict[str, Any],
     gt: str | None,
     ignore_index: int | None,
+    model_sha256: str | None,
 ) -> dict:
     """What a run's output depends on; a resume must match it exactly. The ground truth is
-    recorded for the evaluation step that reads it."""
+    recorded for the evaluation step that reads it; the model file's sha256 (None: the
+    model reads no file), which every actor checks the file it loads against."""
     return {
         "input": input,
         "model": model,
+        "model_sha256": model_sha256,
         "model_options": model_options,
         "shard_size": shard_size,
         "gt": gt,
@@ -127,9 +136,18 @@ def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dic
     }
 
 
-def _load(model: str, options: Mapping[str, Any]) -> Any:
+def recorded_sha256(model: str, model_options: Mapping[str, Any], pinned: str | None) -> str | None:
+    """The hash the run's model file must have: ``pinned`` (``--model-sha256``), else that
+    of the file ``model`` is built from as it is now (None: it reads none)."""
+    if pinned is not None:
+        return checked_sha256(pinned)
+    found = model_file(model, model_options.get("weights"))
+    return None if found is None else found.sha256
+
+
+def _load(model: str, options: Mapping[str, Any], sha256: str | None) -> Any:
     try:
-        return load_model(model, device="cpu", **options)
+        return load_model(model, device="cpu", sha256=sha256, **options)
     except SegflowError:
         raise
     except Exception as exc:

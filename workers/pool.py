@@ -41,6 +41,7 @@ class WorkerConfig:
     model: str
     device: str
     model_options: tuple[tuple[str, Any], ...]
+    model_sha256: str | None  # the model file every actor must load (None: it reads none)
     batch_size: int
     prefetch_threads: int
     max_pixels: int | None
@@ -82,6 +83,7 @@ def start_workers(config: WorkerConfig, max_actors: int | None = None) -> Worker
             model=config.model,
             device=plan.device,
             model_options=dict(config.model_options),
+            model_sha256=config.model_sha256,
             batch_size=config.batch_size,
             prefetch_threads=config.prefetch_threads,
             max_pixels=config.max_pixels,

@@ -39,6 +39,7 @@ class SegmentActor:
         model: str,
         device: str,
         model_options: dict[str, Any],
+        model_sha256: str | None,
         batch_size: int,
         prefetch_threads: int,
         max_pixels: int | None,
@@ -48,7 +49,8 @@ class SegmentActor:
         stall_timeout: float | None,
     ) -> None:
         retain_freed_memory()
-        self.model = load_model(model, device=device, **model_options)
+        # A model file replaced since the run recorded its hash fails here, naming both.
+        self.model = load_model(model, device=device, sha256=model_sha256, **model_options)
         self.ground_truth = None if gt is None else open_ground_truth(gt, ignore_index=ignore_index)
         self.batch_size = batch_size
         self.prefetch_threads = prefetch_threads

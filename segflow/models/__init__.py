@@ -9,9 +9,12 @@ from segflow.models.errors import (
     MissingDependencyError,
     MissingWeightsError,
     ModelCardError,
+    ModelIntegrityError,
     UnknownModelError,
+    UnsafeModelError,
 )
-from segflow.models.registry import ModelInfo, available_models, load_model
+from segflow.models.integrity import ModelFile
+from segflow.models.registry import ModelInfo, available_models, load_model, model_file
 from segflow.models.semantic import SemanticModel
 from segflow.models.weights import RANDOM_WEIGHTS
 
@@ -20,10 +23,14 @@ __all__ = [
     "MissingDependencyError",
     "MissingWeightsError",
     "ModelCardError",
+    "ModelFile",
     "ModelInfo",
+    "ModelIntegrityError",
     "SegmentationModel",
     "SemanticModel",
     "UnknownModelError",
+    "UnsafeModelError",
     "available_models",
     "load_model",
+    "model_file",
 ]

@@ -2,6 +2,14 @@
 
 Only what inference depends on is validated; informational fields (source, reference,
 ground_truth, ...) are left to the reader. Every error names the card file and the field.
+Values beyond any real model's (:data:`MAX_CLASSES`, :data:`MAX_SIDE`, :data:`MAX_BATCH`)
+are refused here, before a graph is run with them; that the graph itself fits its card is
+checked when it is loaded (:func:`segflow.models.exported.check_against_card`).
+
+``input.min_size`` (optional, null or absent when the graph takes any size): the smallest
+height and width the graph accepts; smaller images are padded up to it and the logits
+cropped back. A ``.pt2`` states its own minimum too (its range constraints), and the larger
+of the two applies.
 """
 
 from __future__ import annotations
@@ -16,6 +24,12 @@ from segflow.prediction import Task
 
 # How an instance model's graph output becomes instances (segflow.models.exported_instance).
 INSTANCE_METHODS = ("boundary-band",)
+
+# Far beyond real label sets (ADE20K-full: 3688 classes) and inputs, and below what would
+# exhaust memory at once: logits of 10,000 classes over a 1024 px tile are 40 GiB in fp32.
+MAX_CLASSES = 10_000
+MAX_SIDE = 8192  # fixed_size, size_multiple and min_size, in pixels
+MAX_BATCH = 256  # images per call of a static-batch graph
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class ModelCard:
     size_multiple: int | None  # height and width must be multiples of this
     batch: int | None  # None: any batch size; N: the graph only accepts batches of N
     instances: InstanceSpec | None = None  # instance models only
+    min_size: int | None = None  # smallest height and width the graph accepts
 
 
 def card_fields(
@@ -101,19 +116,32 @@ def _parse(raw: Any, path: Path, default_name: str) -> ModelCard:
     classes = raw.get("classes")
     if not isinstance(classes, list) or not classes or not all(_is_name(c) for c in classes):
         raise fields.error("classes", f"must be a non-empty list of class names, got {classes!r}")
+    if len(classes) > MAX_CLASSES:
+        raise fields.error("classes", f"lists {len(classes)} classes, more than {MAX_CLASSES}")
 
     contract = fields.section(raw, "input")
     fields.expect(contract, "input.color", "RGB")
     fields.expect(contract, "input.dtype", "float32")
     fields.expect(contract, "input.layout", "NCHW")
     fields.expect(contract, "input.range", [0.0, 1.0])
-    fixed_size = fields.nullable(contract, "input.fixed_size", _is_size, "[height, width]")
-    size_multiple = fields.nullable(contract, "input.size_multiple", _is_count, "an integer >= 1")
+    fixed_size = fields.nullable(
+        contract, "input.fixed_size", _is_size, f"[height, width], each 1 to {MAX_SIDE}"
+    )
+    size_multiple = fields.nullable(
+        contract, "input.size_multiple", _is_side, f"an integer from 1 to {MAX_SIDE}"
+    )
+    min_size = contract.get("min_size")
+    if min_size is not None and not _is_side(min_size):
+        raise fields.error(
+            "input.min_size", f"must be null or an integer from 1 to {MAX_SIDE}, got {min_size!r}"
+        )
     if fixed_size and size_multiple and any(side % size_multiple for side in fixed_size):
         raise fields.error("input.fixed_size", f"{fixed_size} is not a multiple of size_multiple")
     batch = contract.get("batch")
-    if batch != "dynamic" and not _is_count(batch):
-        raise fields.error("input.batch", f"must be 'dynamic' or an integer >= 1, got {batch!r}")
+    if batch != "dynamic" and not (_is_count(batch) and batch <= MAX_BATCH):
+        raise fields.error(
+            "input.batch", f"must be 'dynamic' or an integer from 1 to {MAX_BATCH}, got {batch!r}"
+        )
 
     output = fields.section(raw, "output")
     fields.expect(output, "output.kind", "logits")
@@ -127,6 +155,7 @@ def _parse(raw: Any, path: Path, default_name: str) -> ModelCard:
         size_multiple=size_multiple,
         batch=None if batch == "dynamic" else batch,
         instances=_instances(fields, raw, classes) if task == "instance" else None,
+        min_size=min_size,
     )
 
 
@@ -201,5 +230,9 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _is_side(value: object) -> bool:
+    return _is_count(value) and value <= MAX_SIDE
+
+
 def _is_size(value: object) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)
+    return isinstance(value, list) and len(value) == 2 and all(_is_side(v) for v in value)

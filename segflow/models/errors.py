@@ -19,3 +19,11 @@ class MissingWeightsError(SegflowError, FileNotFoundError):
 
 class MissingDependencyError(SegflowError, ImportError):
     """The model needs an optional dependency that is not installed."""
+
+
+class UnsafeModelError(SegflowError, ValueError):
+    """A model file that would run code it carries when loaded (a pickle, compiled code)."""
+
+
+class ModelIntegrityError(SegflowError, ValueError):
+    """A model file whose bytes are not those expected (its sha256 differs)."""

@@ -1,20 +1,33 @@
 """Exported models (``.pt2`` via torch.export, ``.onnx`` via onnxruntime) described by a card.
 
 Both take float [0, 1] RGB NCHW and return logits; the card's contract (fixed size or size
-multiple, static or dynamic batch) is applied here so callers pass images of any size.
+multiple, minimum size, static or dynamic batch) is applied here so callers pass images of
+any size.
+
+Loading reads the model file once and builds the model from those bytes: checked against
+an expected sha256 when given (:mod:`segflow.models.integrity`), and for a ``.pt2`` checked
+to carry no code that loading would run (:mod:`segflow.models.pt2_archive`; an ONNX graph
+runs in onnxruntime, which runs no Python). Then one forward pass of the smallest image the
+card admits checks the graph against its card (:func:`check_against_card`), so a card that
+does not fit its graph fails the load rather than every image of a run.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from segflow.models.base import SegmentationModel
 from segflow.models.card import ModelCard, read_card
 from segflow.models.errors import ModelCardError
 from segflow.models.geometry import logits_at_input_size
+from segflow.models.integrity import read_verified
+from segflow.models.pt2_archive import check_pt2
 from segflow.models.runtime import resolve_device
 from segflow.models.semantic import SemanticModel
 
@@ -22,11 +35,20 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ExportedSemanticModel(SemanticModel):
-    def __init__(self, *, card: ModelCard, model_path: Path, forward: Forward, **options):
+    def __init__(
+        self,
+        *,
+        card: ModelCard,
+        model_path: Path,
+        forward: Forward,
+        min_size: int | None = None,
+        **options,
+    ):
         super().__init__(name=card.name, classes=card.classes, **options)
         self.card = card
         self.model_path = model_path
         self._forward = forward
+        self.min_size = min_size
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         return logits_at_input_size(
@@ -34,6 +56,7 @@ class ExportedSemanticModel(SemanticModel):
             images.float().div(255),
             fixed_size=self.card.fixed_size,
             size_multiple=self.card.size_multiple,
+            min_size=self.min_size,
         )
 
     def _checked_forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -78,37 +101,97 @@ def load_pt2(
     *,
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
+    sha256: str | None = None,
     batch_size: int = 8,
     precision: str = "auto",
     **semantic_options,
 ) -> ExportedSemanticModel:
     """``precision="auto"`` is fp32 even on CUDA: the graph is a fixed artifact whose card
     reference was measured in fp32, so autocast ("bf16", "fp16") is an explicit opt-in."""
-    card, forward, resolved = load_program(Path(path), device, weights, task="semantic")
-    return ExportedSemanticModel(
-        card=card,
-        model_path=Path(path),
-        forward=forward,
-        device=resolved,
-        **semantic_options,
-        batch_size=batch_size,
-        precision="fp32" if precision == "auto" else precision,
-        # The exported graph fixes its own layouts; there is no module to convert.
-        channels_last=False,
+    program = load_program(Path(path), device, weights, sha256, task="semantic")
+    return check_against_card(
+        ExportedSemanticModel(
+            card=program.card,
+            model_path=Path(path),
+            forward=program.module,
+            min_size=program.min_size,
+            device=program.device,
+            **semantic_options,
+            batch_size=batch_size,
+            precision="fp32" if precision == "auto" else precision,
+            # The exported graph fixes its own layouts; there is no module to convert.
+            channels_last=False,
+        )
     )
 
 
+@dataclass(frozen=True)
+class LoadedProgram:
+    card: ModelCard
+    module: torch.nn.Module
+    device: torch.device
+    min_size: int | None  # the larger of the card's and the program's own minimum side
+
+
 def load_program(
-    path: Path, device: str | torch.device, weights: str | Path | None, *, task: str
-) -> tuple[ModelCard, torch.nn.Module, torch.device]:
-    """A ``.pt2`` program on ``device``, with its card, which must state ``task``."""
+    path: Path,
+    device: str | torch.device,
+    weights: str | Path | None,
+    sha256: str | None,
+    *,
+    task: str,
+) -> LoadedProgram:
+    """A ``.pt2`` program on ``device``, with its card, which must state ``task``; built from
+    the bytes read once, checked (``sha256``, :func:`check_pt2`) before torch sees them."""
     card = exported_card(path, weights, task)
     resolved = resolve_device(device)
-    program = torch.export.load(path)
+    data = read_verified(path, sha256)
+    check_pt2(data, path)
+    program = torch.export.load(io.BytesIO(data))
+    sides = [side for side in (card.min_size, program_min_size(program)) if side is not None]
     if resolved.type != "cpu":
         # Moves constants baked into the graph too, which module().to(device) would miss.
         program = torch.export.passes.move_to_device_pass(program, resolved)
-    return card, program.module(), resolved
+    return LoadedProgram(card, program.module(), resolved, max(sides, default=None))
+
+
+def program_min_size(program: torch.export.ExportedProgram) -> int | None:
+    """The smallest height and width the program's image input takes: the lower bound of its
+    range constraints (``torch.export.Dim(min=...)``, or what export inferred). A dynamic
+    size is never below 2 per symbol: export specialises sizes 0 and 1, and its guards
+    refuse them even where the range says 0."""
+    inputs = set(program.graph_signature.user_inputs)
+    image = next(node for node in program.graph.nodes if node.name in inputs)
+    constraints = program.range_constraints
+    lowest = []
+    for side in image.meta["val"].shape[-2:]:
+        if not isinstance(side, torch.SymInt):
+            continue  # a static side: the card's fixed_size
+        expression = side.node.expr
+        lower = {s: max(int(constraints[s].lower), 2) for s in expression.free_symbols}
+        bound = constraints.get(expression)
+        lowest.append(max(int(expression.subs(lower)), 0 if bound is None else int(bound.lower)))
+    return max(lowest, default=None)
+
+
+def check_against_card(model: SegmentationModel) -> SegmentationModel:
+    """``model`` after one forward pass of a 1x1 image, the smallest its card admits (padded
+    up to the minimum size and multiple, or resized to the fixed size, as any image is): a
+    graph that refuses it, or whose logits do not fit the card's classes, is reported now."""
+    image = torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=model.device)
+    try:
+        with torch.inference_mode(), model._autocast():
+            model._logits(image)
+    except ModelCardError:
+        raise
+    except Exception as error:
+        raise ModelCardError(
+            f"{model.model_path} does not run on the smallest input its card {model.card.path} "
+            f"admits (a 1x1 image under fixed_size={model.card.fixed_size}, "
+            f"size_multiple={model.card.size_multiple}, min_size={model.min_size}, "
+            f"batch={model.card.batch or 'dynamic'}): {error}"
+        ) from error
+    return model
 
 
 def load_onnx(
@@ -116,6 +199,7 @@ def load_onnx(
     *,
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
+    sha256: str | None = None,
     batch_size: int = 8,
     precision: str = "auto",
     **semantic_options,
@@ -143,16 +227,19 @@ def load_onnx(
                 f"CUDAExecutionProvider (install onnxruntime-gpu)"
             )
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": resolved.index or 0}))
-    session = onnxruntime.InferenceSession(str(path), providers=providers)
-    return ExportedSemanticModel(
-        card=card,
-        model_path=path,
-        forward=OnnxForward(session),
-        device=resolved,
-        **semantic_options,
-        batch_size=batch_size,
-        precision="fp32",
-        channels_last=False,
+    session = onnxruntime.InferenceSession(read_verified(path, sha256), providers=providers)
+    return check_against_card(
+        ExportedSemanticModel(
+            card=card,
+            model_path=path,
+            forward=OnnxForward(session),
+            min_size=card.min_size,
+            device=resolved,
+            **semantic_options,
+            batch_size=batch_size,
+            precision="fp32",
+            channels_last=False,
+        )
     )
 
 

@@ -29,7 +29,7 @@ from torchvision.ops import masks_to_boxes
 from segflow.models.base import SegmentationModel
 from segflow.models.card import ModelCard
 from segflow.models.errors import ModelCardError
-from segflow.models.exported import load_program
+from segflow.models.exported import check_against_card, load_program
 from segflow.models.geometry import logits_at_input_size
 from segflow.models.instance import (
     DEFAULT_MASK_THRESHOLD,
@@ -50,6 +50,7 @@ class BoundaryBandInstanceModel(SegmentationModel):
         card: ModelCard,
         model_path: Path,
         forward,
+        min_size: int | None = None,
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         max_detections: int = DEFAULT_MAX_DETECTIONS,
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
@@ -60,6 +61,7 @@ class BoundaryBandInstanceModel(SegmentationModel):
         self.card = card
         self.model_path = model_path
         self._forward = forward
+        self.min_size = min_size
         self.score_threshold = score_threshold
         self.max_detections = max_detections
         self.mask_threshold = mask_threshold
@@ -67,11 +69,16 @@ class BoundaryBandInstanceModel(SegmentationModel):
     def _predict_batch(self, images: torch.Tensor) -> list[InstancePrediction]:
         # Whole images: there is no tiling for instance models (an object cut by a window
         # edge would need merging across windows).
+        return [self._instances(image_logits) for image_logits in self._logits(images)]
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The class logits and the boundary logit, (N, C + 1, H, W), at the images' size."""
         logits = logits_at_input_size(
             self._forward,
             images.float().div(255),
             fixed_size=self.card.fixed_size,
             size_multiple=self.card.size_multiple,
+            min_size=self.min_size,
         ).float()
         expected = (images.shape[0], len(self.classes) + 1, *images.shape[-2:])
         if tuple(logits.shape) != expected:
@@ -80,7 +87,7 @@ class BoundaryBandInstanceModel(SegmentationModel):
                 f"{tuple(images.shape)}, but its card {self.card.path} implies {expected} "
                 f"({len(self.classes)} class logits and one boundary logit, at input resolution)"
             )
-        return [self._instances(image_logits) for image_logits in logits]
+        return logits
 
     def _instances(self, logits: torch.Tensor) -> InstancePrediction:
         probabilities = torch.softmax(logits[:-1], dim=0)
@@ -163,6 +170,7 @@ def load_pt2(
     *,
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
+    sha256: str | None = None,
     batch_size: int = 8,
     precision: str = "auto",
     **instance_options,
@@ -170,14 +178,17 @@ def load_pt2(
     """``precision="auto"`` is fp32, as for exported semantic models (see
     :func:`segflow.models.exported.load_pt2`); ``instance_options``: ``score_threshold``,
     ``max_detections``, ``mask_threshold``."""
-    card, forward, resolved = load_program(Path(path), device, weights, task="instance")
-    return BoundaryBandInstanceModel(
-        card=card,
-        model_path=Path(path),
-        forward=forward,
-        device=resolved,
-        batch_size=batch_size,
-        precision="fp32" if precision == "auto" else precision,
-        channels_last=False,
-        **instance_options,
+    program = load_program(Path(path), device, weights, sha256, task="instance")
+    return check_against_card(
+        BoundaryBandInstanceModel(
+            card=program.card,
+            model_path=Path(path),
+            forward=program.module,
+            min_size=program.min_size,
+            device=program.device,
+            batch_size=batch_size,
+            precision="fp32" if precision == "auto" else precision,
+            channels_last=False,
+            **instance_options,
+        )
     )

@@ -16,7 +16,9 @@ import torch
 
 from segflow.models.base import SegmentationModel
 from segflow.models.card import card_path, read_card
-from segflow.models.errors import MissingDependencyError, UnknownModelError
+from segflow.models.errors import MissingDependencyError, ModelIntegrityError, UnknownModelError
+from segflow.models.integrity import ModelFile
+from segflow.models.weights import wants_random_weights
 from segflow.prediction import Task
 
 
@@ -30,6 +32,8 @@ class ModelInfo:
     loader: str
     requires: str | None = None  # optional package the loader needs
     extra: str | None = None  # the segflow extra that installs it
+    # "module:callable" giving, for the name, the file of its default pretrained weights.
+    default_weights: str | None = None
 
 
 _TORCHVISION_SEMANTIC = (
@@ -42,17 +46,26 @@ _TORCHVISION_SEMANTIC = (
 )
 _TORCHVISION_INSTANCE = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 _SMP_ARCHITECTURES = ("Unet", "DeepLabV3Plus", "PSPNet", "FPN")
+_TORCHVISION_WEIGHTS = "segflow.models.torchvision_zoo:default_weights_path"
 
 KNOWN_MODELS: dict[str, ModelInfo] = {
     **{
         name: ModelInfo(
-            name, "semantic", "torchvision", "segflow.models.torchvision_zoo:load_semantic"
+            name,
+            "semantic",
+            "torchvision",
+            "segflow.models.torchvision_zoo:load_semantic",
+            default_weights=_TORCHVISION_WEIGHTS,
         )
         for name in _TORCHVISION_SEMANTIC
     },
     **{
         name: ModelInfo(
-            name, "instance", "torchvision", "segflow.models.torchvision_zoo:load_instance"
+            name,
+            "instance",
+            "torchvision",
+            "segflow.models.torchvision_zoo:load_instance",
+            default_weights=_TORCHVISION_WEIGHTS,
         )
         for name in _TORCHVISION_INSTANCE
     },
@@ -99,17 +112,42 @@ def load_model(
     *,
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
+    sha256: str | None = None,
     **options,
 ) -> SegmentationModel:
     """Load a registered model by name, or an exported ``.pt2`` / ``.onnx`` by path (its model
     card, same stem ``.json``, must sit beside it). ``weights``: a local weights file, or
     ``"none"`` for random initialisation; registered models default to their pretrained
-    weights from the torch hub cache where they have any. ``options`` go to the loader
-    (``batch_size``, ``precision``; semantic: ``return_scores``, ``tile_size``, ``tile_overlap``;
-    instance: thresholds)."""
+    weights from the torch hub cache where they have any. ``sha256``: the expected hash of
+    the model file (:func:`model_file`), checked on the bytes the model is built from.
+    ``options`` go to the loader (``batch_size``, ``precision``; semantic: ``return_scores``,
+    ``tile_size``, ``tile_overlap``; instance: thresholds)."""
     info, argument = _resolve(spec)
+    if sha256 is not None and wants_random_weights(weights):
+        raise ModelIntegrityError(
+            f"model {spec} with random weights reads no file, so sha256 {sha256} cannot be checked"
+        )
     loader = _import_loader(info)
-    return loader(argument, device=device, weights=weights, **options)
+    return loader(argument, device=device, weights=weights, sha256=sha256, **options)
+
+
+def model_file(spec: str | Path, weights: str | Path | None = None) -> ModelFile | None:
+    """The file :func:`load_model` builds ``spec`` from, with its hash: an exported model's
+    file, or a registered model's weights file (``weights``, else its default pretrained
+    weights). None when there is no such file (random weights, or a file that is missing,
+    which loading then reports)."""
+    info, argument = _resolve(spec)
+    if isinstance(argument, Path):  # an exported model
+        path = argument
+    elif wants_random_weights(weights):
+        return None
+    elif weights is not None:
+        path = Path(weights)
+    elif info.default_weights is not None:
+        path = _import(info.default_weights)(info.name)
+    else:
+        return None
+    return ModelFile.of(path) if path.is_file() else None
 
 
 def _resolve(spec: str | Path) -> tuple[ModelInfo, str | Path]:
@@ -147,5 +185,9 @@ def _import_loader(info: ModelInfo):
                 f"model {info.name} needs {info.requires}, which is not installed: "
                 f"pip install 'segflow[{info.extra}]'"
             ) from error
-    module_name, attribute = info.loader.split(":")
+    return _import(info.loader)
+
+
+def _import(target: str):
+    module_name, attribute = target.split(":")
     return getattr(importlib.import_module(module_name), attribute)

@@ -58,6 +58,7 @@ def load(
     classes: int | Sequence[str],
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
+    sha256: str | None = None,
     encoder: str = "resnet34",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -84,7 +85,7 @@ def load(
         classes=len(class_names),
     )
     if not wants_random_weights(weights):
-        apply_state_dict(network, read_state_dict(weights), Path(weights))
+        apply_state_dict(network, read_state_dict(weights, sha256), Path(weights))
     return SmpModel(
         name=name,
         classes=class_names,

@@ -38,6 +38,11 @@ def hub_checkpoint_path(pretrained: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(pretrained.url).path).name
 
 
+def default_weights_path(name: str) -> Path:
+    """The file the model ``name`` reads its default pretrained weights from."""
+    return hub_checkpoint_path(get_model_weights(name).DEFAULT)
+
+
 class TorchvisionSemanticModel(SemanticModel):
     def __init__(self, *, network: torch.nn.Module, transforms: torch.nn.Module, **options):
         super().__init__(**options)
@@ -89,6 +94,7 @@ def load_semantic(
     *,
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
+    sha256: str | None = None,
     resize_size: int | None = None,
     batch_size: int = 8,
     precision: str = "auto",
@@ -99,7 +105,7 @@ def load_semantic(
     520 for every model here); logits are resized back to each image's size."""
     pretrained = get_model_weights(name).DEFAULT
     classes = pretrained.meta["categories"]
-    state, source = _pretrained_state(name, pretrained, weights)
+    state, source = _pretrained_state(name, pretrained, weights, sha256)
     builder_options: dict[str, object] = {"num_classes": len(classes)}
     if state is not None and any(key.startswith("aux_classifier.") for key in state):
         builder_options["aux_loss"] = True
@@ -132,6 +138,7 @@ def load_instance(
     *,
     device: str | torch.device = "auto",
     weights: str | Path | None = None,
+    sha256: str | None = None,
     score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     max_detections: int = DEFAULT_MAX_DETECTIONS,
     mask_threshold: float = DEFAULT_MASK_THRESHOLD,
@@ -146,7 +153,7 @@ def load_instance(
     check_thresholds(score_threshold, max_detections, mask_threshold)
     pretrained = get_model_weights(name).DEFAULT
     classes = pretrained.meta["categories"]
-    state, source = _pretrained_state(name, pretrained, weights)
+    state, source = _pretrained_state(name, pretrained, weights, sha256)
     # Thresholds also go into the network so it pastes masks only for kept detections.
     builder_options = {
         "num_classes": len(classes),
@@ -171,12 +178,12 @@ def load_instance(
 
 
 def _pretrained_state(
-    name: str, pretrained: WeightsEnum, weights: str | Path | None
+    name: str, pretrained: WeightsEnum, weights: str | Path | None, sha256: str | None
 ) -> tuple[dict[str, torch.Tensor] | None, Path | None]:
     if wants_random_weights(weights):
         return None, None
     if weights is not None:
-        return read_state_dict(weights), Path(weights)
+        return read_state_dict(weights, sha256), Path(weights)
     path = hub_checkpoint_path(pretrained)
     if not path.is_file():
         raise MissingWeightsError(
@@ -185,7 +192,7 @@ def _pretrained_state(
             f"(the torch hub cache; TORCH_HOME moves it), or pass weights={RANDOM_WEIGHTS!r} "
             f"for random initialisation"
         )
-    return read_state_dict(path), path
+    return read_state_dict(path, sha256), path
 
 
 def _build(

@@ -2,10 +2,13 @@
 
 Weights files are untrusted input: they are read with ``weights_only=True`` (no arbitrary
 unpickling) and never downloaded. Random initialisation is only ever an explicit choice.
+A file is read once, and its bytes checked against an expected sha256 when there is one
+(:mod:`segflow.models.integrity`).
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 
 from segflow.models.errors import MissingWeightsError
+from segflow.models.integrity import read_verified
 
 RANDOM_WEIGHTS = "none"
 """Pass ``weights="none"`` to build a model with randomly initialised weights."""
@@ -24,14 +28,15 @@ def wants_random_weights(weights: str | Path | None) -> bool:
     return isinstance(weights, str) and weights == RANDOM_WEIGHTS
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """A state dict from a ``torch.save`` file: plain, or the ``model`` / ``state_dict`` entry
-    of a training checkpoint."""
+    of a training checkpoint; with ``sha256``, the file's bytes must hash to it."""
     path = Path(path)
     if not path.is_file():
         raise MissingWeightsError(f"weights file {path} does not exist")
+    data = read_verified(path, sha256)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise ValueError(
             f"weights file {path} is not a weights-only PyTorch file: {error}"
