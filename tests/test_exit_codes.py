@@ -63,7 +63,7 @@ def test_bad_jobs_fail_with_one_line_before_ray_or_prefect_start(
     cases = {
         "unknown model": (["--model", "no_such_model"], "no_such_model"),
         "missing card": (["--model", str(no_card)], "card"),
-        "corrupt model": (["--model", str(corrupt)], "cannot be loaded"),
+        "corrupt model": (["--model", str(corrupt)], "is not a .pt2 archive"),
         "missing input": (["--model", espnet], "does not exist", tmp_path / "nope"),
         "bad ground truth spec": (["--model", espnet, "--gt", "labels:/x"], "KIND:URI"),
         "ground truth folder missing": (

@@ -220,6 +220,8 @@ def actor_arguments(model: Path, sha256: str) -> dict:
         "max_pixels": None,
         "gt": None,
         "ignore_index": None,
+        "read_timeout": 60.0,
+        "stall_timeout": 600.0,
     }
 
 
@@ -237,27 +239,29 @@ def test_an_actor_refuses_a_model_file_replaced_after_the_run_recorded_it(espnet
 @pytest.mark.slow
 @pytest.mark.integration
 def test_actors_on_ray_fail_their_shards_on_a_replaced_model_file(local_ray, espnet, tmp_path):
-    import ray
+    import pyarrow as pa
 
+    from segflow.errors import RunIncompleteError
     from segflow.manifest import Shard
     from segflow.store import RunStore
-    from workers.pool import WorkerConfig, start_workers
+    from workers.pool import WorkerConfig, segment_shards, start_workers
 
     recorded = model_file(espnet).sha256
     replace_model(espnet)
     arguments = actor_arguments(espnet, recorded)
     arguments["model_options"] = ()
-    workers = start_workers(WorkerConfig(**arguments, cpus_per_actor=1), max_actors=1)
+    config = WorkerConfig(**arguments, cpus_per_actor=1)
+    workers = start_workers(config, max_actors=1)
+    store = RunStore(str(tmp_path / "out"), "r")
     try:
-        (actor,) = workers.actors
-        store = RunStore(str(tmp_path / "out"), "r")
-        with pytest.raises(ray.exceptions.RayActorError) as failed:
-            ray.get(actor.__call__.remote(store, Shard(0, 0, 1), ["unused.png"]), timeout=300)
+        with pytest.raises(RunIncompleteError) as failed:
+            list(segment_shards(workers, store, pa.array(["unused.png"]), [Shard(0, 0, 1)], config))
     finally:
         workers.stop()
-    assert f"{espnet} has sha256 {model_file(espnet).sha256}, expected {recorded}" in str(
-        failed.value
-    )
+    message = str(failed.value)
+    assert message.startswith("shard-000000 did not run: ")
+    assert f"{espnet} has sha256 {model_file(espnet).sha256}, expected {recorded}" in message
+    assert not (tmp_path / "out" / "run=r" / "_commits").exists()
 
 
 @pytest.mark.slow

@@ -117,6 +117,11 @@ def segment_shards(
         try:
             summary = ray.get(done)
         except RayActorError as exc:
+            if exc.actor_init_failed:
+                # Its constructor raised (a model file replaced since the run recorded its
+                # hash, say): the message ends with that error, after Ray's traceback.
+                cause = str(exc).strip().splitlines()[-1].strip()
+                raise RunIncompleteError(f"{shard.name} did not run: {cause}") from exc
             raise RunIncompleteError(_died_every_time(shard, manifest, config)) from exc
         idle.append(actor)
         yield summary

@@ -151,8 +151,8 @@ class _Refusal:
 
     def __call__(self, problem: str) -> UnsafeModelError:
         return UnsafeModelError(
-            f"model file {self.source} {problem}; refusing to load it (loading would run "
-            f"code the file carries)"
+            f"model file {self.source} {problem}; refusing to load it (segflow loads plain "
+            f"exported programs only, which carry no code to run)"
         )
 
 
