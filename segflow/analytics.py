@@ -2,7 +2,8 @@
 lacks, and any image drawn with its masks.
 
 :func:`connect` opens a DuckDB connection in which every table of :mod:`segflow.schema` is a
-view of the run's committed shards and the functions below work on ``masks.counts``::
+view of the run's committed shards and the functions below work on ``masks.counts``; it
+reads nothing but the run unless asked to (``allow_external``)::
 
     db = connect("out/camvid")
     db.sql("SELECT class_name, rle_bbox(counts, height, width) FROM masks").pl()
@@ -44,6 +45,7 @@ from segflow import palette, rle, schema
 from segflow.decode import decode_image
 from segflow.errors import SegflowError
 from segflow.evaluation import open_run
+from segflow.sql import lock_down
 
 if TYPE_CHECKING:
     import polars as pl
@@ -64,17 +66,25 @@ class AnalyticsError(SegflowError, ValueError):
     """A request about a run that cannot be answered; the message names what and why."""
 
 
-def connect(location: str) -> duckdb.DuckDBPyConnection:
+def connect(location: str, *, allow_external: bool = False) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the run's tables as views (see
     :func:`~segflow.evaluation.open_run` for ``location``), the mask functions, and the
     session time zone set to UTC so that ``date_trunc`` buckets the UTC timestamps the run
-    wrote, wherever the query runs."""
+    wrote, wherever the query runs.
+
+    The connection reads the run's tables and nothing else: no files (``read_text``,
+    ``COPY``, ``ATTACH``), no extensions, and its settings are locked
+    (:func:`segflow.sql.lock_down`), so it can be handed SQL from anyone. Pass
+    ``allow_external=True`` for SQL you trust to also reach the machine's files (DuckDB's
+    usual connection, settings unlocked)."""
     run = open_run(location)
     db = duckdb.connect()
     db.execute("SET TimeZone = 'UTC'")
     for name in schema.TABLES:
         db.register(name, run.table(name))
     register_functions(db)
+    if not allow_external:
+        lock_down(db)
     return db
 
 

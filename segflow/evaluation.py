@@ -37,6 +37,7 @@ from segflow.groundtruth import coco_image_id
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.metrics.semantic import SemanticScores
 from segflow.scoring import IOU_TYPES
+from segflow.sql import lock_down, predicate_problem, select_where
 from segflow.store import RunStore
 
 
@@ -140,23 +141,37 @@ def instance_scores(location: str, *, where: str | None = None) -> dict[str, Coc
     return _coco_scores(run, db)
 
 
+def check_where(where: str) -> str:
+    """The statement that selects the images ``where`` selects, once :mod:`segflow.sql`
+    finds ``where`` to be one expression over ``images`` (its subqueries reading ``images``
+    only); an :class:`EvaluationError` naming what it refused otherwise."""
+    problem = predicate_problem(where, "images", ("images",))
+    if problem is not None:
+        raise EvaluationError(
+            f"--where must be one boolean expression over images' columns; {problem}"
+        )
+    return select_where(where, "images")
+
+
 def _select(run: Run, where: str | None) -> tuple[duckdb.DuckDBPyConnection, int, int]:
     """A DuckDB connection holding the run's ``images`` and, as ``evaluated``, the ids and
     ground truth of the images ``where`` selects that were segmented and evaluated; how many
-    images ``where`` selects, and how many of them were evaluated."""
+    images ``where`` selects, and how many of them were evaluated. The connection reads
+    nothing but what is registered in it (:func:`segflow.sql.lock_down`)."""
     if run.evaluation is None:
         raise EvaluationError(
             f"{run.uri} was segmented without ground truth: rerun segment with --gt to evaluate it"
         )
+    selection = check_where(where) if where else "SELECT * FROM images"
     db = duckdb.connect()
     db.register("images", run.table("images"))  # every column: a slice may filter on any
-    predicate = where or "TRUE"
+    lock_down(db)
     try:
         evaluated = db.sql(
-            "SELECT image_id, gt_uri FROM images "
-            f"WHERE status = 'ok' AND gt_uri IS NOT NULL AND ({predicate}) ORDER BY image_id"
+            f"SELECT image_id, gt_uri FROM ({selection}) "
+            "WHERE status = 'ok' AND gt_uri IS NOT NULL ORDER BY image_id"
         ).to_arrow_table()
-        [(selected,)] = db.sql(f"SELECT count(*) FROM images WHERE ({predicate})").fetchall()
+        [(selected,)] = db.sql(f"SELECT count(*) FROM ({selection})").fetchall()
     except duckdb.Error as exc:
         raise EvaluationError(f"--where {where!r} is not a predicate over images: {exc}") from None
     db.register("evaluated", evaluated)
