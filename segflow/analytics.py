@@ -41,11 +41,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from segflow import palette, rle, schema
-from segflow.decode import decode_image
+from segflow import palette, rle
 from segflow.errors import SegflowError
 from segflow.evaluation import open_run
-from segflow.sql import lock_down
 
 if TYPE_CHECKING:
     import polars as pl
@@ -72,19 +70,15 @@ def connect(location: str, *, allow_external: bool = False) -> duckdb.DuckDBPyCo
     session time zone set to UTC so that ``date_trunc`` buckets the UTC timestamps the run
     wrote, wherever the query runs.
 
-    The connection reads the run's tables and nothing else: no files (``read_text``,
-    ``COPY``, ``ATTACH``), no extensions, and its settings are locked
-    (:func:`segflow.sql.lock_down`), so it can be handed SQL from anyone. Pass
+    The views scan the committed shards' files as a query needs them
+    (:meth:`~segflow.evaluation.Run.connect`): nothing is read until a query runs. The
+    connection reads the run's tables and nothing else: no files (``read_text``, ``COPY``,
+    ``ATTACH``), no extensions, and its settings are locked (:func:`segflow.sql.lock_down`),
+    so it can be handed SQL from anyone. Pass
     ``allow_external=True`` for SQL you trust to also reach the machine's files (DuckDB's
     usual connection, settings unlocked)."""
-    run = open_run(location)
-    db = duckdb.connect()
-    db.execute("SET TimeZone = 'UTC'")
-    for name in schema.TABLES:
-        db.register(name, run.table(name))
+    db = open_run(location).connect(allow_external=allow_external)
     register_functions(db)
-    if not allow_external:
-        lock_down(db)
     return db
 
 
@@ -237,14 +231,15 @@ def overlay(
     """
     if not 0 <= alpha <= 1:
         raise AnalyticsError(f"alpha must be between 0 and 1, got {alpha}")
+    from segflow.decode import decode_image  # torch: only to draw
+
     run = open_run(location)
-    images = run.table("images", ["image_id", "uri"])
-    found = images.filter(pc.equal(images.column("image_id"), image_id))
+    this_image = pc.field("image_id") == image_id
+    found = run.table("images", ["uri"], filter=this_image)
     if found.num_rows == 0:
         raise AnalyticsError(f"{run.uri} has no image with id {image_id} in its images table")
     uri = found.column("uri")[0].as_py()
-    masks = run.table("masks")
-    rows = masks.filter(pc.equal(masks.column("image_id"), image_id)).to_pylist()
+    rows = run.table("masks", filter=this_image).to_pylist()
     with fsspec.open(uri, "rb") as f:
         pixels = decode_image(f.read(), name=uri).numpy()
     height, width = pixels.shape[:2]

@@ -201,7 +201,7 @@ def evaluate(
         str | None,
         typer.Option(
             help="SQL predicate over the run's images table, e.g. \"uri LIKE '%night%'\": "
-            "one expression, whose subqueries read only images."
+            "one expression, whose subqueries read only the run's tables."
         ),
     ] = None,
     gt: Annotated[
