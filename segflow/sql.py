@@ -59,9 +59,12 @@ def predicate_problem(predicate: str, table: str, tables: Collection[str]) -> st
         return "it is empty"
     parsed = _parse(select_where(predicate, table))
     if parsed.get("error"):
+        message = parsed.get("error_message", "")
         if parsed.get("error_type") == "parser":
-            return f"it does not parse ({parsed['error_message']})"
-        return "a statement other than SELECT follows it"  # only SELECTs serialise
+            return f"it does not parse ({message})"
+        if "Only SELECT statements" in message:
+            return "a statement other than SELECT follows it"
+        return f"it cannot be checked ({message})"
     statements = parsed["statements"]
     if len(statements) != 1:
         return f"it is {len(statements)} statements"
