@@ -50,6 +50,7 @@ bench: venv
 	$(BIN)/python bench/model_forward.py
 	$(BIN)/python bench/coco_map.py
 	$(BIN)/python bench/evaluate_slice.py
+	$(BIN)/python bench/query_memory.py
 	$(BIN)/python bench/segment.py
 
 clean:

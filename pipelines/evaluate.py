@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 
 from segflow.errors import SegflowError
-from segflow.evaluation import evaluate_run, headline_figures, open_run
+from segflow.evaluation import check_where, evaluate_run, headline_figures, open_run
 
 
 class RegressionError(SegflowError, RuntimeError):
@@ -112,7 +112,10 @@ def evaluate(
     fail_on_regression: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``run`` (``OUT/run=<id>``, or ``OUT``: the run in it that finished last),
-    optionally only the images an SQL predicate ``where`` over its ``images`` table selects."""
+    optionally only the images an SQL predicate ``where`` over its ``images`` table selects
+    (one expression, checked as ``segflow evaluate --where`` checks it)."""
+    if where:
+        check_where(where)  # refused before anything is read, and not retried as compute is
     logger = get_run_logger()
     result = compute(run, where)
     location = record(result)

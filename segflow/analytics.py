@@ -2,7 +2,8 @@
 lacks, and any image drawn with its masks.
 
 :func:`connect` opens a DuckDB connection in which every table of :mod:`segflow.schema` is a
-view of the run's committed shards and the functions below work on ``masks.counts``::
+view of the run's committed shards and the functions below work on ``masks.counts``; it
+reads nothing but the run unless asked to (``allow_external``)::
 
     db = connect("out/camvid")
     db.sql("SELECT class_name, rle_bbox(counts, height, width) FROM masks").pl()
@@ -40,8 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from segflow import palette, rle, schema
-from segflow.decode import decode_image
+from segflow import palette, rle
 from segflow.errors import SegflowError
 from segflow.evaluation import open_run
 
@@ -64,16 +64,20 @@ class AnalyticsError(SegflowError, ValueError):
     """A request about a run that cannot be answered; the message names what and why."""
 
 
-def connect(location: str) -> duckdb.DuckDBPyConnection:
+def connect(location: str, *, allow_external: bool = False) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the run's tables as views (see
     :func:`~segflow.evaluation.open_run` for ``location``), the mask functions, and the
     session time zone set to UTC so that ``date_trunc`` buckets the UTC timestamps the run
-    wrote, wherever the query runs."""
-    run = open_run(location)
-    db = duckdb.connect()
-    db.execute("SET TimeZone = 'UTC'")
-    for name in schema.TABLES:
-        db.register(name, run.table(name))
+    wrote, wherever the query runs.
+
+    The views scan the committed shards' files as a query needs them
+    (:meth:`~segflow.evaluation.Run.connect`): nothing is read until a query runs. The
+    connection reads the run's tables and nothing else: no files (``read_text``, ``COPY``,
+    ``ATTACH``), no extensions, and its settings are locked (:func:`segflow.sql.lock_down`),
+    so it can be handed SQL from anyone. Pass
+    ``allow_external=True`` for SQL you trust to also reach the machine's files (DuckDB's
+    usual connection, settings unlocked)."""
+    db = open_run(location).connect(allow_external=allow_external)
     register_functions(db)
     return db
 
@@ -227,14 +231,15 @@ def overlay(
     """
     if not 0 <= alpha <= 1:
         raise AnalyticsError(f"alpha must be between 0 and 1, got {alpha}")
+    from segflow.decode import decode_image  # torch: only to draw
+
     run = open_run(location)
-    images = run.table("images", ["image_id", "uri"])
-    found = images.filter(pc.equal(images.column("image_id"), image_id))
+    this_image = pc.field("image_id") == image_id
+    found = run.table("images", ["uri"], filter=this_image)
     if found.num_rows == 0:
         raise AnalyticsError(f"{run.uri} has no image with id {image_id} in its images table")
     uri = found.column("uri")[0].as_py()
-    masks = run.table("masks")
-    rows = masks.filter(pc.equal(masks.column("image_id"), image_id)).to_pylist()
+    rows = run.table("masks", filter=this_image).to_pylist()
     with fsspec.open(uri, "rb") as f:
         pixels = decode_image(f.read(), name=uri).numpy()
     height, width = pixels.shape[:2]

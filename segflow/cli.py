@@ -334,7 +334,8 @@ def evaluate(
     where: Annotated[
         str | None,
         typer.Option(
-            help="SQL predicate over the run's images table, e.g. \"uri LIKE '%night%'\"."
+            help="SQL predicate over the run's images table, e.g. \"uri LIKE '%night%'\": "
+            "one expression, whose subqueries read only the run's tables."
         ),
     ] = None,
     gt: Annotated[
@@ -461,8 +462,17 @@ def query(
     output_format: Annotated[
         str, typer.Option("--format", help="table, csv, or json (an array of row objects).")
     ] = "table",
+    allow_external: Annotated[
+        bool,
+        typer.Option(
+            "--allow-external",
+            help="Let trusted SQL also read and write the machine's files and load "
+            "extensions; without it the SQL reads the run's tables only.",
+        ),
+    ] = False,
 ) -> None:
-    """Run SQL over a run's tables: each is a view of its name over the committed shards."""
+    """Run SQL over a run's tables: each is a view of its name over the committed shards.
+    The SQL reads those tables and nothing else, unless --allow-external."""
     import duckdb
 
     from segflow.analytics import connect
@@ -471,9 +481,15 @@ def query(
         console.print(f"[red]error:[/] --format must be table, csv or json, not {output_format!r}")
         raise typer.Exit(code=NOT_STARTED)
     try:
-        with connect(run) as db:
+        with connect(run, allow_external=allow_external) as db:
             result = db.sql(sql)
             names, rows = result.columns, result.fetchall()
+    except duckdb.PermissionException:
+        console.print(
+            "[red]error:[/] the query failed: it reaches outside the run's tables (files or "
+            "extensions); --allow-external allows that for trusted SQL"
+        )
+        raise typer.Exit(code=2) from None
     except duckdb.Error as exc:
         console.print(f"[red]error:[/] the query failed: {escape(str(exc))}")
         raise typer.Exit(code=2) from None

@@ -19,7 +19,7 @@ what it finished, each image once.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +28,14 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
 
 from segflow import schema
-from segflow.coco_results import coco_results_from_masks
 from segflow.errors import SegflowError
-from segflow.groundtruth import coco_image_id
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
-from segflow.metrics.semantic import SemanticScores
-from segflow.scoring import IOU_TYPES
+from segflow.sql import lock_down, predicate_problem, select_where
 from segflow.store import RunStore
 
 
@@ -46,7 +45,12 @@ class EvaluationError(SegflowError, ValueError):
 
 @dataclass(frozen=True)
 class Run:
-    """A finished or partial run, read back from its output folder."""
+    """A finished or partial run, read back from its output folder.
+
+    Every reader of a run's tables goes through :meth:`dataset`: a pyarrow dataset over
+    exactly the committed shards' files of one table, read lazily (a scan reads the columns
+    and rows it needs, one file at a time), so a run of a million images is queried without
+    holding its tables in memory. :meth:`connect` gives DuckDB a view of each."""
 
     store: RunStore
     evaluation: dict[str, Any] | None
@@ -55,19 +59,43 @@ class Run:
     def uri(self) -> str:
         return self.store.uri
 
-    def table(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
-        """Table ``name`` over the committed shards (empty when there are none)."""
-        shard_names = [f"shard-{index:06d}" for index in sorted(self.store.committed())]
-        parts = []
-        for shard in shard_names:
-            with self.store.fs.open(self.store.path(name, f"{shard}.parquet"), "rb") as f:
-                parts.append(pq.read_table(f, columns=columns))
-        table_schema = schema.TABLES[name]
-        if columns is not None:
-            table_schema = pa.schema([table_schema.field(c) for c in columns])
-        if not parts:
-            return table_schema.empty_table()
-        return pa.concat_tables([part.replace_schema_metadata(None) for part in parts])
+    def dataset(self, name: str, shards: Collection[int] | None = None) -> ds.Dataset:
+        """Table ``name`` over the committed shards (no rows when there are none), with the
+        schema of :data:`segflow.schema.TABLES`; ``shards``: those the caller listed already,
+        so that the tables it reads together are of the same shards while a run commits."""
+        if shards is None:
+            shards = self.store.committed()
+        files = [self.store.path(name, f"shard-{index:06d}.parquet") for index in sorted(shards)]
+        return ds.dataset(
+            files, schema=schema.TABLES[name], format="parquet", filesystem=self._filesystem()
+        )
+
+    def table(
+        self, name: str, columns: Sequence[str] | None = None, filter: pc.Expression | None = None
+    ) -> pa.Table:
+        """The rows of table ``name`` that ``filter`` keeps (all of them by default), in
+        memory: for a table's few columns or rows; :meth:`dataset` to scan a whole one."""
+        return self.dataset(name).to_table(columns=columns, filter=filter)
+
+    def connect(self, *, allow_external: bool = False) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with a view of each of the run's tables
+        (:meth:`dataset`: DuckDB scans them with projection and filter pushdown) and the
+        session time zone UTC, the zone of the run's timestamps. It reads nothing but those
+        views (:func:`segflow.sql.lock_down`) unless ``allow_external``."""
+        db = duckdb.connect()
+        db.execute("SET TimeZone = 'UTC'")
+        shards = self.store.committed()
+        for name in schema.TABLES:
+            db.register(name, self.dataset(name, shards))
+        if not allow_external:
+            lock_down(db)
+        return db
+
+    def _filesystem(self) -> pafs.FileSystem:
+        # Local runs through Arrow's own file system: read in Arrow's threads, without the GIL.
+        if isinstance(self.store.fs, LocalFileSystem):
+            return pafs.LocalFileSystem()
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.store.fs))
 
 
 def open_run(location: str, *, latest: bool = False) -> Run:
@@ -140,23 +168,34 @@ def instance_scores(location: str, *, where: str | None = None) -> dict[str, Coc
     return _coco_scores(run, db)
 
 
+def check_where(where: str) -> str:
+    """The statement that selects the images ``where`` selects, once :mod:`segflow.sql`
+    finds ``where`` to be one expression over ``images`` (its subqueries reading the run's
+    tables only); an :class:`EvaluationError` naming what it refused otherwise."""
+    problem = predicate_problem(where, "images", schema.TABLES)
+    if problem is not None:
+        raise EvaluationError(
+            f"--where must be one boolean expression over images' columns; {problem}"
+        )
+    return select_where(where, "images")
+
+
 def _select(run: Run, where: str | None) -> tuple[duckdb.DuckDBPyConnection, int, int]:
-    """A DuckDB connection holding the run's ``images`` and, as ``evaluated``, the ids and
-    ground truth of the images ``where`` selects that were segmented and evaluated; how many
-    images ``where`` selects, and how many of them were evaluated."""
+    """The run's connection (:meth:`Run.connect`, locked) holding also, as ``evaluated``, the
+    ids and ground truth of the images ``where`` selects that were segmented and evaluated;
+    how many images ``where`` selects, and how many of them were evaluated."""
     if run.evaluation is None:
         raise EvaluationError(
             f"{run.uri} was segmented without ground truth: rerun segment with --gt to evaluate it"
         )
-    db = duckdb.connect()
-    db.register("images", run.table("images"))  # every column: a slice may filter on any
-    predicate = where or "TRUE"
+    selection = check_where(where) if where else "SELECT * FROM images"
+    db = run.connect()
     try:
         evaluated = db.sql(
-            "SELECT image_id, gt_uri FROM images "
-            f"WHERE status = 'ok' AND gt_uri IS NOT NULL AND ({predicate}) ORDER BY image_id"
+            f"SELECT image_id, gt_uri FROM ({selection}) "
+            "WHERE status = 'ok' AND gt_uri IS NOT NULL ORDER BY image_id"
         ).to_arrow_table()
-        [(selected,)] = db.sql(f"SELECT count(*) FROM images WHERE ({predicate})").fetchall()
+        [(selected,)] = db.sql(f"SELECT count(*) FROM ({selection})").fetchall()
     except duckdb.Error as exc:
         raise EvaluationError(f"--where {where!r} is not a predicate over images: {exc}") from None
     db.register("evaluated", evaluated)
@@ -181,8 +220,9 @@ def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    from segflow.metrics.semantic import SemanticScores  # torch: only to score a run
+
     classes = run.evaluation["classes"]
-    db.register("class_stats", run.table("class_stats"))
     sums = db.sql(
         "SELECT class_id, "
         + ", ".join(
@@ -209,7 +249,6 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             totals["boundary_intersection"] / totals["boundary_union"],
             np.nan,
         )
-    db.register("confusion", run.table("confusion"))
     cells = db.sql(
         "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM confusion "
         "SEMI JOIN evaluated USING (image_id) GROUP BY ALL"
@@ -256,12 +295,13 @@ def _soft(db: duckdb.DuckDBPyConnection, num_classes: int) -> dict[str, Any]:
 
 
 def _coco_scores(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, CocoScores]:
+    from segflow.groundtruth import coco_image_id
+    from segflow.scoring import IOU_TYPES
+
     categories = sorted(int(c) for c in run.evaluation["categories"])
     gt_sources = db.sql("SELECT gt_uri FROM evaluated").fetchnumpy()["gt_uri"]
     # COCOeval's image ids, in whose order it pools detections of equal score.
     images = {"image_id": np.array([coco_image_id(s) for s in gt_sources], np.int64)}
-    db.register("coco_detections", run.table("coco_detections"))
-    db.register("coco_ground_truth", run.table("coco_ground_truth"))
     scores = {}
     for iou_type in IOU_TYPES:
         tables = {
@@ -291,6 +331,9 @@ def coco_results_of_run(location: str) -> list[dict[str, Any]]:
     detectron2 does, and as ``segflow evaluate`` does for ``segm``) to score masks by their
     own area.
     """
+    from segflow.coco_results import coco_results_from_masks
+    from segflow.groundtruth import coco_image_id
+
     run = open_run(location)
     masks = run.table("masks")
     if masks.num_rows and masks.column("instance").null_count:

@@ -35,7 +35,7 @@ import duckdb
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 from PIL import Image
 
 from segflow import palette, rle
@@ -672,15 +672,12 @@ def _query(tables: Mapping[str, pa.Table], sql: str, **params: Any) -> list[dict
 
 
 def _mask_rows(run: Run, image_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
-    """The ``masks`` rows of a few images, reading one shard at a time (a run's masks need
+    """The ``masks`` rows of a few images (a scan that keeps only theirs: a run's masks need
     not fit in memory)."""
-    wanted = pa.array(list(image_ids), pa.int64())
+    wanted = pc.field("image_id").isin(pa.array(list(image_ids), pa.int64()))
     found: dict[int, list[dict[str, Any]]] = {}
-    for index in sorted(run.store.committed()):
-        with run.store.fs.open(run.store.path("masks", f"shard-{index:06d}.parquet"), "rb") as f:
-            rows = pq.read_table(f, filters=[("image_id", "in", wanted)])
-        for row in rows.to_pylist():
-            found.setdefault(row["image_id"], []).append(row)
+    for row in run.table("masks", filter=wanted).to_pylist():
+        found.setdefault(row["image_id"], []).append(row)
     return found
 
 

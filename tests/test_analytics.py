@@ -744,3 +744,55 @@ def test_show_refuses_an_unknown_image_id(instance_run, tmp_path):
     assert printed.exit_code == 2
     assert "has no image with id 12345" in said(printed)
     assert not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run: views over exactly the committed files, scanned as queries need them.
+
+
+def test_the_views_read_the_committed_shards_only(instance_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(instance_run, out)
+    [run] = out.glob("run=*")
+    committed = {name: read(out, name) for name in schema.TABLES}
+    # A shard killed before its commit marker: its files are there, and do not count.
+    for name in schema.TABLES:
+        shutil.copy(run / name / "shard-000000.parquet", run / name / "shard-000007.parquet")
+    with connect(str(out)) as db:
+        for name, rows in committed.items():
+            assert db.sql(f"SELECT count(*) FROM {name}").fetchall() == [(len(rows),)]
+    assert evaluate_run(str(out)) == evaluate_run(str(instance_run)) | {"run": f"file://{run}"}
+
+
+@pytest.mark.integration
+def test_a_run_on_s3_is_read_through_the_locked_connection(instance_run, s3_env, monkeypatch):
+    import fsspec
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("analytics-test")
+    fs.put(f"{instance_run}/", "analytics-test/out/", recursive=True)
+    s3_run = "s3://analytics-test/out"
+    with connect(s3_run) as db:
+        [(masks,)] = db.sql("SELECT count(*) FROM masks").fetchall()
+        with pytest.raises(duckdb.Error):  # DuckDB itself still reaches nothing
+            db.sql(f"SELECT count(*) FROM '{s3_run}/run=inst/masks/*.parquet'").fetchall()
+    assert masks == len(read(instance_run, "masks"))
+    where = "image_id IN (SELECT image_id FROM masks WHERE score > 0.5)"
+    local, remote = evaluate_run(str(instance_run), where=where), evaluate_run(s3_run, where=where)
+    assert remote["instance"] == local["instance"]
+    assert remote["images"] == local["images"]
+
+
+def test_reading_a_run_imports_no_torch(instance_run):
+    code = (
+        "import sys\n"
+        "from segflow.analytics import connect\n"
+        f"print(connect({str(instance_run)!r}).sql('SELECT count(*) FROM masks').fetchall())\n"
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.splitlines() == [f"[({len(read(instance_run, 'masks'))},)]", "[]"]
