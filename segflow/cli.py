@@ -475,27 +475,22 @@ def query(
     The SQL reads those tables and nothing else, unless --allow-external."""
     import duckdb
 
-    from segflow.analytics import connect
+    from segflow.analytics import AnalyticsError, connect
 
     if output_format not in ("table", "csv", "json"):
         console.print(f"[red]error:[/] --format must be table, csv or json, not {output_format!r}")
         raise typer.Exit(code=NOT_STARTED)
-    try:
-        with connect(run, allow_external=allow_external) as db:
+    with _reported(), connect(run, allow_external=allow_external) as db:
+        try:
             result = db.sql(sql)
             names, rows = result.columns, result.fetchall()
-    except duckdb.PermissionException:
-        console.print(
-            "[red]error:[/] the query failed: it reaches outside the run's tables (files or "
-            "extensions); --allow-external allows that for trusted SQL"
-        )
-        raise typer.Exit(code=2) from None
-    except duckdb.Error as exc:
-        console.print(f"[red]error:[/] the query failed: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
-    except (ValueError, OSError) as exc:  # not a run, or unreadable
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
+        except duckdb.PermissionException:
+            raise AnalyticsError(
+                "the query failed: it reaches outside the run's tables (files or extensions); "
+                "--allow-external allows that for trusted SQL"
+            ) from None
+        except duckdb.Error as exc:
+            raise AnalyticsError(f"the query failed: {exc}") from None
     if output_format == "json":
         json.dump([dict(zip(names, row, strict=True)) for row in rows], sys.stdout, default=_json)
         sys.stdout.write("\n")
