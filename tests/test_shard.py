@@ -15,9 +15,9 @@ from pycocotools import mask as coco_mask
 
 from segflow import schema
 from segflow.decode import decode_image
-from segflow.manifest import build_manifest
 from segflow.models import load_model
 from segflow.shard import segment_images
+from tests.conftest import manifest_uris
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def _png_header_declaring(width: int, height: int) -> bytes:
 
 
 def test_shard_rows_match_the_model_and_record_every_failure(espnet, corpus: Path):
-    uris = build_manifest(str(corpus)).to_pylist()
+    uris = manifest_uris(str(corpus))
     result = segment_images(espnet, uris, run_id="r1", batch_size=3)
 
     assert result.num_images == len(uris) == GOOD + 4
@@ -94,7 +94,7 @@ def test_shard_rows_match_the_model_and_record_every_failure(espnet, corpus: Pat
 
 
 def test_tables_read_back_in_duckdb_and_polars(espnet, corpus: Path, tmp_path: Path):
-    result = segment_images(espnet, build_manifest(str(corpus)).to_pylist(), run_id="r2")
+    result = segment_images(espnet, manifest_uris(str(corpus)), run_id="r2")
     paths = {}
     for name in ("masks", "images", "errors"):
         paths[name] = tmp_path / f"{name}.parquet"
