@@ -17,6 +17,8 @@ by its index, and :class:`ManifestReader` reads one shard's URIs without reading
 
 from __future__ import annotations
 
+import bisect
+import csv
 import itertools
 import os
 import re
@@ -78,7 +80,8 @@ def build_manifest(
     page_size: int = LIST_PAGE,
 ) -> int:
     """Write the image URIs named by ``location`` (see the module docstring) to the local
-    Parquet file ``dest`` (column ``uri``); returns how many there are."""
+    Parquet file ``dest`` (column ``uri``); returns how many there are. Where ``location``
+    is bad, raises :class:`ManifestError`, and ``dest`` may hold part of a manifest."""
     fs, path, kind = _located(location)
     if kind == "manifest":
         return _copy_manifest_file(location, fs, path, dest)
@@ -127,10 +130,8 @@ class ManifestReader:
     def __init__(self, file: BinaryIO) -> None:
         self._opened = file
         self._file = pq.ParquetFile(file)
-        sizes = [
-            self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)
-        ]
-        self._starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        groups = (self._file.metadata.row_group(i) for i in range(self._file.num_row_groups))
+        self._starts = list(itertools.accumulate((g.num_rows for g in groups), initial=0))
         self._cached: tuple[int, pa.Array] | None = None
 
     def __len__(self) -> int:
@@ -138,7 +139,7 @@ class ManifestReader:
 
     def uris(self, shard: Shard) -> list[str]:
         pieces = []
-        group = _group_of(self._starts, shard.start)
+        group = bisect.bisect_right(self._starts, shard.start) - 1
         while shard.stop > self._starts[group] and group < len(self._starts) - 1:
             column = self._row_group(group)
             first = max(shard.start - self._starts[group], 0)
@@ -160,15 +161,6 @@ class ManifestReader:
             table = self._file.read_row_group(group, columns=["uri"])
             self._cached = (group, table.column("uri").combine_chunks())
         return self._cached[1]
-
-
-def _group_of(starts: list[int], row: int) -> int:
-    """The row group holding ``row``: the last whose first row is at most ``row``."""
-    low, high = 0, len(starts) - 2
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if starts[middle] <= row else (low, middle - 1)
-    return low
 
 
 def _located(location: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
@@ -309,13 +301,12 @@ def _manifest_file_columns(location: str, fs, path: str) -> Iterator[pa.Array]:
                 table.iter_batches(ROW_GROUP_ROWS, columns=["uri"]) if "uri" in columns else ()
             )
         else:
-            names = pa_csv.open_csv(f).schema.names
+            columns = next(csv.reader([f.readline().decode("utf-8-sig")]), [])
             f.seek(0)
-            columns = names
             only_uri = pa_csv.ConvertOptions(
                 column_types={"uri": pa.string()}, include_columns=["uri"]
             )
-            batches = pa_csv.open_csv(f, convert_options=only_uri) if "uri" in names else ()
+            batches = pa_csv.open_csv(f, convert_options=only_uri) if "uri" in columns else ()
         if "uri" not in columns:
             raise ManifestError(f"manifest {location!r} has no 'uri' column (columns: {columns})")
         for batch in batches:
@@ -356,7 +347,9 @@ class _Writer:
 
 def _duckdb(tmp: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB that sorts and groups within SORT_MEMORY, spilling the rest into ``tmp``."""
-    return duckdb.connect(config={"memory_limit": SORT_MEMORY, "temp_directory": tmp})
+    return duckdb.connect(
+        config={"memory_limit": SORT_MEMORY, "temp_directory": tmp, "enable_progress_bar": False}
+    )
 
 
 def _sql(path: str) -> str:
