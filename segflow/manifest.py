@@ -347,9 +347,9 @@ class _Writer:
 
 def _duckdb(tmp: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB that sorts and groups within SORT_MEMORY, spilling the rest into ``tmp``."""
-    return duckdb.connect(
-        config={"memory_limit": SORT_MEMORY, "temp_directory": tmp, "enable_progress_bar": False}
-    )
+    db = duckdb.connect(config={"memory_limit": SORT_MEMORY, "temp_directory": tmp})
+    db.execute("SET enable_progress_bar = false")  # it would print to the caller's stdout
+    return db
 
 
 def _sql(path: str) -> str:
