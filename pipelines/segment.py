@@ -101,6 +101,10 @@ def run_shards(
     pending = [shard for shard in plan.pending if shard.index not in done]
     if not pending:
         return []
+    # The pool asks for a shard's URIs as an actor frees up, so the driver holds a few
+    # shards' worth, never the manifest. Opened first: a store that fails here leaves no
+    # actors running.
+    manifest = plan.store.open_manifest()
     workers = claim(config, len(pending))
     get_run_logger().info(
         "%d actor(s), %s CPU and %s GPU each",
@@ -109,9 +113,6 @@ def run_shards(
         workers.plan.num_gpus,
     )
     summaries = []
-    # The pool asks for a shard's URIs as an actor frees up, so the driver holds a few
-    # shards' worth, never the manifest.
-    manifest = plan.store.open_manifest()
     try:
         pool = ActorPool(workers.actors)
         for summary in pool.map_unordered(
