@@ -17,7 +17,7 @@ Both (c) and (d) run twice: cold, where each command starts its own Ray and Pref
 prints the rate of the flow alone (after the process's imports and Prefect's start) and of
 the actors at work (first shard start to last shard end).
 
-Also: the driver's peak RSS when planning a 1M-URI manifest.
+The driver's memory planning millions of URIs: bench/scale.py --only planning.
 
 The machine's speed drifts by tens of percent over minutes (a shared host), so (a) and (b)
 are measured first and last, and their means are the ratios' denominators. This
@@ -346,30 +346,6 @@ def upload(folder: Path, env: dict[str, str]) -> None:
     fs.put(str(folder), "bench/images", recursive=True)
 
 
-def planning_rss(folder: Path) -> float:
-    """Peak RSS (MiB) of a fresh process that plans a 1M-URI manifest into shards."""
-    manifest = folder / "million.parquet"
-    uris = pa.array([f"s3://bucket/corpus/{i // 1000:04d}/{i:07d}.jpg" for i in range(1_000_000)])
-    pq.write_table(pa.table({"uri": uris}), manifest)
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child forked from this
-    # (large) process would report the parent's size.
-    script = (
-        "import re\n"
-        "from segflow.manifest import build_manifest, shards\n"
-        f"m = build_manifest({str(manifest)!r})\n"
-        "s = list(shards(len(m), 256))\n"
-        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
-        "print(len(m), len(s), hwm)\n"
-    )
-    output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    )
-    count, shard_count, max_rss_kib = (int(v) for v in output.stdout.split())
-    peak_mib = max_rss_kib / 1024
-    print(f"  planning {count:,} URIs into {shard_count:,} shards: peak RSS {peak_mib:.0f} MiB")
-    return peak_mib
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -484,8 +460,6 @@ def main() -> None:
         for name in ("cold", "warm"):
             versus_c = ratios(feed[name], c[name]["img_s"])
             print(f"  feed-rate d/c, {name:<5}     {versus_c}   goal >= 2.5")
-        print("driver memory")
-        planning_rss(tmp)
 
 
 def ratios(run: dict, baseline: float) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
@@ -44,7 +44,7 @@ DEFAULT_SHARD_SIZE = 256
 @dataclass(frozen=True)
 class Plan:
     store: RunStore
-    manifest: pa.Array
+    images: int  # the manifest's length; shards read their URIs from the store's copy
     pending: list[Shard]
     total_shards: int
     resumed: bool
@@ -83,24 +83,27 @@ def plan_run(
     resumed = store.exists()
     if resumed:
         store.prepare(config)  # raises if the existing run has another configuration
-    manifest = store.read_manifest() if resumed else None
-    if manifest is None:
-        manifest = build_manifest(input)  # a bad input fails here, before anything is written
-        store.prepare(config)
-        store.write_manifest(manifest)
+    if not (resumed and store.has_manifest()):
+        with tempfile.TemporaryDirectory(prefix="segflow-manifest-") as tmp:
+            listed = os.path.join(tmp, "manifest.parquet")
+            build_manifest(input, listed)  # a bad input fails here, before anything is written
+            store.prepare(config)
+            store.put_manifest(listed)
+    with store.open_manifest() as manifest:
+        images = len(manifest)
     if evaluation is not None:
         store.write_json("evaluation.json", evaluation)
-    all_shards = list(shards(len(manifest), config["shard_size"]))
+    all_shards = list(shards(images, config["shard_size"]))
     done = store.committed()
     pending = [s for s in all_shards if s.index not in done]
     logger.info(
         "run %s: %d images in %d shards, %d already committed",
         run_id,
-        len(manifest),
+        images,
         len(all_shards),
         len(all_shards) - len(pending),
     )
-    return Plan(store, manifest, pending, len(all_shards), resumed)
+    return Plan(store, images, pending, len(all_shards), resumed)
 
 
 # A retry re-reads the commits, so it runs only the shards the failed attempt left undone;
@@ -120,6 +123,10 @@ def run_shards(
     pending = [shard for shard in plan.pending if shard.index not in done]
     if not pending:
         return []
+    # The pool asks for a shard's URIs as an actor frees up, so the driver holds a few
+    # shards' worth, never the manifest. Opened first: a store that fails here leaves no
+    # actors running.
+    manifest = plan.store.open_manifest()
     workers = claim(config, len(pending))
     get_run_logger().info(
         "%d actor(s), %s CPU and %s GPU each",
@@ -129,12 +136,13 @@ def run_shards(
     )
     summaries = []
     try:
-        for summary in segment_shards(workers, plan.store, plan.manifest, pending, config):
+        for summary in segment_shards(workers, plan.store, manifest, pending, config):
             summaries.append(summary)
             if on_shard is not None:
                 on_shard(summary)
     finally:
         workers.stop()
+        manifest.close()
     return summaries
 
 

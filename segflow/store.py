@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from segflow import schema
 from segflow.errors import SegflowError
-from segflow.manifest import Shard
+from segflow.manifest import ManifestReader, Shard
 
 
 class RunStoreError(SegflowError, ValueError):
@@ -113,15 +113,19 @@ class RunStore:
         self.write_json("run.json", config)
         return False
 
-    def write_manifest(self, uris: pa.Array) -> None:
-        self.write_parquet("manifest.parquet", pa.table({"uri": uris}))
+    def put_manifest(self, local_path: str) -> None:
+        """Copy in the manifest :func:`segflow.manifest.build_manifest` wrote locally."""
+        tmp = self.path(f".{uuid.uuid4().hex}.tmp")
+        self.fs.put_file(local_path, tmp)
+        self.fs.mv(tmp, self.path("manifest.parquet"))
 
-    def read_manifest(self) -> pa.Array | None:
-        path = self.path("manifest.parquet")
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f).column("uri").combine_chunks()
+    def has_manifest(self) -> bool:
+        return self.fs.exists(self.path("manifest.parquet"))
+
+    def open_manifest(self) -> ManifestReader:
+        """The manifest, read a row range at a time (never whole: it may list millions)."""
+        # Small blocks: a shard's read is one row group, not s3fs's default 50 MB read-ahead.
+        return ManifestReader(self.fs.open(self.path("manifest.parquet"), "rb", block_size=1 << 20))
 
     def write_json(self, name: str, data: Mapping[str, Any]) -> None:
         self._write_atomically(self.path(name), json.dumps(dict(data), indent=2, sort_keys=True))

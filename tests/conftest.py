@@ -6,12 +6,14 @@ import contextlib
 import io
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from pycocotools import mask as coco_mask
@@ -19,7 +21,7 @@ from pycocotools.coco import COCO
 
 from segflow import schema
 from segflow.groundtruth import open_ground_truth
-from segflow.manifest import Shard
+from segflow.manifest import Shard, build_manifest
 from segflow.prediction import InstancePrediction
 from segflow.scoring import ImageScorer
 from segflow.shard import mask_rows
@@ -30,6 +32,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Ray reads its auth mode when imported; the tests, like the segflow command, keep token
 # authentication on for every Ray they start or join.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def manifest_uris(location: str, **options) -> list[str]:
+    """The URIs :func:`~segflow.manifest.build_manifest` lists for ``location``, read back
+    whole (a test's corpus is small)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = os.path.join(tmp, "manifest.parquet")
+        count = build_manifest(location, dest, **options)
+        uris = pq.read_table(dest).column("uri").to_pylist()
+        assert count == len(uris)
+        assert os.listdir(tmp) == ["manifest.parquet"]  # nothing else left behind
+    return uris
 
 
 def shared_root() -> Path:

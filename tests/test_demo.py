@@ -27,11 +27,12 @@ from segflow.demo.corpus import CLASSES, THINGS, write_corpus
 from segflow.demo.corpus import main as corpus_main
 from segflow.evaluation import evaluate_run
 from segflow.groundtruth import open_ground_truth
-from segflow.manifest import Shard, build_manifest
+from segflow.manifest import Shard
 from segflow.models import ModelCardError, load_model
 from segflow.models.semantic import DEFAULT_TILE_SIZE
 from segflow.shard import segment_images
 from segflow.store import RunStore
+from tests.conftest import manifest_uris
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODELS = REPO_ROOT / "models" / "demo"
@@ -124,7 +125,7 @@ def test_broken_files_are_broken_and_not_annotated(corpus):
     }
     assert not listed & {p.name for p in broken}
     # segflow's manifest lists them with the scenes, so a run meets them.
-    assert len(build_manifest(str(corpus / "images"))) == 4 + 3
+    assert len(manifest_uris(str(corpus / "images"))) == 4 + 3
 
 
 def test_large_images_are_larger_than_the_tile_size(corpus):
@@ -165,7 +166,7 @@ def test_writes_to_s3(s3_env, monkeypatch):
     split = write_corpus("s3://demo-corpus/aerial", split="heldout", images=2, size=SMALL, broken=1)
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
-    assert len(build_manifest(split.images)) == 3
+    assert len(manifest_uris(split.images)) == 3
     ground_truth = open_ground_truth(f"coco:{split.instances}")
     target = ground_truth.target(f"{split.images}/heldout-00001.jpg")
     assert (target.width, target.height) == SMALL and target.annotations
@@ -279,7 +280,7 @@ def evaluated_run(model_path: Path, uris: list[str], gt: str, out: Path) -> dict
 def test_demo_models_reach_their_goals_on_held_out_scenes(tmp_path):
     # Seed 1: not even the held-out scenes the cards were measured on.
     split = write_corpus(str(tmp_path / "corpus"), split="heldout", images=5, seed=1, large=1)
-    uris = build_manifest(split.images).to_pylist()
+    uris = manifest_uris(split.images)
     semantic = evaluated_run(
         DEMO_MODELS / "aerial_unet.pt2", uris, f"masks:{split.labels}", tmp_path / "semantic"
     )["semantic"]

@@ -22,7 +22,7 @@ from segflow.groundtruth import (
     SemanticTarget,
     open_ground_truth,
 )
-from segflow.manifest import build_manifest
+from tests.conftest import manifest_uris
 
 # torchvision references/segmentation/coco_utils.py, get_coco: the COCO category of each VOC
 # class, by class id.
@@ -65,7 +65,7 @@ def write_json(path: Path, obj) -> Path:
 def test_camvid_labels_are_the_stored_values_with_void_ignored(data):
     ground_truth = open_ground_truth(f"masks:{data / 'camvid_val' / 'labels'}", ignore_index=11)
     assert (ground_truth.kind, ground_truth.categories) == ("semantic", None)
-    images = build_manifest(str(data / "camvid_val" / "images")).to_pylist()
+    images = manifest_uris(str(data / "camvid_val" / "images"))
     assert len(images) == 101
     for uri in images:
         target = ground_truth.target(uri)
@@ -126,7 +126,7 @@ def test_aerial_palette_masks_match_their_tile(data):
     root = data / "aerial_dubai"
     palette = aerial_palette(data)
     ground_truth = open_ground_truth(f"masks:{root}?palette={root / 'palette.json'}")
-    images = [uri for uri in build_manifest(str(root)).to_pylist() if uri.endswith(".jpg")]
+    images = [uri for uri in manifest_uris(str(root)) if uri.endswith(".jpg")]
     assert len(images) == 72
     palette_modes = set()
     for uri in images:

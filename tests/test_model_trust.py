@@ -240,9 +240,10 @@ def test_an_actor_refuses_a_model_file_replaced_after_the_run_recorded_it(espnet
 @pytest.mark.integration
 def test_actors_on_ray_fail_their_shards_on_a_replaced_model_file(local_ray, espnet, tmp_path):
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from segflow.errors import RunIncompleteError
-    from segflow.manifest import Shard
+    from segflow.manifest import ManifestReader, Shard
     from segflow.store import RunStore
     from workers.pool import WorkerConfig, segment_shards, start_workers
 
@@ -253,9 +254,11 @@ def test_actors_on_ray_fail_their_shards_on_a_replaced_model_file(local_ray, esp
     config = WorkerConfig(**arguments, cpus_per_actor=1)
     workers = start_workers(config, max_actors=1)
     store = RunStore(str(tmp_path / "out"), "r")
+    pq.write_table(pa.table({"uri": ["unused.png"]}), tmp_path / "manifest.parquet")
+    manifest = ManifestReader((tmp_path / "manifest.parquet").open("rb"))
     try:
         with pytest.raises(RunIncompleteError) as failed:
-            list(segment_shards(workers, store, pa.array(["unused.png"]), [Shard(0, 0, 1)], config))
+            list(segment_shards(workers, store, manifest, [Shard(0, 0, 1)], config))
     finally:
         workers.stop()
     message = str(failed.value)

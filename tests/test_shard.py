@@ -19,10 +19,10 @@ from pycocotools import mask as coco_mask
 from segflow import schema
 from segflow.decode import decode_image
 from segflow.groundtruth import open_ground_truth
-from segflow.manifest import build_manifest
 from segflow.models import load_model
 from segflow.reading import read_bytes
 from segflow.shard import segment_images
+from tests.conftest import manifest_uris
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def _png_header_declaring(width: int, height: int) -> bytes:
 
 
 def test_shard_rows_match_the_model_and_record_every_failure(espnet, corpus: Path):
-    uris = build_manifest(str(corpus)).to_pylist()
+    uris = manifest_uris(str(corpus))
     result = segment_images(espnet, uris, run_id="r1", batch_size=3)
 
     assert result.num_images == len(uris) == GOOD + 4
@@ -99,7 +99,7 @@ def test_shard_rows_match_the_model_and_record_every_failure(espnet, corpus: Pat
 
 
 def test_tables_read_back_in_duckdb_and_polars(espnet, corpus: Path, tmp_path: Path):
-    result = segment_images(espnet, build_manifest(str(corpus)).to_pylist(), run_id="r2")
+    result = segment_images(espnet, manifest_uris(str(corpus)), run_id="r2")
     paths = {}
     for name in ("masks", "images", "errors"):
         paths[name] = tmp_path / f"{name}.parquet"
@@ -167,7 +167,7 @@ def test_a_fifo_among_the_frames_is_a_read_error_and_the_shard_goes_on(
 ):
     fifo = corpus / "x.png"
     os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
-    uris = build_manifest(str(corpus)).to_pylist()
+    uris = manifest_uris(str(corpus))
     assert f"file://{fifo}" in uris
     thread, results = _segment_in_background(model=espnet, uris=uris, run_id="r1", batch_size=3)
     try:
@@ -214,7 +214,7 @@ def test_a_fifo_among_the_label_files_fails_that_evaluation_only(
 
 
 def test_a_read_that_never_returns_times_out_into_a_read_error(espnet, corpus: Path):
-    uris = [u for u in build_manifest(str(corpus)).to_pylist() if u.endswith("png")][:3]
+    uris = [u for u in manifest_uris(str(corpus)) if u.endswith("png")][:3]
     stalled = uris[1]
     released = threading.Event()
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from datetime import UTC, datetime
 
 import duckdb
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from segflow import schema
@@ -67,8 +69,14 @@ def _exercise(out: str) -> None:
     with pytest.raises(RunConflictError, match="model: 'm' there, 'other' now"):
         store.prepare({**config, "model": "other"})
 
-    store.write_manifest(pa.array(["a", "b", "c"]))
-    assert store.read_manifest().to_pylist() == ["a", "b", "c"]
+    assert not store.has_manifest()
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(pa.table({"uri": ["a", "b", "c"]}), f"{tmp}/m.parquet", row_group_size=2)
+        store.put_manifest(f"{tmp}/m.parquet")
+    assert store.has_manifest()
+    with store.open_manifest() as manifest:
+        assert len(manifest) == 3
+        assert manifest.uris(Shard(0, 1, 3)) == ["b", "c"]
     assert store.committed() == set()
 
     store.commit_shard(Shard(1, 2, 3), _tables("c"), {"shard": 1, "images": 1})

@@ -17,13 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from segflow.errors import RunIncompleteError
-from segflow.manifest import Shard
+from segflow.manifest import ManifestReader, Shard
 from segflow.store import RunStore
 from workers.cluster import ActorPlan, connect, plan_actors
 from workers.segment_actor import SegmentActor
@@ -98,7 +97,11 @@ def start_workers(config: WorkerConfig, max_actors: int | None = None) -> Worker
 
 
 def segment_shards(
-    workers: Workers, store: RunStore, manifest: pa.Array, shards: list[Shard], config: WorkerConfig
+    workers: Workers,
+    store: RunStore,
+    manifest: ManifestReader,
+    shards: list[Shard],
+    config: WorkerConfig,
 ) -> Iterator[dict[str, Any]]:
     """Run ``shards`` on the pool's actors, one at a time each, and yield each shard's summary
     once it is committed. A shard whose actor died on each of its :data:`SHARD_ATTEMPTS`
@@ -109,9 +112,8 @@ def segment_shards(
     while waiting or running:
         while idle and waiting:
             actor, shard = idle.pop(), waiting.popleft()
-            uris = manifest.slice(shard.start, len(shard)).to_pylist()
             call = actor.__call__.options(max_task_retries=SHARD_ATTEMPTS - 1)
-            running[call.remote(store, shard, uris)] = (actor, shard)
+            running[call.remote(store, shard, manifest.uris(shard))] = (actor, shard)
         [done], _ = ray.wait(list(running), num_returns=1)
         actor, shard = running.pop(done)
         try:
@@ -122,12 +124,13 @@ def segment_shards(
                 # hash, say): the message ends with that error, after Ray's traceback.
                 cause = str(exc).strip().splitlines()[-1].strip()
                 raise RunIncompleteError(f"{shard.name} did not run: {cause}") from exc
-            raise RunIncompleteError(_died_every_time(shard, manifest, config)) from exc
+            first = manifest.uris(shard)[0]
+            raise RunIncompleteError(_died_every_time(shard, first, config)) from exc
         idle.append(actor)
         yield summary
 
 
-def _died_every_time(shard: Shard, manifest: pa.Array, config: WorkerConfig) -> str:
+def _died_every_time(shard: Shard, first_uri: str, config: WorkerConfig) -> str:
     stall = (
         f"an actor ends itself when no image of its shard is done for {config.stall_timeout:g} s"
         " (the stall timeout), or it crashed"
@@ -135,7 +138,7 @@ def _died_every_time(shard: Shard, manifest: pa.Array, config: WorkerConfig) -> 
         else "it crashed"
     )
     return (
-        f"{shard.name} (images {shard.start} to {shard.stop - 1}, from {manifest[shard.start]}) "
+        f"{shard.name} (images {shard.start} to {shard.stop - 1}, from {first_uri}) "
         f"did not finish: its actor died on each of {SHARD_ATTEMPTS} attempts ({stall}); "
         "the shards committed are kept, and rerunning the same command resumes"
     )
