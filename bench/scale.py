@@ -1,7 +1,8 @@
 """segflow at the scale of millions of images, measured (a benchmark, not a timed test).
 
 ``--only planning``: the driver's peak RSS and wall time planning a run of N URIs, with this
-checkout's segflow and a baseline checkout's (``--baseline``, default ../main) side by side,
+checkout's segflow and a baseline's (``--baseline REV``, default 9069dc0: the last commit
+before manifests streamed, checked out into a temporary git worktree) side by side,
 each in a fresh process. Planning is what the ``segment`` flow's driver does with the
 manifest: build it from the input, copy it into the run folder, cut it into shards of 256,
 then hand every shard's URIs to the actors (read here one shard after another, as
@@ -17,7 +18,7 @@ Goal: planning 10 M URIs within 1 GB. The inputs are made once under ``--work`` 
 S3 listings are not measured here (a moto server lists far slower than S3); they are read a
 page of 1,000 keys at a time and arrive sorted, so they skip the sort a local folder needs.
 
-Usage: .venv/bin/python bench/scale.py --only planning [--work DIR] [--baseline ../main]
+Usage: .venv/bin/python bench/scale.py --only planning [--work DIR] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ hwm = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)
 print(images, len(all_shards), seconds, hwm)
 """
 
-# The planning before manifests streamed (main at 9069dc0): one Arrow array in the driver.
+# The planning before manifests streamed (BASELINE_REV): one Arrow array in the driver.
+BASELINE_REV = "9069dc0"
 BASELINE = """
 import re, sys, time
 from segflow.manifest import build_manifest, shards
@@ -173,12 +175,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["planning"], default="planning")
     parser.add_argument("--work", type=Path, help="where the inputs are made (kept)")
-    parser.add_argument("--baseline", type=Path, default=REPO_ROOT.parent / "main")
+    parser.add_argument("--baseline", default=BASELINE_REV, help="git revision to compare")
     args = parser.parse_args()
     work = args.work or Path(tempfile.gettempdir()) / "segflow-bench-scale"
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs; inputs under {work}")
-    planning(work, args.baseline.resolve())
+    with tempfile.TemporaryDirectory() as folder:
+        baseline = Path(folder) / "baseline"
+        git = ["git", "-C", str(REPO_ROOT), "worktree"]
+        subprocess.run([*git, "add", "--detach", str(baseline), args.baseline], check=True)
+        try:
+            planning(work, baseline)
+        finally:
+            subprocess.run([*git, "remove", "--force", str(baseline)], check=True)
 
 
 if __name__ == "__main__":
