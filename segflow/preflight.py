@@ -3,8 +3,10 @@
 A job that cannot run fails here, in the seconds a model load takes, with one error naming
 the input and the problem (a :class:`~segflow.errors.SegflowError`), and nothing written:
 
-- the model: resolved and loaded on the CPU, so an unknown name, a missing card or weights,
-  or a corrupt file fails now rather than in every actor;
+- the model: resolved, its file hashed (the sha256 the run records and every actor checks;
+  ``--model-sha256`` pins it), and loaded on the CPU from those bytes, so an unknown name, a
+  missing card or weights, a corrupt or unsafe file, or a card that does not fit its graph
+  fails now rather than in every actor;
 - the input: it exists (a folder, a file, a glob, an ``s3://`` prefix); listing it is left to
   the run's planning, which a corpus of millions makes long;
 - the ground truth: it opens and fits the model; an ``ignore_index`` must be a label the

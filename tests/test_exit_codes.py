@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 import workers.cluster
 from segflow import cli
-from segflow.demo.s3 import local_s3
 from tests.test_segment_flow import Cli, assert_exactly_once, make_corpus
 
 
@@ -101,25 +100,23 @@ def test_bad_jobs_fail_with_one_line_before_ray_or_prefect_start(
 
 
 def test_an_s3_output_whose_bucket_does_not_exist_is_refused_not_created(
-    nothing_starts, shared, frames, tmp_path, monkeypatch
+    nothing_starts, s3_env, shared, frames, tmp_path, monkeypatch
 ):
     corpus = make_corpus(tmp_path / "in", frames, good=1, bad=False)
-    with local_s3() as endpoint:
-        for key, value in endpoint.items():
-            monkeypatch.setenv(key, value)
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir("exists")
-        arguments = [
-            "segment",
-            str(corpus),
-            "--model",
-            str(shared / "models" / "espnet_camvid.pt2"),
-        ]
-        result = CliRunner().invoke(cli.app, [*arguments, "--out", "s3://no-such-bucket/out"])
-        assert result.exit_code == 2, result.output
-        assert "bucket 'no-such-bucket' does not exist" in one_error_line(result.output)
-        assert "no-such-bucket" not in fs.ls("", refresh=True)
-        assert nothing_starts == []
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    model = str(shared / "models" / "espnet_camvid.pt2")
+    arguments = ["segment", str(corpus), "--model", model, "--out", "s3://no-such-bucket/out"]
+    try:
+        result = CliRunner().invoke(cli.app, arguments)
+    finally:
+        # The command's s3fs instance is cached with this test's credentials.
+        fsspec.filesystem("s3").clear_instance_cache()
+    assert result.exit_code == 2, result.output
+    assert "bucket 'no-such-bucket' does not exist" in one_error_line(result.output)
+    assert "no-such-bucket" not in fs.ls("", refresh=True)
+    assert nothing_starts == []
 
 
 def test_a_job_that_started_and_could_not_finish_exits_3_and_resumes(shared, frames, tmp_path):

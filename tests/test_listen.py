@@ -1,21 +1,24 @@
 """The local Ray that ``segflow segment`` starts by default (``workers.cluster.connect(None)``)
 listens on loopback only, and the token it authenticates with is its user's alone.
 
-Real Ray, started in this process as the command starts it, under a temporary HOME; the
-listening sockets are read from /proc (``/proc/net/tcp``, ``/proc/net/tcp6``) and mapped
-to Ray's processes (this process and its descendants) through their file descriptors.
+Real Ray, started as the command starts it in a process of its own under a temporary HOME;
+the listening sockets are read from /proc (``/proc/net/tcp``, ``/proc/net/tcp6``) and mapped
+to Ray's processes (that process and its descendants) through their file descriptors.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import stat
-import time
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,22 +27,42 @@ LISTEN = "0A"
 SERVERS = ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::Probe")
 
 
+# Run in a process of its own: Ray keeps the first token it reads for the life of the
+# process, so one started here after other tests' Rays would present theirs.
+_LOCAL_RAY = """
+import json, sys, time
+import ray
+from tests import test_listen as t
+from workers.cluster import connect
+connect(None)
+actor = t.probe_pid()
+deadline = time.monotonic() + 120
+while True:  # the agents start in the background: wait until every server listens
+    listening = t.listening_sockets(t.ray_processes())
+    missing = [s for s in t.SERVERS if s not in {name for name, _ in listening.values()}]
+    if not missing or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps({"actor": actor, "missing": missing, "listening": listening}))
+ray.shutdown()
+"""
+
+
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Iterator[Path]:
-    """A local Ray started by ``connect(None)`` with HOME in a temporary folder."""
-    import ray
-
-    from workers.cluster import connect
-
+def fresh_ray(tmp_path_factory) -> tuple[Path, dict]:
+    """A local Ray started by ``connect(None)`` with HOME in a temporary folder: the HOME,
+    and the Probe actor's pid, the servers not seen listening and who listens where."""
     home = tmp_path_factory.mktemp("home")
-    saved = os.environ["HOME"]
-    os.environ["HOME"] = str(home)
-    try:
-        connect(None)
-        yield home
-    finally:
-        ray.shutdown()
-        os.environ["HOME"] = saved
+    done = subprocess.run(
+        [sys.executable, "-c", _LOCAL_RAY],
+        env={**os.environ, "HOME": str(home)},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return home, json.loads(done.stdout.splitlines()[-1])
 
 
 def probe_pid() -> int:
@@ -53,30 +76,23 @@ def probe_pid() -> int:
     return ray.get(ray.remote(Probe).remote().pid.remote())
 
 
-def test_the_token_it_creates_is_readable_by_its_user_only(home: Path):
+def test_the_token_it_creates_is_readable_by_its_user_only(fresh_ray):
+    home, seen = fresh_ray
     token = home / ".ray" / "auth_token"
-    assert probe_pid()  # the cluster authenticates with it
+    assert seen["actor"]  # the cluster authenticates with it
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert stat.S_IMODE(token.parent.stat().st_mode) & 0o077 == 0
     assert len(token.read_text()) == 64
     assert [path.name for path in token.parent.iterdir()] == ["auth_token"]  # no draft left
 
 
-def test_every_socket_of_the_local_ray_listens_on_loopback_only(home: Path):
-    actor = probe_pid()
-    deadline = time.monotonic() + 120
-    while True:  # the agents start in the background: wait until every server listens
-        listening = listening_sockets(ray_processes())
-        names = {name for name, _ in listening.values()}
-        missing = [server for server in SERVERS if server not in names]
-        if not missing:
-            break
-        assert time.monotonic() < deadline, f"not seen listening: {missing}"
-        time.sleep(0.5)
-    assert actor in listening
+def test_every_socket_of_the_local_ray_listens_on_loopback_only(fresh_ray):
+    _, seen = fresh_ray
+    assert seen["missing"] == [], f"not seen listening: {seen['missing']}"
+    assert str(seen["actor"]) in seen["listening"]
     exposed = [
         f"{name} (pid {pid}) on {address}"
-        for pid, (name, addresses) in listening.items()
+        for pid, (name, addresses) in seen["listening"].items()
         for address in addresses
         if not is_loopback(address)
     ]
