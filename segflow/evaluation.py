@@ -84,6 +84,8 @@ class Run:
         views (:func:`segflow.sql.lock_down`) unless ``allow_external``."""
         db = duckdb.connect()
         db.execute("SET TimeZone = 'UTC'")
+        # Its bar goes to stdout on a slow query, into `segflow query --format json|csv`.
+        db.execute("SET enable_progress_bar = false")
         shards = self.store.committed()
         for name in schema.TABLES:
             db.register(name, self.dataset(name, shards))
