@@ -52,6 +52,7 @@ bench: venv
 	$(BIN)/python bench/evaluate_slice.py
 	$(BIN)/python bench/query_memory.py
 	$(BIN)/python bench/segment.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .hypothesis
