@@ -109,19 +109,8 @@ def load_pt2(
     """``precision="auto"`` is fp32 even on CUDA: the graph is a fixed artifact whose card
     reference was measured in fp32, so autocast ("bf16", "fp16") is an explicit opt-in."""
     program = load_program(Path(path), device, weights, sha256, task="semantic")
-    return check_against_card(
-        ExportedSemanticModel(
-            card=program.card,
-            model_path=Path(path),
-            forward=program.module,
-            min_size=program.min_size,
-            device=program.device,
-            **semantic_options,
-            batch_size=batch_size,
-            precision="fp32" if precision == "auto" else precision,
-            # The exported graph fixes its own layouts; there is no module to convert.
-            channels_last=False,
-        )
+    return program.checked_model(
+        ExportedSemanticModel, Path(path), batch_size, precision, **semantic_options
     )
 
 
@@ -131,6 +120,32 @@ class LoadedProgram:
     module: torch.nn.Module
     device: torch.device
     min_size: int | None  # the larger of the card's and the program's own minimum side
+
+    def checked_model(
+        self,
+        model_class: type[SegmentationModel],
+        path: Path,
+        batch_size: int,
+        precision: str,
+        **options,
+    ) -> SegmentationModel:
+        """``model_class`` over this program, checked against its card
+        (:func:`check_against_card`). ``precision="auto"`` is fp32: the graph is a fixed
+        artifact whose card reference was measured in fp32."""
+        return check_against_card(
+            model_class(
+                card=self.card,
+                model_path=path,
+                forward=self.module,
+                min_size=self.min_size,
+                device=self.device,
+                batch_size=batch_size,
+                precision="fp32" if precision == "auto" else precision,
+                # The exported graph fixes its own layouts; there is no module to convert.
+                channels_last=False,
+                **options,
+            )
+        )
 
 
 def load_program(

@@ -29,7 +29,7 @@ from torchvision.ops import masks_to_boxes
 from segflow.models.base import SegmentationModel
 from segflow.models.card import ModelCard
 from segflow.models.errors import ModelCardError
-from segflow.models.exported import check_against_card, load_program
+from segflow.models.exported import load_program
 from segflow.models.geometry import logits_at_input_size
 from segflow.models.instance import (
     DEFAULT_MASK_THRESHOLD,
@@ -179,16 +179,6 @@ def load_pt2(
     :func:`segflow.models.exported.load_pt2`); ``instance_options``: ``score_threshold``,
     ``max_detections``, ``mask_threshold``."""
     program = load_program(Path(path), device, weights, sha256, task="instance")
-    return check_against_card(
-        BoundaryBandInstanceModel(
-            card=program.card,
-            model_path=Path(path),
-            forward=program.module,
-            min_size=program.min_size,
-            device=program.device,
-            batch_size=batch_size,
-            precision="fp32" if precision == "auto" else precision,
-            channels_last=False,
-            **instance_options,
-        )
+    return program.checked_model(
+        BoundaryBandInstanceModel, Path(path), batch_size, precision, **instance_options
     )
