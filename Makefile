@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SHARED ?= $(abspath ../shared)
 DEMO_OUT ?= out/demo
 
-.PHONY: venv test lint format demo demo-real bench clean browser
+.PHONY: venv test lint format demo demo-real bench clean browser java
 
 venv: $(VENV)/.installed
 
@@ -18,13 +18,21 @@ browser:
 		elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; \
 		else echo "chromium missing and no root: the report's browser test will skip"; fi; }
 
+# The docs' Spark queries run in the tests on pyspark, which needs a Java runtime: Debian's
+# headless JRE, installed the same way when missing (without it those tests skip and say why).
+java:
+	@command -v java >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null; \
+		elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq default-jre-headless >/dev/null; \
+		else echo "java missing and no root: the Spark tests will skip"; fi; }
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,onnx,smp,demo]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,onnx,smp,demo,geo]'
 	touch $@
 
-test: venv browser
+test: venv browser java
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
