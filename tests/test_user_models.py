@@ -10,14 +10,15 @@ import sys
 from pathlib import Path
 
 import duckdb
+import fsspec
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from pycocotools import mask as coco_mask
 from typer.testing import CliRunner
 
 from segflow.cli import app
+from segflow.decode import decode_image
 from segflow.job import Job, JobError
 from segflow.models import available_models, load_model
 from segflow.models.user import ENTRY_POINT_GROUP, UserModelError
@@ -142,7 +143,8 @@ def test_a_user_model_runs_through_the_cli_on_ray(frames, tmp_path):
     assert len(images) == 3
     # What landed decodes to the user model's labels, for every image.
     for uri, height, width in images:
-        expected = brightness_labels(np.asarray(Image.open(uri).convert("RGB")), 90).numpy()
+        with fsspec.open(uri, "rb") as f:
+            expected = brightness_labels(decode_image(f.read()), 90).numpy()
         rebuilt = np.full((height, width), -1)
         for class_id, counts in con.execute(
             f"SELECT class_id, counts FROM '{run}/masks/*.parquet' WHERE uri = ?", [uri]
