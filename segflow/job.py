@@ -20,6 +20,12 @@ Every field is declared once, below, with its metadata:
 - ``output``: whether it changes what a run writes (the run's recorded configuration, which
   a resume must match, holds those that do).
 
+A new option is one field here, with its metadata; its checks go in ``__post_init__``. The
+flow :func:`pipelines.segment.segment` takes the fields as parameters (a test holds the two
+lists equal), and the command line gives it an option that it passes to :class:`Job`. A
+model option (``loader=``) reaches the loaders of its task as that keyword; another reaches
+whatever reads it off the job (the actor, the scorer).
+
 Model options that only some loaders take (``smp:*``'s ``classes`` and ``weights``, a user
 factory's own) are ``model_options``: ``--model-option KEY=VALUE``, the value read as JSON
 where it parses (``classes=12``, ``classes=["road","sky"]``), else as text

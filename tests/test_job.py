@@ -57,6 +57,29 @@ def test_the_flows_parameters_are_the_jobs_fields_with_the_same_defaults():
     assert parameters == fields
 
 
+def test_a_deployments_json_parameters_make_the_job():
+    import yaml
+
+    from pipelines.segment import segment
+    from tests.conftest import REPO_ROOT
+
+    deployments = yaml.safe_load((REPO_ROOT / "deploy" / "prefect.yaml").read_text())
+    [deployment] = [d for d in deployments["deployments"] if d["name"] == "segment"]
+    run = {"input": "s3://b/corpus/", "model": "smp:Unet", "precision": "bf16"}
+    run["model_options"] = {"classes": ["road", "sky"], "weights": "/models/unet.pt"}
+    validated = segment.validate_parameters(deployment["parameters"] | run)
+    built = Job.from_parameters(
+        {k: v for k, v in validated.items() if k not in ("on_plan", "on_shard")}
+    )
+    assert (built.model, built.precision, built.out) == (
+        "smp:Unet",
+        "bf16",
+        "s3://your-bucket/segflow/runs",
+    )
+    assert built.model_options == (("classes", ("road", "sky")), ("weights", "/models/unet.pt"))
+    assert built.ray_address == deployment["parameters"]["ray_address"]
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
