@@ -126,8 +126,8 @@ class Job:
         hints = typing.get_type_hints(Job)
         for setting in dataclasses.fields(self):
             value = getattr(self, setting.name)
-            if setting.name == "model_options" and isinstance(value, Mapping | list):
-                # From JSON (an object, or the pairs to_json writes) or a dict in Python.
+            if setting.name == "model_options" and isinstance(value, Mapping | list | tuple):
+                # An object (JSON's, a dict) or KEY, VALUE pairs: sorted, values hashable.
                 value = _model_options(value)
                 object.__setattr__(self, setting.name, value)
             _check_type(setting, hints[setting.name], value)
@@ -255,15 +255,17 @@ def model_option(text: str) -> tuple[str, JSONValue]:
     return key.strip(), value
 
 
-def _model_options(options: Mapping[str, Any] | list) -> tuple[tuple[str, JSONValue], ...]:
-    pairs = options.items() if isinstance(options, Mapping) else options
-    try:
-        result = tuple(sorted((str(key), _frozen(value)) for key, value in pairs))
-    except (TypeError, ValueError):
-        raise JobError(
-            f"--model-option: model_options must be KEY: VALUE pairs, got {options!r}"
-        ) from None
-    return result
+def _model_options(options: Mapping[str, Any] | list | tuple) -> tuple[tuple[str, JSONValue], ...]:
+    pairs = list(options.items() if isinstance(options, Mapping) else options)
+    if not all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in pairs):
+        raise JobError(f"--model-option: model options are KEY, VALUE pairs, got {options!r}")
+    keys = [str(key) for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise JobError(f"--model-option {', '.join(twice)} given more than once")
+    return tuple(
+        sorted(((k, _frozen(v)) for k, (_, v) in zip(keys, pairs, strict=True)), key=lambda p: p[0])
+    )
 
 
 def _frozen(value: Any) -> Any:

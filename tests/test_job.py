@@ -100,6 +100,8 @@ def test_a_deployments_json_parameters_make_the_job():
         ),
         ({"model_options": {"tile_size": 4}}, "--model-option tile_size: set it with --tile-size"),
         ({"model_options": {"a b": 1}}, "must be a Python identifier"),
+        ({"model_options": [("classes", 3), ("classes", 4)]}, "classes given more than once"),
+        ({"model_options": {"classes": {"a": 1}}}, "values are numbers, text or lists"),
     ],
 )
 def test_a_bad_setting_is_an_error_naming_its_option(settings, message):
