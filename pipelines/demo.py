@@ -23,9 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.evaluate import evaluate
-from pipelines.segment import segment
+from pipelines.segment import segment_job
 from segflow import analytics
 from segflow.demo.corpus import write_corpus
+from segflow.job import Job
 from segflow.progress import segment_progress
 from segflow.report import render_report
 
@@ -119,15 +120,15 @@ def run_demo(
     for step, (run, source) in enumerate(plans, start=2):
         console.rule(f"{step}. segment: {run.name} ({Path(run.model).name})")
         with segment_progress(console, run.name) as hooks:
-            summary = segment(
+            job = Job(
                 input=source,
                 model=str(run.model),
                 out=f"{BUCKET}/runs/{run.name}",
                 gt=run.gt,
                 ignore_index=run.ignore_index,
                 shard_size=shard_size,
-                **hooks,
             )
+            summary = segment_job(job, **hooks)
         console.print(
             f"{summary['images'] - summary['failed']} images segmented, {summary['failed']} "
             f"failed (see the errors table), {summary['masks']} masks, "

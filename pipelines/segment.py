@@ -3,16 +3,18 @@
 Prefect sees three tasks per run (plan, run the shards, finish), never one per image: its
 server slows down with thousands of task runs, and Ray already schedules, retries and
 restarts at shard level. Rerunning the same command resumes: committed shards are skipped.
+
+Two flows, both named ``segment``, run a :class:`~segflow.job.Job`: :func:`segment` takes the
+job's fields as JSON-able parameters (a deployment's, Python's keywords) and builds the job;
+:func:`segment_job` takes a job whole (the command line's, already checked).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,24 +23,21 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 import segflow
-from segflow.decode import DEFAULT_MAX_PIXELS
 from segflow.errors import RunIncompleteError, SegflowError
+from segflow.job import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_PREFETCH_THREADS,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_STALL_TIMEOUT,
+    Job,
+)
 from segflow.manifest import Shard, build_manifest, shards
-from segflow.preflight import CheckedJob, check_segment_job, recorded_sha256
-from segflow.shard import DEFAULT_READ_TIMEOUT
+from segflow.preflight import CheckedJob, check_job, resolve_job
 from segflow.store import RunStore
 from workers.cluster import connect
-from workers.pool import (
-    WorkerConfig,
-    Workers,
-    claim,
-    discard_prestart,
-    prestart,
-    segment_shards,
-)
-from workers.segment_actor import DEFAULT_STALL_TIMEOUT
-
-DEFAULT_SHARD_SIZE = 256
+from workers.pool import Workers, claim, discard_prestart, prestart, segment_shards
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def plan_run(
 )
 def run_shards(
     plan: Plan,
-    config: WorkerConfig,
+    job: Job,
     on_shard: Callable[[dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
     done = plan.store.committed()
@@ -127,7 +126,7 @@ def run_shards(
     # shards' worth, never the manifest. Opened first: a store that fails here leaves no
     # actors running.
     manifest = plan.store.open_manifest()
-    workers = claim(config, len(pending))
+    workers = claim(job, len(pending))
     get_run_logger().info(
         "%d actor(s), %s CPU and %s GPU each",
         len(workers.actors),
@@ -136,7 +135,7 @@ def run_shards(
     )
     summaries = []
     try:
-        for summary in segment_shards(workers, plan.store, manifest, pending, config):
+        for summary in segment_shards(workers, plan.store, manifest, pending, job):
             summaries.append(summary)
             if on_shard is not None:
                 on_shard(summary)
@@ -184,15 +183,21 @@ def segment(
     gt: str | None = None,
     ignore_index: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    batch_size: int = 8,
+    model_sha256: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    precision: str = "auto",
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    soft_metrics: bool = False,
+    score_threshold: float | None = None,
+    mask_threshold: float | None = None,
+    max_detections: int | None = None,
+    model_options: dict[str, Any] | None = None,
     ray_address: str | None = None,
     device: str = "auto",
-    model_options: dict[str, Any] | None = None,
-    model_sha256: str | None = None,
-    prefetch_threads: int = 4,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    prefetch_threads: int = DEFAULT_PREFETCH_THREADS,
     cpus_per_actor: float | None = None,
-    checked: CheckedJob | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     on_plan: Callable[[Plan], None] | None = None,
@@ -200,68 +205,47 @@ def segment(
 ) -> dict[str, Any]:
     """Segment every image of ``input`` with ``model`` into ``out``; returns the run summary.
 
-    ``checked``: what :func:`~segflow.preflight.check_segment_job` returned for these same
-    arguments, where the caller checked the job already (the CLI, before starting Ray and
-    Prefect). ``model_sha256`` pins the model file (:func:`segflow.models.model_file`); by
-    default its hash is taken now, and the driver and every actor load only a file of that
-    hash. A read that takes longer than ``read_timeout`` seconds fails its image; a shard
-    with no image done for ``stall_timeout`` seconds is retried, and fails the run after its
-    last attempt (``None``: no limit). ``on_plan`` and ``on_shard`` let a caller (the CLI's
-    progress bar) follow the run.
+    The parameters are the fields of :class:`~segflow.job.Job` (see there), JSON-able, as a
+    deployment gives them; the job is built from them and checked before any work.
+    ``on_plan`` and ``on_shard`` let a caller follow the run.
     """
+    # The parameters, every one a job field (tests/test_job.py holds the two lists equal).
+    parameters = {k: v for k, v in locals().items() if k not in ("on_plan", "on_shard")}
+    return _segment(check_job(Job.from_parameters(parameters)), on_plan, on_shard)
+
+
+@flow(name="segment", log_prints=True)
+def segment_job(
+    job: Job | CheckedJob,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_shard: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`segment` for a job whole: checked now, unless it is a :class:`CheckedJob`
+    (the command line checks it before starting Ray and Prefect)."""
+    return _segment(job if isinstance(job, CheckedJob) else check_job(job), on_plan, on_shard)
+
+
+def _segment(
+    checked: CheckedJob,
+    on_plan: Callable[[Plan], None] | None,
+    on_shard: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     started = time.perf_counter()
-    model_options = model_options or {}
-    # Unknown model, missing weights, a bad card, model file or ground truth: fail here,
-    # before any work.
-    checked = checked or check_segment_job(
-        input,
-        model,
-        out,
-        run_id=run_id,
-        shard_size=shard_size,
-        model_options=model_options,
-        gt=gt,
-        ignore_index=ignore_index,
-        model_sha256=model_sha256,
-    )
-    # The actors load the file of the hash the run records.
-    model_sha256 = checked.config["model_sha256"]
     try:
-        connect(ray_address)
-        plan = plan_run(input, checked.out, checked.run_id, checked.config, checked.evaluation)
+        connect(checked.job.ray_address)
+        plan = plan_run(
+            checked.job.input, checked.out, checked.run_id, checked.config, checked.evaluation
+        )
         if on_plan is not None:
             on_plan(plan)
-        # The actors' share of the arguments, picked as prestart_segment picks it.
-        workers = worker_config(locals())
-        run_now = run_shards(plan, workers, on_shard)
+        run_now = run_shards(plan, checked.job, on_shard)
         return finish_run(plan, run_now, time.perf_counter() - started)
     finally:
         discard_prestart()
 
 
-def prestart_segment(input: str, model: str, out: str, **options: Any) -> Workers:
-    """Before calling :func:`segment` with the same arguments: connect to Ray and start the
-    actors loading the model, which then overlaps Prefect's start-up, the flow's checks
-    and the run's planning. The flow takes the actors over."""
-    arguments = inspect.signature(segment.fn).bind(input, model, out, **options)
-    arguments.apply_defaults()
-    return prestart(arguments.arguments["ray_address"], worker_config(arguments.arguments))
-
-
-def worker_config(arguments: Mapping[str, Any]) -> WorkerConfig:
-    """The actors' part of the flow's arguments."""
-    values = {field.name: arguments[field.name] for field in dataclasses.fields(WorkerConfig)}
-    model = _absolute_if_exists(values["model"])
-    model_options = values["model_options"] or {}
-    return WorkerConfig(
-        **values
-        | {
-            "model": model,
-            "model_options": tuple(sorted(model_options.items())),
-            "model_sha256": recorded_sha256(model, model_options, values["model_sha256"]),
-        }
-    )
-
-
-def _absolute_if_exists(path: str) -> str:
-    return os.path.abspath(path) if os.path.exists(path) else path
+def prestart_segment(job: Job) -> Workers:
+    """Before running ``job`` (:func:`segment_job`, or :func:`segment` with its parameters):
+    connect to Ray and start the actors loading the model, which then overlaps Prefect's
+    start-up, the flow's checks and the run's planning. The flow takes the actors over."""
+    return prestart(resolve_job(job))

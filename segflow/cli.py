@@ -78,7 +78,10 @@ def _reason(exc: BaseException) -> str:
 @app.command()
 def segment(
     input: Annotated[str, typer.Argument(help="Folder, glob, s3:// prefix or manifest file.")],
-    model: Annotated[str, typer.Option(help="Registry name or path to a .pt2/.onnx model.")],
+    model: Annotated[
+        str,
+        typer.Option(help="Registry name, path to a .pt2/.onnx model, or module.path:callable."),
+    ],
     out: Annotated[str, typer.Option(help="Output folder (local path or s3://).")],
     gt: Annotated[
         str | None,
@@ -131,56 +134,89 @@ def segment(
             "default: the file's hash when the run starts, which every worker checks."
         ),
     ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto, fp32, bf16 or fp16: auto is fp32 on the CPU and reduced precision on "
+            "CUDA; bf16 runs on the CPU too, fp16 on CUDA only."
+        ),
+    ] = "auto",
+    score_threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Instance models: keep detections above it."),
+    ] = None,
+    mask_threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Instance models: mask pixels above it are set."),
+    ] = None,
+    max_detections: Annotated[
+        int | None, typer.Option(min=1, help="Instance models: best detections kept per image.")
+    ] = None,
+    model_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE for the model's loader or factory, VALUE read as JSON where it "
+            "parses: smp:* models need classes=N (or a JSON list of names) and "
+            "weights=FILE (or none); repeat for more."
+        ),
+    ] = None,
+    prefetch_threads: Annotated[
+        int, typer.Option(min=1, help="Threads per actor that read and decode images.")
+    ] = 4,
+    cpus_per_actor: Annotated[
+        float | None,
+        typer.Option(min=0.01, help="CPUs each actor reserves (default: 1, GPU actors more)."),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
     Rerunning the same command resumes: shards already committed are skipped.
+    --model is a registry name (segflow models), a .pt2/.onnx path, or module.path:callable,
+    a factory of your own (see segflow.models.user).
     """
     _set_environment_defaults()
     started = time.perf_counter()
-    model_options = {
-        name: value
-        for name, value in (
-            ("tile_size", tile_size),
-            ("tile_overlap", tile_overlap),
-            ("return_probabilities", soft_metrics or None),
-        )
-        if value is not None
-    }
-    run = {
-        "run_id": run_id,
-        "gt": gt,
-        "ignore_index": ignore_index,
-        "shard_size": shard_size,
-        "batch_size": batch_size,
-        "ray_address": ray_address,
-        "device": device,
-        "model_sha256": model_sha256,
-        "model_options": model_options,
-    }
-    # Left out when not given, so the flow's defaults apply.
-    run |= {
-        name: value
-        for name, value in (("read_timeout", read_timeout), ("stall_timeout", stall_timeout))
-        if value is not None
-    }
     planned = threading.Event()  # from then on, a failure leaves a run to resume
     with _reported(started=planned.is_set):
-        # A job that cannot run fails here, before Ray and Prefect take seconds to start.
-        from segflow.preflight import check_segment_job
+        from segflow.job import Job
+        from segflow.job import model_option as parsed_option
 
-        checked = check_segment_job(
-            input,
-            model,
-            out,
+        job = Job(
+            input=input,
+            model=model,
+            out=out,
             run_id=run_id,
-            shard_size=shard_size,
-            model_options=model_options,
             gt=gt,
             ignore_index=ignore_index,
+            shard_size=shard_size,
             model_sha256=model_sha256,
+            batch_size=batch_size,
+            precision=precision,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            soft_metrics=soft_metrics,
+            score_threshold=score_threshold,
+            mask_threshold=mask_threshold,
+            max_detections=max_detections,
+            model_options=tuple(parsed_option(o) for o in model_option or ()),
+            ray_address=ray_address,
+            device=device,
+            prefetch_threads=prefetch_threads,
+            cpus_per_actor=cpus_per_actor,
+            # Left at the job's defaults when not given.
+            **{
+                name: value
+                for name, value in (
+                    ("read_timeout", read_timeout),
+                    ("stall_timeout", stall_timeout),
+                )
+                if value is not None
+            },
         )
-        run["model_sha256"] = checked.config["model_sha256"]  # what the actors check
+        # A job that cannot run fails here, before Ray and Prefect take seconds to start.
+        from segflow.preflight import check_job
+
+        checked = check_job(job)
         # Registered before Ray and Prefect are imported, so it runs after their exit handlers:
         # the interpreter's last garbage collections would walk every object torch, Ray and
         # Prefect created (1.4 s of the exit, measured); frozen objects are skipped, and the
@@ -199,12 +235,11 @@ def segment(
         _stop_promptly_on_interrupt()
         connect(ray_address)
         flow_modules.join()
-        from pipelines.segment import prestart_segment
-        from pipelines.segment import segment as segment_flow
+        from pipelines.segment import prestart_segment, segment_job
 
         if not _verbose:
             _without_prefect_tracebacks()
-        prestart_segment(input, model, out, **run)
+        prestart_segment(checked.job)
         prefect_api.join()
         with segment_progress(console) as hooks:
 
@@ -212,15 +247,7 @@ def segment(
                 planned.set()
                 hooks["on_plan"](plan)
 
-            summary = segment_flow(
-                input,
-                model,
-                out,
-                **run,
-                checked=checked,
-                on_plan=on_plan,
-                on_shard=hooks["on_shard"],
-            )
+            summary = segment_job(checked, on_plan=on_plan, on_shard=hooks["on_shard"])
 
     table = Table(title=f"run {summary['run_id']}")
     columns = (
@@ -615,7 +642,7 @@ def list_models(
     rows = [
         {
             "name": info.name,
-            "task": info.task,
+            "task": info.task or "(its own)",
             "source": info.source,
             "needs": f"segflow[{info.extra}]" if info.extra else "",
         }

@@ -1,8 +1,19 @@
-"""What a model returns for one image, whatever the model.
+"""What a model returns for one image, whatever the model: public and stable, the types a
+model of the user's own returns too (:mod:`segflow.models.user`).
 
-Every adapter in :mod:`segflow.models` answers a batch of RGB images with one of these per
-image, at the image's own resolution, on the CPU or on the device the model ran on (the RLE
-encoder takes either, so a GPU worker never copies full masks to the host).
+Every model answers a batch of RGB images (``predict(images)``) with one of these per image,
+in input order, at the image's own resolution, on the CPU or on the device the model ran on
+(the RLE encoder takes either, so a GPU worker never copies full masks to the host):
+
+- a semantic model (``task == "semantic"``), a :class:`SemanticPrediction`: ``labels`` an
+  (H, W) int64 map of class ids in ``[0, len(classes))``; ``scores`` and ``probabilities``
+  optional (segflow asks its own models for them; a user model may leave them ``None``, and
+  soft metrics then are not computed);
+- an instance model (``task == "instance"``), an :class:`InstancePrediction`: N detections
+  sorted by descending score, ``boxes`` COCO xywh in pixels, ``labels`` class ids,
+  ``scores`` in [0, 1], ``masks`` (N, H, W) bool at image resolution.
+
+Fields are added only with a default, so a model written against this module keeps working.
 """
 
 from __future__ import annotations

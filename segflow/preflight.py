@@ -1,8 +1,12 @@
-"""The checks of a segment job that need neither Ray nor Prefect, made before either starts.
+"""The checks of a segment job (:class:`~segflow.job.Job`) that need neither Ray nor Prefect,
+made once, before either starts: by the command line, or by the flow when it is given a job
+unchecked (a deployment's run, Python).
 
 A job that cannot run fails here, in the seconds a model load takes, with one error naming
 the input and the problem (a :class:`~segflow.errors.SegflowError`), and nothing written:
 
+- the job's options: each one set applies to the model's task (``--tile-size`` with an
+  instance model is an error naming it), known from its name or card before it loads;
 - the model: resolved, its file hashed (the sha256 the run records and every actor checks;
   ``--model-sha256`` pins it), and loaded on the CPU from those bytes, so an unknown name, a
   missing card or weights, a corrupt or unsafe file, or a card that does not fit its graph
@@ -15,12 +19,14 @@ the input and the problem (a :class:`~segflow.errors.SegflowError`), and nothing
 - the output: not a file, its bucket exists, and a run already there has the same
   configuration (a resume) or the job stops.
 
-What passes becomes a :class:`CheckedJob`: the run's id and configuration (what ``run.json``
+What passes becomes a :class:`CheckedJob`: the job resolved (:func:`resolve_job`: its run id,
+model file hash and absolute paths filled in), the run's configuration (what ``run.json``
 records), and what its evaluation needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,9 +36,11 @@ from typing import Any
 
 from segflow.errors import SegflowError
 from segflow.groundtruth import GroundTruthError, open_ground_truth
+from segflow.job import Job
 from segflow.manifest import check_input
-from segflow.models import load_model, model_file
+from segflow.models import model_file
 from segflow.models.integrity import checked_sha256
+from segflow.models.registry import is_user_model, load_job_model, model_task
 from segflow.scoring import ImageScorer
 from segflow.store import RunStore
 
@@ -43,67 +51,60 @@ class ModelLoadError(SegflowError, ValueError):
 
 @dataclass(frozen=True)
 class CheckedJob:
-    """A segment job that passed :func:`check_segment_job`."""
+    """A segment job that passed :func:`check_job`."""
 
-    out: str  # absolute where it is a local path: actors on other nodes resolve it alike
-    run_id: str
+    job: Job  # resolved (resolve_job)
     config: Mapping[str, Any]  # what run.json records; a resume must match it exactly
     evaluation: Mapping[str, Any] | None  # what evaluating the run needs (runs with --gt)
 
     @property
-    def model(self) -> str:
-        return self.config["model"]
+    def out(self) -> str:
+        return self.job.out
+
+    @property
+    def run_id(self) -> str:
+        assert self.job.run_id is not None
+        return self.job.run_id
 
 
-def check_segment_job(
-    input: str,
-    model: str,
-    out: str,
-    *,
-    run_id: str | None,
-    shard_size: int,
-    model_options: Mapping[str, Any],
-    gt: str | None,
-    ignore_index: int | None,
-    model_sha256: str | None = None,
-) -> CheckedJob:
-    """Check the job (see the module docstring); raises a SegflowError naming what is wrong.
-    ``model_sha256`` pins the model file (``--model-sha256``)."""
-    if "://" not in out:
-        out = os.path.abspath(out)
-    model = os.path.abspath(model) if os.path.exists(model) else model
-    model_sha256 = recorded_sha256(model, model_options, model_sha256)
-    loaded = _load(model, model_options, model_sha256)
-    evaluation = evaluation_info(loaded, gt, ignore_index)
-    check_input(input)
-    config = run_config(
-        input, model, shard_size, dict(model_options), gt, ignore_index, model_sha256
-    )
-    run_id = run_id or default_run_id(config)
-    RunStore(out, run_id).check(config)
-    return CheckedJob(out=out, run_id=run_id, config=config, evaluation=evaluation)
+def check_job(job: Job) -> CheckedJob:
+    """Check the job (see the module docstring); raises a SegflowError naming what is wrong."""
+    job = resolve_job(job)
+    user_model = is_user_model(job.model)
+    # Before the model loads: an option of another task is the user's error, not the model's.
+    job.check_task(None if user_model else model_task(job.model), user_model=user_model)
+    loaded = _load(job)
+    evaluation = evaluation_info(loaded, job.gt, job.ignore_index)
+    check_input(job.input)
+    config = run_config(job)
+    RunStore(job.out, job.run_id).check(config)
+    return CheckedJob(job=job, config=config, evaluation=evaluation)
 
 
-def run_config(
-    input: str,
-    model: str,
-    shard_size: int,
-    model_options: dict[str, Any],
-    gt: str | None,
-    ignore_index: int | None,
-    model_sha256: str | None,
-) -> dict:
+def resolve_job(job: Job) -> Job:
+    """``job`` as its run records it, the same wherever it is resolved (the prestarted actors
+    are those of the run only when their jobs are equal): local paths absolute, as actors on
+    other nodes read them; the model file's sha256 taken now unless pinned; the run id
+    derived from the configuration unless given."""
+    out = job.out if "://" in job.out else os.path.abspath(job.out)
+    model = os.path.abspath(job.model) if os.path.exists(job.model) else job.model
+    sha256 = recorded_sha256(model, dict(job.model_options), job.model_sha256)
+    resolved = dataclasses.replace(job, out=out, model=model, model_sha256=sha256)
+    return dataclasses.replace(resolved, run_id=job.run_id or default_run_id(run_config(resolved)))
+
+
+def run_config(job: Job) -> dict:
     """What a run's output depends on; a resume must match it exactly. The ground truth is
     recorded for the evaluation step that reads it; the model file's sha256 (None: the
     model reads no file), which every actor checks the file it loads against."""
     return {
-        "input": input,
-        "model": model,
-        "model_sha256": model_sha256,
-        "model_options": model_options,
-        "shard_size": shard_size,
-        "gt": gt,
-        "ignore_index": ignore_index,
+        "input": job.input,
+        "model": job.model,
+        "model_sha256": job.model_sha256,
+        "model_options": job.output_options(),
+        "shard_size": job.shard_size,
+        "gt": job.gt,
+        "ignore_index": job.ignore_index,
     }
 
 
@@ -147,13 +148,16 @@ def recorded_sha256(model: str, model_options: Mapping[str, Any], pinned: str | 
     return None if found is None else found.sha256
 
 
-def _load(model: str, options: Mapping[str, Any], sha256: str | None) -> Any:
+def _load(job: Job) -> Any:
+    # On the driver's CPU, where fp16 cannot run; the actors' device is known once Ray is.
+    on_cpu = dataclasses.replace(job, precision="fp32") if job.precision == "fp16" else job
     try:
-        return load_model(model, device="cpu", sha256=sha256, **options)
+        return load_job_model(on_cpu, device="cpu")
     except SegflowError:
         raise
     except Exception as exc:
         # torch and onnxruntime raise what their parsers meet (RuntimeError, zip errors,
-        # protobuf errors); the user needs the file and the first line of the reason.
+        # protobuf errors), a user's factory what it meets; the user needs the model and the
+        # first line of the reason.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"model {model!r} cannot be loaded: {reason}") from exc
+        raise ModelLoadError(f"model {job.model!r} cannot be loaded: {reason}") from exc

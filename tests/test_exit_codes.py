@@ -86,6 +86,22 @@ def test_bad_jobs_fail_with_one_line_before_ray_or_prefect_start(
             ["--model", espnet, "--ignore-index", "11"],
             "give --gt",
         ),
+        "an option of another task": (
+            ["--model", "maskrcnn_resnet50_fpn", "--tile-size", "512"],
+            "--tile-size applies to semantic models only",
+        ),
+        "fp16 on the cpu": (
+            ["--model", espnet, "--device", "cpu", "--precision", "fp16"],
+            "--precision fp16 needs a GPU",
+        ),
+        "a model option segflow sets": (
+            ["--model", espnet, "--model-option", "batch_size=4"],
+            "--model-option batch_size: set it with --batch-size",
+        ),
+        "a user model that is not there": (
+            ["--model", "tests.user_models:no_such_factory"],
+            "module 'tests.user_models' has no 'no_such_factory'",
+        ),
     }
     for name, (options, message, *source) in cases.items():
         out = tmp_path / "out" / name.replace(" ", "_")

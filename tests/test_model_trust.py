@@ -209,20 +209,19 @@ def replace_model(path: Path) -> None:
     rewrite(path, lambda entries: entries.update({ROOT + "extra/note": b"retrained"}))
 
 
-def actor_arguments(model: Path, sha256: str) -> dict:
-    return {
-        "model": str(model),
-        "device": "cpu",
-        "model_options": {},
-        "model_sha256": sha256,
-        "batch_size": 2,
-        "prefetch_threads": 1,
-        "max_pixels": None,
-        "gt": None,
-        "ignore_index": None,
-        "read_timeout": 60.0,
-        "stall_timeout": 600.0,
-    }
+def actor_job(model: Path, sha256: str):
+    from segflow.job import Job
+
+    return Job(
+        input="unused",
+        model=str(model),
+        out="unused",
+        device="cpu",
+        model_sha256=sha256,
+        batch_size=2,
+        prefetch_threads=1,
+        cpus_per_actor=1,
+    )
 
 
 def test_an_actor_refuses_a_model_file_replaced_after_the_run_recorded_it(espnet):
@@ -232,7 +231,7 @@ def test_an_actor_refuses_a_model_file_replaced_after_the_run_recorded_it(espnet
     replace_model(espnet)
     now = model_file(espnet).sha256
     with pytest.raises(ModelIntegrityError) as refused:
-        SegmentActor(**actor_arguments(espnet, recorded))
+        SegmentActor(actor_job(espnet, recorded), device="cpu")
     assert f"model file {espnet} has sha256 {now}, expected {recorded}" in str(refused.value)
 
 
@@ -245,20 +244,18 @@ def test_actors_on_ray_fail_their_shards_on_a_replaced_model_file(local_ray, esp
     from segflow.errors import RunIncompleteError
     from segflow.manifest import ManifestReader, Shard
     from segflow.store import RunStore
-    from workers.pool import WorkerConfig, segment_shards, start_workers
+    from workers.pool import segment_shards, start_workers
 
     recorded = model_file(espnet).sha256
     replace_model(espnet)
-    arguments = actor_arguments(espnet, recorded)
-    arguments["model_options"] = ()
-    config = WorkerConfig(**arguments, cpus_per_actor=1)
-    workers = start_workers(config, max_actors=1)
+    job = actor_job(espnet, recorded)
+    workers = start_workers(job, max_actors=1)
     store = RunStore(str(tmp_path / "out"), "r")
     pq.write_table(pa.table({"uri": ["unused.png"]}), tmp_path / "manifest.parquet")
     manifest = ManifestReader((tmp_path / "manifest.parquet").open("rb"))
     try:
         with pytest.raises(RunIncompleteError) as failed:
-            list(segment_shards(workers, store, manifest, [Shard(0, 0, 1)], config))
+            list(segment_shards(workers, store, manifest, [Shard(0, 0, 1)], job))
     finally:
         workers.stop()
     message = str(failed.value)

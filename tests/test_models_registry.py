@@ -186,7 +186,7 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
     ("options", "message"),
     [
         ({"device": "tpu"}, "device must be"),
-        ({"precision": "bf16", "device": "cpu"}, "needs a CUDA device"),
+        ({"precision": "fp16", "device": "cpu"}, "'fp16' needs a CUDA device"),
         ({"precision": "fp64", "device": "cpu"}, "precision must be"),
         ({"batch_size": 0, "device": "cpu"}, "batch_size must be a positive integer"),
         ({"resize_size": -1, "device": "cpu"}, "resize_size must be a positive integer"),

@@ -283,9 +283,10 @@ def test_the_flow_takes_over_actors_prestarted_for_it_and_stops_them(
     prefect_harness, local_ray, frames, shared, tmp_path
 ):
     from pipelines.segment import prestart_segment
+    from segflow.job import Job
 
     run = prestartable_run(frames, shared, tmp_path, images=6, run_id="p")
-    prestarted = prestart_segment(**run)
+    prestarted = prestart_segment(Job(**run))
     prestarted_pids = {actor_pid(actor) for actor in prestarted.actors}
     summary = run_flow(**run)
     assert summary["images"] == 6
@@ -293,7 +294,7 @@ def test_the_flow_takes_over_actors_prestarted_for_it_and_stops_them(
     assert all(is_stopped(actor) for actor in prestarted.actors)
 
     # A rerun of the finished run has nothing to do: the actors started for it are stopped.
-    prestarted = prestart_segment(**run)
+    prestarted = prestart_segment(Job(**run))
     assert run_flow(**run)["shards_run_now"] == 0
     assert all(is_stopped(actor) for actor in prestarted.actors)
 
@@ -302,9 +303,10 @@ def test_actors_prestarted_for_another_configuration_are_replaced(
     prefect_harness, local_ray, frames, shared, tmp_path
 ):
     from pipelines.segment import prestart_segment
+    from segflow.job import Job
 
     run = prestartable_run(frames, shared, tmp_path, images=4, run_id="q")
-    prestarted = prestart_segment(**run, batch_size=1)
+    prestarted = prestart_segment(Job(**run, batch_size=1))
     prestarted_pids = {actor_pid(actor) for actor in prestarted.actors}
     assert run_flow(**run, batch_size=2)["images"] == 4
     assert not shard_worker_pids(tmp_path / "out" / "run=q") & prestarted_pids

@@ -22,6 +22,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from segflow.errors import RunIncompleteError
+from segflow.job import Job, JobError
 from segflow.manifest import ManifestReader, Shard
 from segflow.store import RunStore
 from workers.cluster import ActorPlan, connect, plan_actors
@@ -30,25 +31,6 @@ from workers.segment_actor import SegmentActor
 # Attempts at a shard whose actor dies under it (a stall, see workers.segment_actor, or a
 # crash): one that fails every time would fail again, and must not hold the run forever.
 SHARD_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What a segmentation actor is made with; a prestarted pool serves a run only when
-    its configuration is the run's."""
-
-    model: str
-    device: str
-    model_options: tuple[tuple[str, Any], ...]
-    model_sha256: str | None  # the model file every actor must load (None: it reads none)
-    batch_size: int
-    prefetch_threads: int
-    max_pixels: int | None
-    gt: str | None
-    ignore_index: int | None
-    cpus_per_actor: float | None
-    read_timeout: float | None
-    stall_timeout: float | None
 
 
 @dataclass
@@ -66,9 +48,14 @@ class Workers:
         self.actors = []
 
 
-def start_workers(config: WorkerConfig, max_actors: int | None = None) -> Workers:
-    """Create the actors (their constructors run in the background on the cluster)."""
-    plan = plan_actors(max_actors, device=config.device, cpus_per_actor=config.cpus_per_actor)
+def start_workers(job: Job, max_actors: int | None = None) -> Workers:
+    """Create the actors of ``job`` (resolved: :func:`segflow.preflight.resolve_job`); their
+    constructors run in the background on the cluster."""
+    plan = plan_actors(max_actors, device=job.device, cpus_per_actor=job.cpus_per_actor)
+    if job.precision == "fp16" and plan.device == "cpu":
+        raise JobError(
+            "--precision fp16 needs a GPU, and the Ray cluster has none: use fp32 or bf16"
+        )
     remote_actor = ray.remote(SegmentActor).options(
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
@@ -77,22 +64,7 @@ def start_workers(config: WorkerConfig, max_actors: int | None = None) -> Worker
         max_restarts=-1,
         max_task_retries=-1,
     )
-    actors = [
-        remote_actor.remote(
-            model=config.model,
-            device=plan.device,
-            model_options=dict(config.model_options),
-            model_sha256=config.model_sha256,
-            batch_size=config.batch_size,
-            prefetch_threads=config.prefetch_threads,
-            max_pixels=config.max_pixels,
-            gt=config.gt,
-            ignore_index=config.ignore_index,
-            read_timeout=config.read_timeout,
-            stall_timeout=config.stall_timeout,
-        )
-        for _ in range(plan.actors)
-    ]
+    actors = [remote_actor.remote(job, device=plan.device) for _ in range(plan.actors)]
     return Workers(plan, actors)
 
 
@@ -101,7 +73,7 @@ def segment_shards(
     store: RunStore,
     manifest: ManifestReader,
     shards: list[Shard],
-    config: WorkerConfig,
+    job: Job,
 ) -> Iterator[dict[str, Any]]:
     """Run ``shards`` on the pool's actors, one at a time each, and yield each shard's summary
     once it is committed. A shard whose actor died on each of its :data:`SHARD_ATTEMPTS`
@@ -125,16 +97,16 @@ def segment_shards(
                 cause = str(exc).strip().splitlines()[-1].strip()
                 raise RunIncompleteError(f"{shard.name} did not run: {cause}") from exc
             first = manifest.uris(shard)[0]
-            raise RunIncompleteError(_died_every_time(shard, first, config)) from exc
+            raise RunIncompleteError(_died_every_time(shard, first, job)) from exc
         idle.append(actor)
         yield summary
 
 
-def _died_every_time(shard: Shard, first_uri: str, config: WorkerConfig) -> str:
+def _died_every_time(shard: Shard, first_uri: str, job: Job) -> str:
     stall = (
-        f"an actor ends itself when no image of its shard is done for {config.stall_timeout:g} s"
+        f"an actor ends itself when no image of its shard is done for {job.stall_timeout:g} s"
         " (the stall timeout), or it crashed"
-        if config.stall_timeout is not None
+        if job.stall_timeout is not None
         else "it crashed"
     )
     return (
@@ -144,22 +116,22 @@ def _died_every_time(shard: Shard, first_uri: str, config: WorkerConfig) -> str:
     )
 
 
-_prestarted: tuple[WorkerConfig, Workers] | None = None
+_prestarted: tuple[Job, Workers] | None = None
 
 
-def prestart(ray_address: str | None, config: WorkerConfig) -> Workers:
-    """Connect to Ray and create a pool for ``config``, kept for :func:`claim`; the actors'
-    constructors (imports, model load) run on the cluster while the caller goes on.
+def prestart(job: Job) -> Workers:
+    """Connect to Ray and create a pool for ``job`` (resolved), kept for :func:`claim`; the
+    actors' constructors (imports, model load) run on the cluster while the caller goes on.
 
     This blocks while a local Ray starts: Ray ties the lifetime of the processes it starts
     to the thread that starts them (Linux's parent-death signal is per thread), so that
     must be a thread that lives as long as Ray, such as the main one.
     """
     global _prestarted
-    connect(ray_address)
-    workers = start_workers(config)
+    connect(job.ray_address)
+    workers = start_workers(job)
     discard_prestart()
-    _prestarted = (config, workers)
+    _prestarted = (job, workers)
     return workers
 
 
@@ -172,17 +144,17 @@ def discard_prestart() -> None:
         _prestarted = None
 
 
-def claim(config: WorkerConfig, shards: int) -> Workers:
-    """Actors for ``shards`` shards: the prestarted pool when it was made for ``config``,
+def claim(job: Job, shards: int) -> Workers:
+    """Actors for ``shards`` shards: the prestarted pool when it was made for ``job``,
     trimmed to what the shards can use, else a new pool."""
     global _prestarted
     prestarted, _prestarted = _prestarted, None
     if prestarted is not None:
-        prestarted_config, workers = prestarted
-        if prestarted_config == config:
+        prestarted_job, workers = prestarted
+        if prestarted_job == job:
             surplus = workers.actors[shards:]
             workers.actors = workers.actors[:shards]
             Workers(workers.plan, surplus).stop()
             return workers
         workers.stop()
-    return start_workers(config, max_actors=shards)
+    return start_workers(job, max_actors=shards)

@@ -19,12 +19,11 @@ import ray
 
 from segflow.allocator import retain_freed_memory
 from segflow.groundtruth import open_ground_truth
+from segflow.job import Job
 from segflow.manifest import Shard
-from segflow.models import load_model
+from segflow.models.registry import load_job_model
 from segflow.shard import segment_images
 from segflow.store import RunStore
-
-DEFAULT_STALL_TIMEOUT = 600.0
 
 
 class SegmentActor:
@@ -33,30 +32,20 @@ class SegmentActor:
     and retries its shard; the commit protocol (:mod:`segflow.store`) makes the retry
     overwrite rather than duplicate."""
 
-    def __init__(
-        self,
-        *,
-        model: str,
-        device: str,
-        model_options: dict[str, Any],
-        model_sha256: str | None,
-        batch_size: int,
-        prefetch_threads: int,
-        max_pixels: int | None,
-        gt: str | None,
-        ignore_index: int | None,
-        read_timeout: float | None,
-        stall_timeout: float | None,
-    ) -> None:
+    def __init__(self, job: Job, *, device: str) -> None:
+        """``job``: the run's resolved job (:func:`segflow.preflight.resolve_job`);
+        ``device``: where this actor's model runs (its plan's, ``cpu`` or ``cuda``)."""
         retain_freed_memory()
         # A model file replaced since the run recorded its hash fails here, naming both.
-        self.model = load_model(model, device=device, sha256=model_sha256, **model_options)
-        self.ground_truth = None if gt is None else open_ground_truth(gt, ignore_index=ignore_index)
-        self.batch_size = batch_size
-        self.prefetch_threads = prefetch_threads
-        self.max_pixels = max_pixels
-        self.read_timeout = read_timeout
-        self.stall_timeout = stall_timeout
+        self.model = load_job_model(job, device=device)
+        self.ground_truth = (
+            None if job.gt is None else open_ground_truth(job.gt, ignore_index=job.ignore_index)
+        )
+        self.batch_size = job.batch_size
+        self.prefetch_threads = job.prefetch_threads
+        self.max_pixels = job.max_pixels
+        self.read_timeout = job.read_timeout
+        self.stall_timeout = job.stall_timeout
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> dict[str, Any]:
         with StallWatchdog(shard, self.stall_timeout) as watchdog:

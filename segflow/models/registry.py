@@ -11,6 +11,7 @@ import difflib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,16 +19,29 @@ from segflow.models.base import SegmentationModel
 from segflow.models.card import card_path, read_card
 from segflow.models.errors import MissingDependencyError, ModelIntegrityError, UnknownModelError
 from segflow.models.integrity import ModelFile
+from segflow.models.runtime import resolve_device
+from segflow.models.user import (
+    ENTRY_POINT_GROUP,
+    ModelProtocol,
+    UserModelError,
+    is_factory_spec,
+    load_user_model,
+    registered_entry_points,
+)
 from segflow.models.weights import wants_random_weights
 from segflow.prediction import Task
+
+if TYPE_CHECKING:
+    from segflow.job import Job
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A registered model: ``loader`` is ``"module:callable"``, called with the name."""
+    """A registered model: ``loader`` is ``"module:callable"``, called with the name. A
+    model a package registers (:mod:`segflow.models.user`) has no ``task`` until loaded."""
 
     name: str
-    task: Task
+    task: Task | None
     source: str
     loader: str
     requires: str | None = None  # optional package the loader needs
@@ -103,8 +117,33 @@ EXPORTED_INSTANCE_FORMATS: dict[str, ModelInfo] = {
 
 
 def available_models() -> list[ModelInfo]:
-    """Registered names (exported ``.pt2`` / ``.onnx`` files are loaded by path instead)."""
-    return list(KNOWN_MODELS.values())
+    """Registered names, segflow's and those packages register under the entry-point group
+    ``segflow.models`` (exported ``.pt2`` / ``.onnx`` files are loaded by path instead)."""
+    registered = [
+        ModelInfo(
+            name, None, f"entry point ({point.dist.name if point.dist else '?'})", point.value
+        )
+        for name, point in sorted(registered_entry_points().items())
+        if name not in KNOWN_MODELS
+    ]
+    return list(KNOWN_MODELS.values()) + registered
+
+
+def is_user_model(spec: str | Path) -> bool:
+    """Whether ``spec`` is a model of the user's own: a ``module:callable`` factory or a
+    name a package registers (:mod:`segflow.models.user`)."""
+    if not isinstance(spec, str) or spec in KNOWN_MODELS:
+        return False
+    return spec in registered_entry_points() or (
+        is_factory_spec(spec) and not spec.startswith("smp:")
+    )
+
+
+def model_task(spec: str | Path) -> Task:
+    """The task of a registered or exported model, known without loading it."""
+    info, _ = _resolve(spec)
+    assert info.task is not None
+    return info.task
 
 
 def load_model(
@@ -114,14 +153,22 @@ def load_model(
     weights: str | Path | None = None,
     sha256: str | None = None,
     **options,
-) -> SegmentationModel:
+) -> SegmentationModel | ModelProtocol:
     """Load a registered model by name, or an exported ``.pt2`` / ``.onnx`` by path (its model
     card, same stem ``.json``, must sit beside it). ``weights``: a local weights file, or
     ``"none"`` for random initialisation; registered models default to their pretrained
     weights from the torch hub cache where they have any. ``sha256``: the expected hash of
     the model file (:func:`model_file`), checked on the bytes the model is built from.
     ``options`` go to the loader (``batch_size``, ``precision``; semantic: ``return_scores``,
-    ``tile_size``, ``tile_overlap``; instance: thresholds)."""
+    ``tile_size``, ``tile_overlap``; instance: thresholds). A user model's factory
+    (:func:`is_user_model`) gets ``device`` and ``options``, and reads no file segflow checks."""
+    if is_user_model(spec):
+        if weights is not None or sha256 is not None:
+            raise UserModelError(
+                f"model {spec!r} is the user's own: segflow checks no weights file or sha256 "
+                "for it (pass its options with --model-option)"
+            )
+        return load_user_model(str(spec), device=resolve_device(device), **options)
     info, argument = _resolve(spec)
     if sha256 is not None and wants_random_weights(weights):
         raise ModelIntegrityError(
@@ -131,11 +178,23 @@ def load_model(
     return loader(argument, device=device, weights=weights, sha256=sha256, **options)
 
 
+def load_job_model(job: Job, *, device: str | torch.device) -> SegmentationModel | ModelProtocol:
+    """``job``'s model on ``device``, with the job's options: a registered or exported
+    model's loader gets those of its task (:meth:`Job.loader_options`) and the recorded
+    sha256; a user model's factory its ``model_options``."""
+    if is_user_model(job.model):
+        return load_model(job.model, device=device, **dict(job.model_options))
+    options = job.loader_options(model_task(job.model))
+    return load_model(job.model, device=device, sha256=job.model_sha256, **options)
+
+
 def model_file(spec: str | Path, weights: str | Path | None = None) -> ModelFile | None:
     """The file :func:`load_model` builds ``spec`` from, with its hash: an exported model's
     file, or a registered model's weights file (``weights``, else its default pretrained
     weights). None when there is no such file (random weights, or a file that is missing,
-    which loading then reports)."""
+    which loading then reports, and user models)."""
+    if is_user_model(spec):
+        return None
     info, argument = _resolve(spec)
     if isinstance(argument, Path):  # an exported model
         path = argument
@@ -171,8 +230,10 @@ def _resolve(spec: str | Path) -> tuple[ModelInfo, str | Path]:
     close = difflib.get_close_matches(str(spec), list(KNOWN_MODELS), n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(
-        f"unknown model {str(spec)!r}: not a registered name and not a path to a "
-        f"{' / '.join(EXPORTED_FORMATS)} file.{hint} Registered: {', '.join(KNOWN_MODELS)}"
+        f"unknown model {str(spec)!r}: not a registered name, not a path to a "
+        f"{' / '.join(EXPORTED_FORMATS)} file and not a module:callable factory.{hint} "
+        f"Registered: {', '.join(KNOWN_MODELS)}; packages register more under the "
+        f"entry-point group {ENTRY_POINT_GROUP}"
     )
 
 

@@ -1,7 +1,8 @@
 """Where a model runs and in which precision.
 
-CPU inference is always fp32 without autocast, so CPU results are reproducible; reduced
-precision is an opt-in (or the ``"auto"`` default) on CUDA only.
+CPU inference is fp32 without autocast unless bf16 is asked for, so CPU results are
+reproducible by default; on CUDA ``"auto"`` is reduced precision (bf16 where supported, else
+fp16). fp16 runs on CUDA only: CPU autocast to fp16 is slow and loses range.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision not in ("auto", "fp32", *_AUTOCAST_DTYPES):
         raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
     if device.type != "cuda":
-        if precision in _AUTOCAST_DTYPES:
+        if precision == "fp16":
             raise ValueError(
-                f"precision {precision!r} needs a CUDA device; the CPU path runs fp32 only "
-                f"(device is {device})"
+                f"precision (--precision) 'fp16' needs a CUDA device; on the CPU use fp32 or "
+                f"bf16 (device is {device})"
             )
-        return None
+        return torch.bfloat16 if precision == "bf16" else None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return _AUTOCAST_DTYPES.get(precision)
