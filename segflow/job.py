@@ -178,9 +178,10 @@ class Job:
                     f"{self.model!r}: give its own options with --model-option KEY=VALUE"
                 )
             if setting.metadata["task"] not in (None, task):
+                article = "an" if task == "instance" else "a"
                 raise JobError(
                     f"{setting.metadata['flag']} applies to {setting.metadata['task']} models "
-                    f"only, and {self.model!r} is a {task} model"
+                    f"only, and {self.model!r} is {article} {task} model"
                 )
 
     def loader_options(self, task: str) -> dict[str, JSONValue]:
