@@ -74,3 +74,36 @@ def test_two_node_cluster_with_token_auth(shared, frames, tmp_path):
         assert not shard_nodes(out / "run=own") & nodes
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+
+
+# A process of its own (Ray keeps the first token a process reads) declaring GPUs to Ray:
+# Ray schedules by declared resources, so the plan is that of a 16-CPU, 2-GPU cluster.
+_PLAN_ON_A_GPU_CLUSTER = """
+import dataclasses, json
+import ray
+from workers.cluster import plan_actors
+ray.init(num_cpus=16, num_gpus=2, include_dashboard=False)
+plans = [plan_actors(None), plan_actors(1), plan_actors(None, cpus_per_actor=3),
+         plan_actors(None, device="cpu")]
+print(json.dumps([dataclasses.asdict(plan) for plan in plans]))
+"""
+
+
+def test_a_gpu_actor_holds_its_share_of_the_cpus(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"}
+    completed = subprocess.run(
+        [sys.executable, "-c", _PLAN_ON_A_GPU_CLUSTER],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    plans = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert plans == [
+        {"actors": 2, "num_cpus": 8.0, "num_gpus": 1},  # the node's 16 CPUs over its 2 GPUs
+        {"actors": 1, "num_cpus": 8.0, "num_gpus": 1},  # one shard: one actor
+        {"actors": 2, "num_cpus": 3.0, "num_gpus": 1},  # --cpus-per-actor
+        {"actors": 16, "num_cpus": 1.0, "num_gpus": 0},  # --device cpu
+    ]

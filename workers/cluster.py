@@ -136,8 +136,10 @@ class ActorPlan:
 def plan_actors(
     shards: int | None, *, device: str = "auto", cpus_per_actor: float | None = None
 ) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs (and ``device`` allows), else one per
-    ``cpus_per_actor`` CPUs (default 1). Never more actors than ``shards``, when given.
+    """One actor per GPU when the cluster has GPUs (and ``device`` allows), holding the
+    cluster's CPUs divided by its GPUs unless ``cpus_per_actor`` says otherwise (its host work
+    — decode, RLE, rows — is what keeps the GPU fed); else one actor per ``cpus_per_actor``
+    CPUs (default 1). Never more actors than ``shards``, when given.
 
     Actors fetch and decode in their own threads: there are no separate reader tasks that
     actors holding every CPU could starve (the hang seen with Ray Data's read stage).
@@ -150,7 +152,7 @@ def plan_actors(
     if device == "cuda" and not gpus:
         raise ClusterError("device 'cuda' was asked for but the Ray cluster has no GPUs")
     if gpus and device != "cpu":
-        per_gpu_cpus = cpus_per_actor or max(1.0, min(4.0, cpus // gpus - 1))
+        per_gpu_cpus = cpus_per_actor or max(1.0, cpus // gpus)
         return ActorPlan(actors=_at_most(gpus, shards), num_cpus=per_gpu_cpus, num_gpus=1)
     per_actor = cpus_per_actor or 1.0
     if cpus < per_actor:
