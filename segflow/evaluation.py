@@ -140,9 +140,7 @@ def instance_scores(location: str, *, where: str | None = None) -> dict[str, Coc
         return evaluate(run, db, where).scores
 
 
-def evaluate(
-    run: Run, db: duckdb.DuckDBPyConnection, where: str | None = None
-) -> RunEvaluation:
+def evaluate(run: Run, db: duckdb.DuckDBPyConnection, where: str | None = None) -> RunEvaluation:
     """:func:`evaluate_run` on a connection :meth:`Run.connect` opened (which then holds the
     images evaluated, as ``evaluated``), for a caller that reads the run further."""
     selected, evaluated = _select(run, db, where)
