@@ -400,8 +400,8 @@ def _heatmap_cell(
 # Instance evaluation.
 
 
-def _instance_section(run: Run, evaluated: RunEvaluation) -> str:
-    result = evaluated.result
+def _instance_section(run: Run, evaluation: RunEvaluation) -> str:
+    result = evaluation.result
     instance = result["instance"]
     header = "".join(f"<th>{_e(iou_type)}</th>" for iou_type in instance)
     rows = []
@@ -421,7 +421,7 @@ def _instance_section(run: Run, evaluated: RunEvaluation) -> str:
         + "<h3>Precision-recall per category (masks, <code>segm</code>)</h3>"
         + '<p class="note">Area all, up to 100 detections per image; solid: IoU 0.50, '
         "dashed: the mean over IoU 0.50:0.95 (its area is the category's AP).</p>"
-        + _pr_curves(run, evaluated.scores["segm"])
+        + _pr_curves(run, evaluation.scores["segm"])
     )
     return _section("Evaluation (instance)", body, "evaluation")
 
