@@ -71,8 +71,9 @@ class Run:
         )
         for name, files in exposed.items():
             if files:
-                listed = ", ".join(sql_string(f) for f in files)
-                db.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}])")
+                db.execute(
+                    f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_string(files[0])})"
+                )
             else:
                 db.register(name, schema.TABLES[name].empty_table())
         if not allow_external:

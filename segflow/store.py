@@ -151,10 +151,8 @@ class RunStore:
         URLs (``file:///...``, ``s3://...``), in shard order."""
         if shards is None:
             shards = self.committed()
-        return [
-            self.fs.unstrip_protocol(self.path(name, f"shard-{index:06d}.parquet"))
-            for index in sorted(shards)
-        ]
+        folder = self.fs.unstrip_protocol(self.path(name))  # once: it costs, on local paths
+        return [f"{folder}/shard-{index:06d}.parquet" for index in sorted(shards)]
 
     def commit_shard(
         self, shard: Shard, tables: Mapping[str, pa.Table], summary: Mapping[str, Any]
