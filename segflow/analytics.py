@@ -38,7 +38,6 @@ import duckdb
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from segflow import palette, rle
@@ -124,14 +123,7 @@ def _bboxes(counts: list[str], heights: list[int], widths: list[int]) -> list[li
 
 
 def _ious(a: list[str], b: list[str], heights: list[int], widths: list[int]) -> list[float]:
-    # Row i of a against row i of b, in one pass over the batch: rle.iou would compute every
-    # pair, and segflow.rle has no public pairwise form, so this uses its batch internals.
-    first = rle._parse_rles(_rles(a, heights, widths), "counts_a")
-    second = rle._parse_rles(_rles(b, heights, widths), "counts_b")
-    rows = np.arange(len(first))
-    intersection = rle._intersections(first, second, rows, rows)
-    union = first.areas() + second.areas() - intersection
-    return np.where(intersection == 0, 0.0, intersection / np.maximum(union, 1)).tolist()
+    return rle.iou_pairs(_rles(a, heights, widths), _rles(b, heights, widths)).tolist()
 
 
 def _pngs(counts: list[str], heights: list[int], widths: list[int]) -> list[bytes]:
@@ -231,17 +223,22 @@ def overlay(
     """
     if not 0 <= alpha <= 1:
         raise AnalyticsError(f"alpha must be between 0 and 1, got {alpha}")
-    from segflow.decode import decode_image  # torch: only to draw
+    from segflow.decode import decode_rgb
 
     run = open_run(location)
-    this_image = pc.field("image_id") == image_id
-    found = run.table("images", ["uri"], filter=this_image)
-    if found.num_rows == 0:
-        raise AnalyticsError(f"{run.uri} has no image with id {image_id} in its images table")
-    uri = found.column("uri")[0].as_py()
-    rows = run.table("masks", filter=this_image).to_pylist()
+    with run.connect() as db:
+        found = db.sql("SELECT uri FROM images WHERE image_id = $id", params={"id": image_id})
+        uris = found.fetchall()
+        if not uris:
+            raise AnalyticsError(f"{run.uri} has no image with id {image_id} in its images table")
+        [(uri,)] = uris
+        rows = (
+            db.sql("SELECT * FROM masks WHERE image_id = $id", params={"id": image_id})
+            .to_arrow_table()
+            .to_pylist()
+        )
     with fsspec.open(uri, "rb") as f:
-        pixels = decode_image(f.read(), name=uri).numpy()
+        pixels = decode_rgb(f.read(), name=uri)
     height, width = pixels.shape[:2]
     for row in rows:
         if (row["height"], row["width"]) != (height, width):

@@ -39,14 +39,15 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
-import torchvision.io
 from PIL import Image, UnidentifiedImageError
 
 from segflow.errors import SegflowError
+
+if TYPE_CHECKING:
+    import torch
 
 # A 10k x 10k aerial tile (1e8 pixels) with 79% to spare; it is also PIL's own hard limit
 # (2 * MAX_IMAGE_PIXELS), so at the default the two guards agree. The largest image it admits
@@ -147,6 +148,8 @@ def decode_image(
 
     Raises a subclass of :class:`ImageDecodeError` for bad bytes.
     """
+    import torch  # here: readers of a run's tables draw with decode_rgb, without torch
+
     label = _label(data, name)
     image = _open_header(data, label, max_pixels)
     target = _usable_device(device)
@@ -154,8 +157,20 @@ def decode_image(
     if image.mode in _TORCHVISION_ROUTES.get(image.format, ()):
         pixels = _decode_with_torchvision(data, image.format, target)
     if pixels is None:
-        pixels = _decode_rgb_with_pil(image, data, label)
+        pixels = torch.from_numpy(_decode_rgb_with_pil(image, data, label))
     return _apply_orientation(pixels.to(target), _exif_orientation(image)).contiguous()
+
+
+def decode_rgb(
+    data: bytes, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """:func:`decode_image` on the CPU as a numpy array, decoded by PIL alone and so without
+    importing torch (what drawing a run's images needs): the same pixels, since both
+    decoders bundle libjpeg-turbo (see the module notes)."""
+    label = _label(data, name)
+    image = _open_header(data, label, max_pixels)
+    pixels = _decode_rgb_with_pil(image, data, label)
+    return np.ascontiguousarray(_apply_orientation(pixels, _exif_orientation(image)))
 
 
 def decode_label_map(
@@ -177,8 +192,7 @@ def decode_label_map(
             "8/16-bit grayscale (colour-coded masks need a colour-to-class table)",
         )
     indices = np.asarray(_load(image, data, label), dtype=np.int64)
-    upright = _apply_orientation(torch.from_numpy(indices), _exif_orientation(image))
-    return upright.contiguous().numpy()
+    return np.ascontiguousarray(_apply_orientation(indices, _exif_orientation(image)))
 
 
 def _label(data: bytes, name: str | None) -> str:
@@ -254,6 +268,8 @@ def _exif_orientation(image: Image.Image) -> int:
 
 
 def _usable_device(device: str | torch.device | None) -> torch.device:
+    import torch
+
     target = torch.device("cpu" if device is None else device)
     if target.type == "cuda" and not torch.cuda.is_available():
         return torch.device("cpu")
@@ -264,6 +280,9 @@ def _decode_with_torchvision(
     data: bytes, image_format: str, device: torch.device
 ) -> torch.Tensor | None:
     """HWC RGB, or None when torchvision rejects the bytes (PIL then decodes or explains)."""
+    import torch
+    import torchvision.io
+
     # bytearray: torch warns about (and must not write through) a tensor over immutable bytes.
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     rgb = torchvision.io.ImageReadMode.RGB
@@ -280,10 +299,10 @@ def _decode_with_torchvision(
         return None
 
 
-def _decode_rgb_with_pil(image: Image.Image, data: bytes, label: str) -> torch.Tensor:
+def _decode_rgb_with_pil(image: Image.Image, data: bytes, label: str) -> np.ndarray:
     if image.mode in _SIXTEEN_BIT_GRAY_MODES:
         high_bytes = (np.asarray(_load(image, data, label)) >> 8).astype(np.uint8)
-        return torch.from_numpy(high_bytes).unsqueeze(-1).expand(-1, -1, 3)
+        return np.repeat(high_bytes[..., None], 3, axis=-1)
     if image.mode not in _PIL_RGB_MODES:
         raise UnsupportedModeError(
             label, f"{image.format} mode {image.mode} has no defined conversion to 8-bit RGB"
@@ -293,7 +312,7 @@ def _decode_rgb_with_pil(image: Image.Image, data: bytes, label: str) -> torch.T
     # PIL would also warn that it is dropping it).
     loaded.info.pop("transparency", None)
     rgb = loaded if loaded.mode == "RGB" else loaded.convert("RGB")
-    return torch.from_numpy(np.array(rgb))
+    return np.array(rgb)
 
 
 def _load(image: Image.Image, data: bytes, label: str) -> Image.Image:
@@ -305,10 +324,14 @@ def _load(image: Image.Image, data: bytes, label: str) -> Image.Image:
     return image
 
 
-def _apply_orientation(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Turn stored pixels (H, W, ...) upright; an unknown orientation value leaves them as
-    stored, as PIL does."""
+def _apply_orientation(
+    pixels: np.ndarray | torch.Tensor, orientation: int
+) -> np.ndarray | torch.Tensor:
+    """Turn stored pixels (H, W, ...) upright, a numpy array or a tensor (on its device); an
+    unknown orientation value leaves them as stored, as PIL does."""
     swap_axes, flip_axes = _ORIENTATION_OPS.get(orientation, (False, ()))
     if swap_axes:
-        pixels = pixels.transpose(0, 1)
-    return pixels.flip(flip_axes) if flip_axes else pixels
+        pixels = pixels.swapaxes(0, 1)
+    if not flip_axes:
+        return pixels
+    return np.flip(pixels, flip_axes) if isinstance(pixels, np.ndarray) else pixels.flip(flip_axes)

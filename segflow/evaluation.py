@@ -19,23 +19,17 @@ what it finished, each image once.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
-from fsspec.implementations.local import LocalFileSystem
 
 from segflow import schema
 from segflow.errors import SegflowError
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
-from segflow.sql import lock_down, predicate_problem, select_where
+from segflow.sql import expose_files, lock_down, predicate_problem, select_where, sql_string
 from segflow.store import RunStore
 
 
@@ -47,10 +41,10 @@ class EvaluationError(SegflowError, ValueError):
 class Run:
     """A finished or partial run, read back from its output folder.
 
-    Every reader of a run's tables goes through :meth:`dataset`: a pyarrow dataset over
-    exactly the committed shards' files of one table, read lazily (a scan reads the columns
-    and rows it needs, one file at a time), so a run of a million images is queried without
-    holding its tables in memory. :meth:`connect` gives DuckDB a view of each."""
+    Every reader of a run's tables goes through :meth:`connect`: DuckDB views over exactly
+    the files :meth:`segflow.store.RunStore.files` lists, scanned with projection and filter
+    pushdown as a query needs them, so a run of a million images is queried without holding
+    its tables in memory."""
 
     store: RunStore
     evaluation: dict[str, Any] | None
@@ -59,45 +53,32 @@ class Run:
     def uri(self) -> str:
         return self.store.uri
 
-    def dataset(self, name: str, shards: Collection[int] | None = None) -> ds.Dataset:
-        """Table ``name`` over the committed shards (no rows when there are none), with the
-        schema of :data:`segflow.schema.TABLES`; ``shards``: those the caller listed already,
-        so that the tables it reads together are of the same shards while a run commits."""
-        if shards is None:
-            shards = self.store.committed()
-        files = [self.store.path(name, f"shard-{index:06d}.parquet") for index in sorted(shards)]
-        return ds.dataset(
-            files, schema=schema.TABLES[name], format="parquet", filesystem=self._filesystem()
-        )
-
-    def table(
-        self, name: str, columns: Sequence[str] | None = None, filter: pc.Expression | None = None
-    ) -> pa.Table:
-        """The rows of table ``name`` that ``filter`` keeps (all of them by default), in
-        memory: for a table's few columns or rows; :meth:`dataset` to scan a whole one."""
-        return self.dataset(name).to_table(columns=columns, filter=filter)
-
     def connect(self, *, allow_external: bool = False) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with a view of each of the run's tables
-        (:meth:`dataset`: DuckDB scans them with projection and filter pushdown) and the
-        session time zone UTC, the zone of the run's timestamps. It reads nothing but those
-        views (:func:`segflow.sql.lock_down`) unless ``allow_external``."""
+        """An in-memory DuckDB connection with a view of each of the run's tables, over the
+        committed shards when it opens (a table without any has the schema of
+        :data:`segflow.schema.TABLES` and no rows), and the session time zone UTC, the zone
+        of the run's timestamps. It reads nothing but those views' files, and writes none
+        (:func:`segflow.sql.lock_down`), unless ``allow_external``."""
         db = duckdb.connect()
         db.execute("SET TimeZone = 'UTC'")
         # Its bar goes to stdout on a slow query, into `segflow query --format json|csv`.
         db.execute("SET enable_progress_bar = false")
+        # A command reads a table more than once (evaluate: images, then the metric tables).
+        db.execute("SET parquet_metadata_cache = true")
         shards = self.store.committed()
-        for name in schema.TABLES:
-            db.register(name, self.dataset(name, shards))
+        exposed = expose_files(
+            db, self.store.fs, {name: self.store.files(name, shards) for name in schema.TABLES}
+        )
+        for name, files in exposed.items():
+            if files:
+                db.execute(
+                    f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_string(files[0])})"
+                )
+            else:
+                db.register(name, schema.TABLES[name].empty_table())
         if not allow_external:
-            lock_down(db)
+            lock_down(db, [f for files in exposed.values() for f in files])
         return db
-
-    def _filesystem(self) -> pafs.FileSystem:
-        # Local runs through Arrow's own file system: read in Arrow's threads, without the GIL.
-        if isinstance(self.store.fs, LocalFileSystem):
-            return pafs.LocalFileSystem()
-        return pafs.PyFileSystem(pafs.FSSpecHandler(self.store.fs))
 
 
 def open_run(location: str, *, latest: bool = False) -> Run:
@@ -124,6 +105,16 @@ def open_run(location: str, *, latest: bool = False) -> Run:
     return Run(store, store.read_json("evaluation.json"))
 
 
+@dataclass(frozen=True)
+class RunEvaluation:
+    """What evaluating a run (or a slice) gives: ``result``, the JSON-ready object of
+    :func:`evaluate_run`, and for an instance run COCOeval's pooled results per IoU type
+    (``scores``; see :func:`instance_scores`), empty for a semantic run."""
+
+    result: dict[str, Any]
+    scores: dict[str, CocoScores]
+
+
 def evaluate_run(
     location: str, *, where: str | None = None, latest: bool = False
 ) -> dict[str, Any]:
@@ -131,28 +122,8 @@ def evaluate_run(
     model is, plus the counts of images selected and evaluated (see :func:`open_run` for
     ``location`` and ``latest``)."""
     run = open_run(location, latest=latest)
-    db, selected, evaluated = _select(run, where)
-    result: dict[str, Any] = {
-        "run": run.uri,
-        "where": where,
-        "images": {"selected": selected, "evaluated": evaluated},
-    }
-    if run.evaluation["task"] == "semantic":
-        result["semantic"] = _semantic(run, db)
-    else:
-        categories = {int(k): v for k, v in run.evaluation["categories"].items()}
-        result["instance"] = {
-            iou_type: {
-                "stats": [float(v) for v in scores.stats],
-                "stat_names": list(STAT_NAMES),
-                "per_class_ap": {
-                    categories[c]: _number(ap, undefined=-1)
-                    for c, ap in zip(scores.categories, scores.per_class_ap, strict=True)
-                },
-            }
-            for iou_type, scores in _coco_scores(run, db).items()
-        }
-    return result
+    with run.connect() as db:
+        return evaluate(run, db, where).result
 
 
 def instance_scores(location: str, *, where: str | None = None) -> dict[str, CocoScores]:
@@ -166,8 +137,36 @@ def instance_scores(location: str, *, where: str | None = None) -> dict[str, Coc
         raise EvaluationError(
             f"{run.uri} is not an instance run segmented with ground truth (--gt coco:FILE)"
         )
-    db, _, _ = _select(run, where)
-    return _coco_scores(run, db)
+    with run.connect() as db:
+        return evaluate(run, db, where).scores
+
+
+def evaluate(run: Run, db: duckdb.DuckDBPyConnection, where: str | None = None) -> RunEvaluation:
+    """:func:`evaluate_run` on a connection :meth:`Run.connect` opened (which then holds the
+    images evaluated, as ``evaluated``), for a caller that reads the run further."""
+    selected, evaluated = _select(run, db, where)
+    result: dict[str, Any] = {
+        "run": run.uri,
+        "where": where,
+        "images": {"selected": selected, "evaluated": evaluated},
+    }
+    if run.evaluation["task"] == "semantic":
+        result["semantic"] = _semantic(run, db)
+        return RunEvaluation(result, {})
+    categories = {int(k): v for k, v in run.evaluation["categories"].items()}
+    scores = _coco_scores(run, db)
+    result["instance"] = {
+        iou_type: {
+            "stats": [float(v) for v in pooled.stats],
+            "stat_names": list(STAT_NAMES),
+            "per_class_ap": {
+                categories[c]: _number(ap, undefined=-1)
+                for c, ap in zip(pooled.categories, pooled.per_class_ap, strict=True)
+            },
+        }
+        for iou_type, pooled in scores.items()
+    }
+    return RunEvaluation(result, scores)
 
 
 def check_where(where: str) -> str:
@@ -182,26 +181,29 @@ def check_where(where: str) -> str:
     return select_where(where, "images")
 
 
-def _select(run: Run, where: str | None) -> tuple[duckdb.DuckDBPyConnection, int, int]:
-    """The run's connection (:meth:`Run.connect`, locked) holding also, as ``evaluated``, the
-    ids and ground truth of the images ``where`` selects that were segmented and evaluated;
-    how many images ``where`` selects, and how many of them were evaluated."""
+def _select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[int, int]:
+    """Make ``evaluated`` in ``db``: the ids (and, for instance runs, the ground truth) of
+    the images ``where`` selects that were segmented and evaluated, by id; how many images
+    ``where`` selects, and how many of them were evaluated."""
     if run.evaluation is None:
         raise EvaluationError(
             f"{run.uri} was segmented without ground truth: rerun segment with --gt to evaluate it"
         )
     selection = check_where(where) if where else "SELECT * FROM images"
-    db = run.connect()
+    evaluable = "status = 'ok' AND gt_uri IS NOT NULL"
+    # Only COCOeval's image ids need the ground truth's URIs: a semantic run keeps ids alone.
+    columns = "image_id" if run.evaluation["task"] == "semantic" else "image_id, gt_uri"
     try:
-        evaluated = db.sql(
-            f"SELECT image_id, gt_uri FROM ({selection}) "
-            "WHERE status = 'ok' AND gt_uri IS NOT NULL ORDER BY image_id"
-        ).to_arrow_table()
-        [(selected,)] = db.sql(f"SELECT count(*) FROM ({selection})").fetchall()
+        [(selected, evaluated)] = db.sql(
+            f"SELECT count(*), count(*) FILTER ({evaluable}) FROM ({selection})"
+        ).fetchall()
+        db.execute(
+            f"CREATE TEMP TABLE evaluated AS SELECT {columns} FROM ({selection}) "
+            f"WHERE {evaluable} ORDER BY image_id"
+        )
     except duckdb.Error as exc:
         raise EvaluationError(f"--where {where!r} is not a predicate over images: {exc}") from None
-    db.register("evaluated", evaluated)
-    return db, selected, evaluated.num_rows
+    return selected, evaluated
 
 
 SEMANTIC_FIGURES = ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou")
@@ -221,25 +223,24 @@ def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
     return figures
 
 
+_COUNTS = ("gt_pixels", "pred_pixels", "intersection", "boundary_intersection", "boundary_union")
+
+
 def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-    from segflow.metrics.semantic import SemanticScores  # torch: only to score a run
+    from segflow.metrics.semantic import SemanticScores
 
     classes = run.evaluation["classes"]
+    # One scan of class_stats: the integer counts, and the soft sums of the rows that have
+    # them (runs asked for soft metrics).
     sums = db.sql(
         "SELECT class_id, "
-        + ", ".join(
-            f"sum({c})::BIGINT AS {c}"
-            for c in (
-                "gt_pixels",
-                "pred_pixels",
-                "intersection",
-                "boundary_intersection",
-                "boundary_union",
-            )
-        )
+        + ", ".join(f"sum({c})::BIGINT AS {c}" for c in _COUNTS)
+        + ", count(soft_union) AS soft_rows"
+        + ", coalesce(sum(soft_intersection) FILTER (soft_union IS NOT NULL), 0) AS soft_i"
+        + ", coalesce(sum(soft_union), 0) AS soft_u"
         + " FROM class_stats SEMI JOIN evaluated USING (image_id) GROUP BY class_id"
     ).fetchnumpy()
-    totals = {name: np.zeros(len(classes), np.int64) for name in sums if name != "class_id"}
+    totals = {name: np.zeros(len(classes), np.int64) for name in _COUNTS}
     for name, values in totals.items():
         values[sums["class_id"]] = sums[name]
     scores = SemanticScores.from_counts(
@@ -271,21 +272,16 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         "pred_pixels": totals["pred_pixels"].tolist(),
         "confusion": confusion.tolist(),  # [ground-truth class][predicted class], pixels
     }
-    return result | _soft(db, len(classes))
+    return result | _soft(sums, len(classes))
 
 
-def _soft(db: duckdb.DuckDBPyConnection, num_classes: int) -> dict[str, Any]:
+def _soft(sums: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
     """Soft IoU and Dice from the summed probabilities, when the run was asked for them
     (float sums: equal to a from-scratch evaluation to rounding, not bit for bit)."""
-    sums = db.sql(
-        "SELECT class_id, sum(soft_intersection) AS i, sum(soft_union) AS u "
-        "FROM class_stats SEMI JOIN evaluated USING (image_id) "
-        "WHERE soft_union IS NOT NULL GROUP BY class_id"
-    ).fetchnumpy()
-    if not len(sums["class_id"]):
+    if not np.asarray(sums["soft_rows"]).sum():
         return {}
     intersection, union = np.zeros(num_classes), np.zeros(num_classes)
-    intersection[sums["class_id"]], union[sums["class_id"]] = sums["i"], sums["u"]
+    intersection[sums["class_id"]], union[sums["class_id"]] = sums["soft_i"], sums["soft_u"]
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(union > 0, intersection / union, np.nan)
         dice = np.where(union > 0, 2 * intersection / (union + intersection), np.nan)
@@ -301,7 +297,7 @@ def _coco_scores(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, CocoScore
     from segflow.scoring import IOU_TYPES
 
     categories = sorted(int(c) for c in run.evaluation["categories"])
-    gt_sources = db.sql("SELECT gt_uri FROM evaluated").fetchnumpy()["gt_uri"]
+    gt_sources = db.sql("SELECT gt_uri FROM evaluated ORDER BY image_id").fetchnumpy()["gt_uri"]
     # COCOeval's image ids, in whose order it pools detections of equal score.
     images = {"image_id": np.array([coco_image_id(s) for s in gt_sources], np.int64)}
     scores = {}
@@ -337,25 +333,20 @@ def coco_results_of_run(location: str) -> list[dict[str, Any]]:
     from segflow.groundtruth import coco_image_id
 
     run = open_run(location)
-    masks = run.table("masks")
-    if masks.num_rows and masks.column("instance").null_count:
-        raise EvaluationError(f"{run.uri} is a semantic run: COCO results are detections")
-    image_ids = category_ids = None
-    if run.evaluation is not None and run.evaluation["task"] == "instance":
-        images = run.table("images", ["image_id", "gt_uri"]).filter(pc.is_valid(pc.field("gt_uri")))
-        image_ids = {
-            image_id: coco_image_id(source)
-            for image_id, source in zip(
-                images.column("image_id").to_pylist(),
-                images.column("gt_uri").to_pylist(),
-                strict=True,
-            )
-        }
-        masks = masks.filter(pc.is_in(masks.column("image_id"), pa.array(list(image_ids))))
+    with run.connect() as db:
+        if db.sql("SELECT 1 FROM masks WHERE instance IS NULL LIMIT 1").fetchall():
+            raise EvaluationError(f"{run.uri} is a semantic run: COCO results are detections")
+        if run.evaluation is None or run.evaluation["task"] != "instance":
+            masks = db.sql("SELECT * FROM masks").to_arrow_table()
+            return coco_results_from_masks(masks)
         category_ids = {name: int(i) for i, name in run.evaluation["categories"].items()}
-        masks = masks.filter(
-            pc.is_in(masks.column("class_name"), pa.array(list(category_ids), pa.string()))
-        )
+        images = db.sql("SELECT image_id, gt_uri FROM images WHERE gt_uri IS NOT NULL")
+        image_ids = {image_id: coco_image_id(source) for image_id, source in images.fetchall()}
+        masks = db.sql(
+            "SELECT * FROM masks WHERE list_contains($names, class_name) "
+            "AND image_id IN (SELECT image_id FROM images WHERE gt_uri IS NOT NULL)",
+            params={"names": list(category_ids)},
+        ).to_arrow_table()
     return coco_results_from_masks(masks, image_ids=image_ids, category_ids=category_ids)
 
 

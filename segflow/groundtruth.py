@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from segflow import rle
-from segflow.decode import ImageDecodeError, UnsupportedModeError, decode_image, decode_label_map
+from segflow.decode import ImageDecodeError, UnsupportedModeError, decode_label_map, decode_rgb
 from segflow.errors import SegflowError
 from segflow.reading import read_bytes
 
@@ -516,7 +516,7 @@ class _LabelMaps(GroundTruth):
             if self._palette is None:
                 labels = decode_label_map(data, name=source)
             else:
-                rgb = decode_image(data, name=source).numpy()
+                rgb = decode_rgb(data, name=source)
                 labels = self._colours_to_classes(rgb, f"{where}: {source}")
         except UnsupportedModeError as error:
             raise GroundTruthError(

@@ -34,13 +34,11 @@ from typing import Any
 import duckdb
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 
 from segflow import palette, rle
-from segflow.decode import decode_image
-from segflow.evaluation import Run, evaluate_run, instance_scores, open_run
+from segflow.decode import decode_rgb
+from segflow.evaluation import Run, RunEvaluation, evaluate, open_run
 from segflow.groundtruth import open_ground_truth
 from segflow.metrics.instance import IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES, CocoScores
 
@@ -125,8 +123,15 @@ def render_report(location: str, *, worst: int = 12) -> str:
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ValueError(f"worst must be a whole number >= 0, got {worst!r}")
     run = open_run(location)
-    images = run.table("images")
-    sections = [_run_section(run, images)]
+    with run.connect() as db:
+        sections = _sections(run, db, worst)
+    return PAGE.substitute(
+        run_id=_e(run.store.run_id), css=CSS, sections="\n".join(s for s in sections if s)
+    )
+
+
+def _sections(run: Run, db: duckdb.DuckDBPyConnection, worst: int) -> list[str]:
+    sections = [_run_section(run, db)]
     evaluation = run.evaluation
     if evaluation is None:
         sections.append(
@@ -137,21 +142,17 @@ def render_report(location: str, *, worst: int = 12) -> str:
             )
         )
     elif evaluation["task"] == "semantic":
-        result = evaluate_run(run.uri)
         sections += [
-            _semantic_section(result),
-            _worst_section(_worst_semantic(run, images, worst), evaluation["classes"], worst),
+            _semantic_section(evaluate(run, db).result),
+            _worst_section(_worst_semantic(run, db, worst), evaluation["classes"], worst),
         ]
     else:
-        result = evaluate_run(run.uri)
         sections += [
-            _instance_section(run, result),
-            _worst_section(_worst_instance(run, images, worst), evaluation["classes"], worst),
+            _instance_section(run, evaluate(run, db)),
+            _worst_section(_worst_instance(run, db, worst), evaluation["classes"], worst),
         ]
-    sections.append(_errors_section(run.table("errors")))
-    return PAGE.substitute(
-        run_id=_e(run.store.run_id), css=CSS, sections="\n".join(s for s in sections if s)
-    )
+    sections.append(_errors_section(db))
+    return sections
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def _hex(rgb: Sequence[int]) -> str:
 # The run.
 
 
-def _run_section(run: Run, images: pa.Table) -> str:
+def _run_section(run: Run, db: duckdb.DuckDBPyConnection) -> str:
     config = run.store.read_json("run.json") or {}
     summary = run.store.read_json("summary.json")
     described = [
@@ -227,19 +228,27 @@ def _run_section(run: Run, images: pa.Table) -> str:
         _key_value_table(described, "run-config", "text")
         + '<div class="columns">'
         + _key_value_table(counts, "summary")
-        + _timings_table(images)
+        + _timings_table(db)
         + "</div>"
         + note
     )
     return _section("Run", body, "run")
 
 
-def _timings_table(images: pa.Table) -> str:
+def _timings_table(db: duckdb.DuckDBPyConnection) -> str:
+    # quantile_cont interpolates as numpy's median and percentile do.
+    [measured] = db.sql(
+        "SELECT "
+        + ", ".join(
+            f"avg({stage}_ms), quantile_cont({stage}_ms, 0.5), quantile_cont({stage}_ms, 0.95)"
+            for stage in TIMED_STAGES
+        )
+        + " FROM images"
+    ).fetchall()
     rows = []
-    for stage in TIMED_STAGES:
-        values = images.column(f"{stage}_ms").drop_null().to_numpy()
-        if values.size:
-            mean, median, p95 = values.mean(), np.median(values), np.percentile(values, 95)
+    for i, stage in enumerate(TIMED_STAGES):
+        mean, median, p95 = measured[3 * i : 3 * i + 3]
+        if mean is not None:
             cells = "".join(
                 f'<td class="number" data-timing="{stage}-{name}">{value:.1f}</td>'
                 for name, value in (("mean", mean), ("median", median), ("p95", p95))
@@ -391,7 +400,8 @@ def _heatmap_cell(
 # Instance evaluation.
 
 
-def _instance_section(run: Run, result: Mapping[str, Any]) -> str:
+def _instance_section(run: Run, evaluation: RunEvaluation) -> str:
+    result = evaluation.result
     instance = result["instance"]
     header = "".join(f"<th>{_e(iou_type)}</th>" for iou_type in instance)
     rows = []
@@ -411,7 +421,7 @@ def _instance_section(run: Run, result: Mapping[str, Any]) -> str:
         + "<h3>Precision-recall per category (masks, <code>segm</code>)</h3>"
         + '<p class="note">Area all, up to 100 detections per image; solid: IoU 0.50, '
         "dashed: the mean over IoU 0.50:0.95 (its area is the category's AP).</p>"
-        + _pr_curves(run, instance_scores(run.uri)["segm"])
+        + _pr_curves(run, evaluation.scores["segm"])
     )
     return _section("Evaluation (instance)", body, "evaluation")
 
@@ -495,9 +505,9 @@ class _Drawn:
 _Layers = tuple[np.ndarray, np.ndarray]
 
 
-def _worst_semantic(run: Run, images: pa.Table, n: int) -> list[_Drawn]:
+def _worst_semantic(run: Run, db: duckdb.DuckDBPyConnection, n: int) -> list[_Drawn]:
     ranked = _query(
-        {"images": images},
+        db,
         "SELECT image_id, uri, miou, pixel_accuracy, boundary_iou FROM images "
         "WHERE status = 'ok' AND miou IS NOT NULL ORDER BY miou, uri LIMIT $n",
         n=n,
@@ -505,7 +515,7 @@ def _worst_semantic(run: Run, images: pa.Table, n: int) -> list[_Drawn]:
     if not ranked:
         return []
     truth = open_ground_truth(run.evaluation["gt"], ignore_index=run.evaluation.get("ignore_index"))
-    masks = _mask_rows(run, [row["image_id"] for row in ranked])
+    masks = _mask_rows(db, [row["image_id"] for row in ranked])
 
     def layers(row: Mapping[str, Any], shape: tuple[int, int]) -> tuple[_Layers, _Layers]:
         predicted = _paint(
@@ -526,26 +536,19 @@ def _worst_semantic(run: Run, images: pa.Table, n: int) -> list[_Drawn]:
     ]
 
 
-def _worst_instance(run: Run, images: pa.Table, n: int) -> list[_Drawn]:
-    tables = {
-        "images": images.select(["image_id", "uri", "status", "gt_uri"]),
-        "detections": run.table(
-            "coco_detections", ["image_id", "iou_type", "score", "matched_all", "ignored_all"]
-        ),
-        "ground_truth": run.table("coco_ground_truth", ["image_id", "iou_type", "num_gt_all"]),
-    }
+def _worst_instance(run: Run, db: duckdb.DuckDBPyConnection, n: int) -> list[_Drawn]:
     # Bit 0 of matched_all / ignored_all: IoU threshold 0.5 (schema.COCO_DETECTIONS).
     ranked = _query(
-        tables,
+        db,
         """
         WITH counted AS (
             SELECT image_id,
                 count(*) FILTER (WHERE matched_all & 1 = 1 AND ignored_all & 1 = 0) AS tp,
                 count(*) FILTER (WHERE matched_all & 1 = 0 AND ignored_all & 1 = 0) AS fp
-            FROM detections WHERE iou_type = 'segm' AND score >= $threshold GROUP BY image_id
+            FROM coco_detections WHERE iou_type = 'segm' AND score >= $threshold GROUP BY image_id
         ), objects AS (
             SELECT image_id, sum(num_gt_all) AS objects
-            FROM ground_truth WHERE iou_type = 'segm' GROUP BY image_id
+            FROM coco_ground_truth WHERE iou_type = 'segm' GROUP BY image_id
         ), scored AS (
             SELECT image_id, uri, coalesce(tp, 0) AS tp, coalesce(fp, 0) AS fp,
                 coalesce(objects, 0)::BIGINT AS objects
@@ -567,7 +570,7 @@ def _worst_instance(run: Run, images: pa.Table, n: int) -> list[_Drawn]:
         if name in classes
     }
     truth = open_ground_truth(run.evaluation["gt"])
-    masks = _mask_rows(run, [row["image_id"] for row in ranked])
+    masks = _mask_rows(db, [row["image_id"] for row in ranked])
 
     def layers(row: Mapping[str, Any], shape: tuple[int, int]) -> tuple[_Layers, _Layers]:
         confident = sorted(
@@ -664,19 +667,18 @@ def _overlay(pixels: np.ndarray, classes: np.ndarray, objects: np.ndarray) -> st
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _query(tables: Mapping[str, pa.Table], sql: str, **params: Any) -> list[dict[str, Any]]:
-    db = duckdb.connect()
-    for name, table in tables.items():
-        db.register(name, table)
+def _query(db: duckdb.DuckDBPyConnection, sql: str, **params: Any) -> list[dict[str, Any]]:
     return db.sql(sql, params=params or None).to_arrow_table().to_pylist()
 
 
-def _mask_rows(run: Run, image_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+def _mask_rows(
+    db: duckdb.DuckDBPyConnection, image_ids: Sequence[int]
+) -> dict[int, list[dict[str, Any]]]:
     """The ``masks`` rows of a few images (a scan that keeps only theirs: a run's masks need
     not fit in memory)."""
-    wanted = pc.field("image_id").isin(pa.array(list(image_ids), pa.int64()))
     found: dict[int, list[dict[str, Any]]] = {}
-    for row in run.table("masks", filter=wanted).to_pylist():
+    rows = _query(db, "SELECT * FROM masks WHERE list_contains($ids, image_id)", ids=image_ids)
+    for row in rows:
         found.setdefault(row["image_id"], []).append(row)
     return found
 
@@ -688,7 +690,7 @@ def _rle_of(row: Mapping[str, Any]) -> dict[str, Any]:
 def _read_image(uri: str) -> np.ndarray:
     with fsspec.open(uri, "rb") as f:
         data = f.read()
-    return decode_image(data, name=uri).numpy()
+    return decode_rgb(data, name=uri)
 
 
 def _worst_section(worst: list[_Drawn], classes: Sequence[str], n: int) -> str:
@@ -731,11 +733,12 @@ def _worst_figure(rank: int, drawn: _Drawn) -> str:
 # Errors.
 
 
-def _errors_section(errors: pa.Table) -> str:
-    if errors.num_rows == 0:
+def _errors_section(db: duckdb.DuckDBPyConnection) -> str:
+    [(errors,)] = db.sql("SELECT count(*) FROM errors").fetchall()
+    if errors == 0:
         return _section("Errors", '<p class="note">No errors.</p>', "errors")
     counts = _query(
-        {"errors": errors},
+        db,
         "SELECT stage, error_type, count(*) AS n FROM errors GROUP BY ALL "
         "ORDER BY n DESC, stage, error_type",
     )
@@ -745,7 +748,7 @@ def _errors_section(errors: pa.Table) -> str:
         for row in counts
     )
     listed = _query(
-        {"errors": errors},
+        db,
         "SELECT uri, stage, error_type, message, occurred_at FROM errors "
         "ORDER BY occurred_at, uri LIMIT $n",
         n=ERROR_ROWS,
@@ -760,13 +763,13 @@ def _errors_section(errors: pa.Table) -> str:
         for row in listed
     )
     more = (
-        f'<p class="note">{errors.num_rows - ERROR_ROWS:,} more: see the run\'s '
+        f'<p class="note">{errors - ERROR_ROWS:,} more: see the run\'s '
         "<code>errors/</code> table.</p>"
-        if errors.num_rows > ERROR_ROWS
+        if errors > ERROR_ROWS
         else ""
     )
     body = (
-        f"<p>{errors.num_rows:,} error(s).</p>"
+        f"<p>{errors:,} error(s).</p>"
         '<table class="error-counts"><tr><th>stage</th><th>type</th><th>errors</th></tr>'
         f"{count_rows}</table>"
         '<table class="errors"><tr><th>uri</th><th>stage</th><th>type</th><th>message</th>'

@@ -40,7 +40,9 @@ call. CPU tensors are read through a zero-copy numpy view; tensors on an acceler
 searched on their device, and only run positions and values cross to the host. Everything
 else (:func:`decode`, :func:`area`, :func:`to_bbox`, :func:`iou`, :func:`merge`,
 :func:`fr_py_objects`) mirrors ``pycocotools.mask`` on lists of RLE dicts, whose ``counts``
-may be bytes or str.
+may be bytes or str. :func:`iou_pairs` is ``iou`` row by row: mask ``i`` of one list against
+mask ``i`` of the other (``pycocotools.mask.iou([a[i]], [b[i]], [0])``, without the
+matrix), for a column of pairs such as SQL's ``rle_iou``.
 
 Where pycocotools reads past a buffer or returns garbage, this module raises :class:`RLEError`
 instead: corrupt counts strings, counts that do not add up to ``h * w``, masks with values
@@ -718,6 +720,26 @@ def iou(dt: Any, gt: Any, iscrowd: Sequence[Any] | np.ndarray) -> np.ndarray | l
     union = np.where(crowd[pair_gt], dt_area, dt_area + gt_area - inter)
     result[pair_dt, pair_gt] = np.where(inter == 0, 0.0, inter / np.maximum(union, 1))
     return result
+
+
+def iou_pairs(a: Sequence[RLE], b: Sequence[RLE]) -> np.ndarray:
+    """IoU of ``a[i]`` with ``b[i]`` for every ``i`` (float64, 0 where they do not overlap),
+    in one pass over both lists, as ``pycocotools.mask.iou([a[i]], [b[i]], [0])`` gives it;
+    the lists must be of one length and each pair of one size."""
+    first, second = _parse_rles(a, "a"), _parse_rles(b, "b")
+    if len(first) != len(second):
+        raise RLEError(f"iou_pairs needs lists of one length, got {len(first)} and {len(second)}")
+    differ = np.flatnonzero(np.any(first.sizes != second.sizes, axis=1))
+    if differ.size:
+        i = int(differ[0])
+        raise RLEError(
+            f"iou_pairs: pair {i} has masks of sizes {first.sizes[i].tolist()} and "
+            f"{second.sizes[i].tolist()}"
+        )
+    rows = np.arange(len(first))
+    intersection = _intersections(first, second, rows, rows)
+    union = first.areas() + second.areas() - intersection
+    return np.where(intersection == 0, 0.0, intersection / np.maximum(union, 1))
 
 
 def merge(rles: Sequence[RLE], intersect: bool = False) -> RLE:

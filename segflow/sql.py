@@ -5,11 +5,14 @@ install and load extensions, and change its own settings. Text from a user must 
 any of that, so there are two defences, each enough on its own against reading the
 machine's files:
 
-- :func:`lock_down` closes a connection once the run's tables are registered in it: no file
-  access (``COPY``, ``ATTACH``, ``read_text``, ``read_parquet``, globs), no extensions, no
-  replacement scans of Python variables, and its settings locked, so no statement can open
-  them again. Registered Arrow tables and datasets still scan: pyarrow reads them, not
-  DuckDB.
+- :func:`lock_down` closes a connection once the run's tables are in it: no file access
+  (``COPY``, ``ATTACH``, ``read_text``, ``read_parquet``, globs) but to the files it is given,
+  no extensions, no replacement scans of Python variables, and its settings locked, so no
+  statement can open them again. Registered Arrow tables still scan. The files it is given
+  are those :func:`expose_files` names: DuckDB's ``allowed_paths`` admit writes as well as
+  reads, so a run's files are allowed only under ``segflow-run://`` names, served read-only
+  by a file system that knows those files and no other (``COPY ... TO`` one of them fails,
+  and their plain paths stay refused).
 - :func:`predicate_problem` admits a predicate (``--where``) only if DuckDB's own parser
   reads ``SELECT * FROM <table> WHERE (<predicate>)`` (:func:`select_where`, the statement
   that then runs, verbatim) as exactly one ``SELECT`` of that shape, so the text is one
@@ -22,12 +25,16 @@ machine's files:
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
-from collections.abc import Collection, Iterator
+import os
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import duckdb
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 # Scalar functions that report the session or the machine rather than compute on values.
 # (getenv is the CLI's, not the Python package's: listed for builds that have it.)
@@ -38,10 +45,119 @@ _TABLE_REFS = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "EMPTY", "EXPRESSION_
 _LOCATIONS = frozenset({"query_location", "query_location_length"})
 
 
-def lock_down(db: duckdb.DuckDBPyConnection) -> None:
-    """From here on ``db`` reads only what is registered in it, and no statement can change
-    that (see the module docstring)."""
+RUN_PROTOCOL = "segflow-run"
+
+
+class _ReadOnlyFiles(fsspec.AbstractFileSystem):
+    """Some files of another fsspec file system, read-only, under ``segflow-run://<path>``:
+    the only way a locked connection reaches a run's files. Their details are listed once a
+    folder (one listing, not a request a file, on object stores)."""
+
+    protocol = RUN_PROTOCOL
+    root_marker = ""
+    cachable = False
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, tables: Mapping[str, Sequence[str]]):
+        super().__init__()
+        self._fs = fs
+        # A table's files under one glob, <table>/*.parquet: DuckDB binds a view over
+        # thousands of files with one call here, not one a file.
+        self._tables = {f"{name}/*.parquet": list(paths) for name, paths in tables.items()}
+        self._details: dict[str, dict[str, Any] | None] = {
+            path: None for paths in tables.values() for path in paths
+        }
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        return path.removeprefix(f"{RUN_PROTOCOL}://")
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any):
+        path = self._known(path)
+        if mode != "rb":
+            raise PermissionError(f"{path}: a run's tables are read-only here")
+        if isinstance(self._fs, LocalFileSystem):
+            return open(path, "rb")  # Arrow-free and buffered: the fastest DuckDB reads
+        return self._fs.open(path, "rb")
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        path = self._known(path)
+        if self._details[path] is None and isinstance(self._fs, LocalFileSystem):
+            # One stat: fsspec's own info costs ten times that, on thousands of files.
+            found = os.stat(path)
+            self._details[path] = {
+                "name": path,
+                "size": found.st_size,
+                "type": "file",
+                "mtime": found.st_mtime,
+            }
+        if self._details[path] is None:
+            folder = path.rsplit("/", 1)[0]
+            for entry in self._fs.ls(folder, detail=True):
+                name = self._fs._strip_protocol(entry["name"])
+                if name in self._details:
+                    self._details[name] = entry | {"name": name}
+        if self._details[path] is None:
+            raise FileNotFoundError(path)
+        return self._details[path]
+
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        return self._strip_protocol(path) in self._details
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list:
+        return [self.info(path) if detail else self._known(path)]
+
+    def glob(self, path: str, **kwargs: Any) -> list[str]:
+        path = self._strip_protocol(path)
+        if path in self._tables:
+            return [f"{RUN_PROTOCOL}://{p}" for p in self._tables[path]]
+        # A file's name is read as it is, even one holding a glob's characters.
+        return [f"{RUN_PROTOCOL}://{path}"] if path in self._details else []
+
+    def modified(self, path: str) -> datetime.datetime:
+        details = self.info(path)
+        if "mtime" in details:  # local
+            return datetime.datetime.fromtimestamp(details["mtime"], datetime.UTC)
+        return details.get("LastModified") or self._fs.modified(path)
+
+    def _known(self, path: str) -> str:
+        path = self._strip_protocol(path)
+        if path not in self._details:
+            raise PermissionError(f"{path} is not a table file of the run")
+        return path
+
+
+def expose_files(
+    db: duckdb.DuckDBPyConnection,
+    fs: fsspec.AbstractFileSystem,
+    tables: Mapping[str, Sequence[str]],
+) -> dict[str, list[str]]:
+    """Let ``db`` read the files of ``tables`` (fsspec URLs on ``fs``, by table) and write
+    none of them. By table, the names DuckDB reads them by, which :func:`lock_down` is to
+    allow: first the glob ``segflow-run://<table>/*.parquet`` that ``read_parquet`` reads
+    them all by (none for a table without files), then each file's."""
+    # What fsspec's _strip_protocol makes of an fsspec URL, without its cost a file.
+    paths = {name: [url.split("://", 1)[-1] for url in urls] for name, urls in tables.items()}
+    db.register_filesystem(_ReadOnlyFiles(fs, paths))
+    return {
+        name: [f"{RUN_PROTOCOL}://{name}/*.parquet"] + [f"{RUN_PROTOCOL}://{p}" for p in listed]
+        if listed
+        else []
+        for name, listed in paths.items()
+    }
+
+
+def sql_string(value: str) -> str:
+    """``value`` as an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def lock_down(db: duckdb.DuckDBPyConnection, readable: Collection[str] = ()) -> None:
+    """From here on ``db`` reads only what is registered in it and the files ``readable``
+    names (from :func:`expose_files`), and no statement can change that (see the module
+    docstring)."""
     db.execute("SET python_enable_replacements = false")
+    if readable:
+        db.execute("SET allowed_paths = $paths", {"paths": list(readable)})
     db.execute("SET enable_external_access = false")
     db.execute("SET lock_configuration = true")
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import fsspec
@@ -143,6 +143,16 @@ class RunStore:
         self.fs.invalidate_cache(self.path("_commits"))
         found = self.fs.glob(self.path("_commits", "shard-*.json"))
         return {int(p.rsplit("shard-", 1)[1].removesuffix(".json")) for p in found}
+
+    def files(self, name: str, shards: Collection[int] | None = None) -> list[str]:
+        """The data files of table ``name`` that readers see: the committed shards' (or those
+        of ``shards``, indexes the caller read from :meth:`committed` already, so that the
+        tables it reads together are of the same shards while a run commits), as full fsspec
+        URLs (``file:///...``, ``s3://...``), in shard order."""
+        if shards is None:
+            shards = self.committed()
+        folder = self.fs.unstrip_protocol(self.path(name))  # once: it costs, on local paths
+        return [f"{folder}/shard-{index:06d}.parquet" for index in sorted(shards)]
 
     def commit_shard(
         self, shard: Shard, tables: Mapping[str, pa.Table], summary: Mapping[str, Any]

@@ -265,6 +265,27 @@ def test_iou_of_rles_equals_pycocotools(batch, data):
         np.testing.assert_array_equal(got, expected)
 
 
+@PROPERTY
+@given(mask_batches(max_n=8), st.data())
+def test_iou_pairs_is_pycocotools_iou_of_each_pair(batch, data):
+    half = len(batch) // 2
+    a, b = coco_encode_batch(batch[:half]), coco_encode_batch(batch[half : 2 * half])
+    if data.draw(st.booleans()):  # bytes or str counts, as a run's Parquet holds them
+        b = [{"size": r["size"], "counts": r["counts"].decode()} for r in b]
+    expected = [coco.iou([x], [y], [0])[0][0] for x, y in zip(a, b, strict=True)]
+    got = rle.iou_pairs(a, b)
+    assert got.dtype == np.float64 and got.shape == (half,)
+    np.testing.assert_array_equal(got, np.array(expected, np.float64).reshape(half))
+
+
+def test_iou_pairs_refuses_pairs_of_two_sizes_or_lists_of_two_lengths():
+    small, large = coco_encode(np.eye(3, dtype=np.uint8)), coco_encode(np.eye(4, dtype=np.uint8))
+    with pytest.raises(RLEError, match=r"pair 1 has masks of sizes \[3, 3\] and \[4, 4\]"):
+        rle.iou_pairs([small, small], [small, large])
+    with pytest.raises(RLEError, match="lists of one length, got 2 and 1"):
+        rle.iou_pairs([small, small], [small])
+
+
 def test_iou_of_different_sizes_equals_pycocotools():
     """-1 where the boxes overlap (only then does pycocotools compare sizes), else 0."""
     a = np.zeros((6, 6), np.uint8)

@@ -8,9 +8,12 @@ images differ in size or class frequency.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class ConfusionMatrix:
         self.matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def update(self, target: np.ndarray | torch.Tensor, prediction: np.ndarray | torch.Tensor):
+        import torch  # here: reading a run's figures (SemanticScores) needs no torch
+
         target = torch.as_tensor(target).reshape(-1).to(torch.int64)
         prediction = torch.as_tensor(prediction).reshape(-1).to(torch.int64)
         if target.shape != prediction.shape:

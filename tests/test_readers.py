@@ -1,0 +1,86 @@
+"""Reading a run: the commands that only read its tables import neither torch nor Ray nor
+Prefect, and a locked connection reads exactly the run's table files, writing none."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from segflow import schema
+from segflow.analytics import connect
+from segflow.store import RunStore
+
+# Each reading command in one process, then the heavy packages it imported.
+READ_ONLY = """
+import json, sys
+from segflow.cli import app
+import segflow.analytics, segflow.decode, segflow.groundtruth, segflow.report  # show's too
+for args in json.loads(sys.argv[1]):
+    try:
+        app(args)
+    except SystemExit as done:
+        assert done.code == 0, (args, done.code)
+heavy = {"torch", "torchvision", "ray", "prefect"}
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
+"""
+
+
+@pytest.fixture
+def empty_run(tmp_path: Path) -> Path:
+    """A semantic run with ground truth that has committed nothing yet."""
+    store = RunStore(str(tmp_path / "out"), "reading")
+    store.prepare({"input": "nowhere"})
+    store.write_json(
+        "evaluation.json",
+        {"task": "semantic", "classes": ["sky", "road"], "gt": "masks:nowhere"},
+    )
+    return Path(store.root)
+
+
+def test_reading_commands_import_no_torch_ray_or_prefect(empty_run, tmp_path):
+    commands = [
+        ["query", str(empty_run), "SELECT count(*) FROM masks", "--format", "json"],
+        ["evaluate", str(empty_run), "--json"],
+        ["evaluate", str(empty_run), "--where", "image_id % 10 = 0", "--json"],
+        ["report", str(empty_run), "--out", str(tmp_path / "report.html")],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", READ_ONLY, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+def test_an_empty_table_is_a_view_with_its_schema(empty_run):
+    with connect(str(empty_run)) as db:
+        for name, table_schema in schema.TABLES.items():
+            relation = db.sql(f"SELECT * FROM {name}")
+            assert relation.columns == table_schema.names
+            assert relation.fetchall() == []
+
+
+def test_a_locked_connection_reads_the_table_files_and_writes_none(instance_run, tmp_path):
+    run = next(instance_run.glob("run=*"))
+    shard = next(run.glob("masks/*.parquet"))
+    before = shard.read_bytes()
+    with connect(str(instance_run)) as db:
+        for target in (f"segflow-run://{shard}", str(shard), f"file://{shard}"):
+            for options in ("", " (FORMAT csv, USE_TMP_FILE false)"):
+                with pytest.raises(duckdb.Error):
+                    db.execute(f"COPY (SELECT 1 AS x) TO '{target}'{options}")
+        # The run's other files stay out of reach, under either name.
+        for other in ("run.json", "manifest.parquet", "_commits"):
+            for name in (f"segflow-run://{run / other}", str(run / other)):
+                with pytest.raises(duckdb.Error):
+                    db.sql(f"SELECT * FROM read_blob('{name}')").fetchall()
+        [(counted,)] = db.sql("SELECT count(*) FROM masks").fetchall()
+    assert shard.read_bytes() == before
+    assert counted == sum(pq.read_metadata(p).num_rows for p in run.glob("masks/*.parquet"))
