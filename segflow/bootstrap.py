@@ -194,7 +194,7 @@ def _semantic_replicates(
         "SELECT image_id, class_id, "
         + ", ".join(f'"{c}"' for c in COUNT_COLUMNS)
         + " FROM class_stats SEMI JOIN evaluated USING (image_id)"
-    ).fetch_arrow_reader(rows)
+    ).to_arrow_reader(rows)
     for batch in reader:
         # A batch holds whole or partial images: the sums are linear, either adds up.
         ids, inverse = np.unique(batch.column("image_id").to_numpy(), return_inverse=True)

@@ -29,7 +29,7 @@ import math
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import fsspec
@@ -43,6 +43,9 @@ from segflow.decode import decode_image
 from segflow.evaluation import Run, evaluate_run, instance_scores, open_run
 from segflow.groundtruth import open_ground_truth
 from segflow.metrics.instance import IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES, CocoScores
+
+if TYPE_CHECKING:
+    from segflow.bootstrap import Bootstrap
 
 INSTANCE_SCORE_THRESHOLD = 0.5
 ERROR_ROWS = 200  # errors listed one by one; the rest are counted by stage and type
@@ -119,9 +122,10 @@ td.time { white-space: nowrap; }
 """
 
 
-def render_report(location: str, *, worst: int = 12) -> str:
+def render_report(location: str, *, worst: int = 12, bootstrap: Bootstrap | None = None) -> str:
     """The report of the run at ``location`` (see :func:`segflow.evaluation.open_run`) as one
-    HTML page, with the ``worst`` lowest-scoring images drawn."""
+    HTML page, with the ``worst`` lowest-scoring images drawn; with ``bootstrap``, each
+    dataset figure with its interval (:mod:`segflow.bootstrap`) beside it."""
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ValueError(f"worst must be a whole number >= 0, got {worst!r}")
     run = open_run(location)
@@ -137,13 +141,13 @@ def render_report(location: str, *, worst: int = 12) -> str:
             )
         )
     elif evaluation["task"] == "semantic":
-        result = evaluate_run(run.uri)
+        result = evaluate_run(run.uri, bootstrap=bootstrap)
         sections += [
             _semantic_section(result),
             _worst_section(_worst_semantic(run, images, worst), evaluation["classes"], worst),
         ]
     else:
-        result = evaluate_run(run.uri)
+        result = evaluate_run(run.uri, bootstrap=bootstrap)
         sections += [
             _instance_section(run, result),
             _worst_section(_worst_instance(run, images, worst), evaluation["classes"], worst),
@@ -169,6 +173,15 @@ def _section(title: str, body: str, section_id: str = "") -> str:
 
 def _figure(value: float | None, digits: int = 3) -> str:
     return "undefined" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(result: Mapping[str, Any], figure: str, digits: int = 3) -> str:
+    """`` [low, high]`` of the figure's bootstrap interval, when the result has one (plain
+    text: numbers only)."""
+    if figure not in result.get("intervals", {}):
+        return ""
+    low, high = result["intervals"][figure]
+    return f" [{_figure(low, digits)}, {_figure(high, digits)}]"
 
 
 def _count(value: float | int) -> str:
@@ -259,7 +272,10 @@ def _timings_table(images: pa.Table) -> str:
 
 def _semantic_section(result: Mapping[str, Any]) -> str:
     semantic = result["semantic"]
-    figures = [(label, _figure(semantic[name]), name) for name, label in SEMANTIC_FIGURES]
+    figures = [
+        (label, _figure(semantic[name]) + _interval(result, f"semantic/{name}"), name)
+        for name, label in SEMANTIC_FIGURES
+    ]
     evaluated = result["images"]["evaluated"]
     body = (
         f"<p>{evaluated:,} image(s) evaluated. Figures pool the pixel counts of all of them; "
@@ -398,7 +414,8 @@ def _instance_section(run: Run, result: Mapping[str, Any]) -> str:
     for i, name in enumerate(STAT_NAMES):
         cells = "".join(
             f'<td class="number" data-figure="{_e(iou_type)}/{name}">'
-            f"{_figure(None if scores['stats'][i] == -1 else scores['stats'][i])}</td>"
+            f"{_figure(None if scores['stats'][i] == -1 else scores['stats'][i])}"
+            f"{_interval(result, f'{iou_type}/{name}')}</td>"
             for iou_type, scores in instance.items()
         )
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
