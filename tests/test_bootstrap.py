@@ -6,6 +6,7 @@ The semantic data sets are drawn from a known population, so that the true datas
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -385,3 +386,49 @@ def test_runs_are_compared_on_the_images_they_share(runs):
             where="uri < '/data/frames/frame-00100'",
             baseline_where="uri >= '/data/frames/frame-00100'",
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_evaluate_and_report_show_the_intervals(runs, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from segflow.cli import app
+
+    command = ["evaluate", runs["base"], "--ci", "0.9", "--bootstrap", "50", "--seed", "3"]
+    result = CliRunner().invoke(app, [*command, "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    expected = evaluate_run(runs["base"], bootstrap=Bootstrap(0.9, 50, 3))
+    assert printed["intervals"] == expected["intervals"]
+    assert printed["bootstrap"] == {**Bootstrap(0.9, 50, 3).describe()}
+    table = CliRunner().invoke(app, command)
+    assert table.exit_code == 0 and "90% bootstrap intervals (50 replicates)" in table.output
+    low, high = expected["intervals"]["semantic/miou"]
+    assert f"semantic/miou: [{low:.6f}, {high:.6f}]" in table.output
+
+    page = tmp_path / "report.html"
+    reported = CliRunner().invoke(
+        app,
+        [
+            "report",
+            runs["base"],
+            "--out",
+            str(page),
+            "--worst",
+            "0",
+            "--ci",
+            "0.9",
+            "--bootstrap",
+            "50",
+            "--seed",
+            "3",
+        ],
+    )
+    assert reported.exit_code == 0, reported.output
+    assert f"[{low:.3f}, {high:.3f}]" in page.read_text()
+
+    refused = CliRunner().invoke(app, ["evaluate", runs["base"], "--ci", "95"])
+    assert refused.exit_code == 2 and "--ci must be a level between 0 and 1" in refused.output
