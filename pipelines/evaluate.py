@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, runtime, task
@@ -31,7 +31,13 @@ from prefect.client.orchestration import get_client
 
 from segflow.bootstrap import Bootstrap, Comparison, compare_runs
 from segflow.errors import SegflowError
-from segflow.evaluation import check_where, evaluate_run, headline_figures, open_run
+from segflow.evaluation import (
+    EvaluationError,
+    check_where,
+    evaluate_run,
+    headline_figures,
+    open_run,
+)
 
 
 class RegressionError(SegflowError, RuntimeError):
@@ -131,7 +137,7 @@ def compare(
 def evaluate(
     run: str,
     where: str | None = None,
-    regression: Literal["interval", "threshold"] = "interval",
+    regression: str = "interval",
     baseline: str | None = None,
     baseline_where: str | None = None,
     ci: float = 0.95,
@@ -148,6 +154,8 @@ def evaluate(
         check_where(where)  # refused before anything is read, and not retried as compute is
     if baseline_where:
         check_where(baseline_where)
+    if regression not in ("interval", "threshold"):
+        raise EvaluationError(f"regression must be 'interval' or 'threshold', got {regression!r}")
     resampling = Bootstrap(ci, bootstrap, seed)
     logger = get_run_logger()
     result = compute(run, where)

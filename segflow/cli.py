@@ -25,6 +25,15 @@ from segflow.progress import segment_progress
 
 app = typer.Typer(help="Segment large image corpora into COCO RLE masks in Parquet.")
 console = Console(stderr=True)
+
+# The bootstrap's options (segflow.bootstrap), alike wherever figures are shown.
+CiLevel = Annotated[
+    float | None,
+    typer.Option(help="Also a bootstrap interval of each figure at this level, e.g. 0.95."),
+]
+Replicates = Annotated[int, typer.Option(help="With --ci: bootstrap replicates.")]
+Seed = Annotated[int, typer.Option(help="With --ci: the resamples' seed.")]
+
 _verbose = False
 
 
@@ -346,12 +355,9 @@ def evaluate(
     ] = None,
     iou_type: Annotated[str, typer.Option(help="With --predictions: segm or bbox.")] = "segm",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    ci: Annotated[
-        float | None,
-        typer.Option(help="Also a bootstrap interval of each figure at this level, e.g. 0.95."),
-    ] = None,
-    bootstrap: Annotated[int, typer.Option(help="With --ci: bootstrap replicates.")] = 1000,
-    seed: Annotated[int, typer.Option(help="With --ci: the resamples' seed.")] = 0,
+    ci: CiLevel = None,
+    bootstrap: Replicates = 1000,
+    seed: Seed = 0,
 ) -> None:
     """Dataset figures of a run (mIoU, COCO mAP, ...) from its Parquet, for all its images or
     the slice --where selects; or of a COCO results file against COCO ground truth."""
@@ -656,12 +662,9 @@ def report(
         "report.html"
     ),
     worst: Annotated[int, typer.Option(min=0, help="Lowest-scoring images to draw.")] = 12,
-    ci: Annotated[
-        float | None,
-        typer.Option(help="Show bootstrap intervals of the figures at this level, e.g. 0.95."),
-    ] = None,
-    bootstrap: Annotated[int, typer.Option(help="With --ci: bootstrap replicates.")] = 1000,
-    seed: Annotated[int, typer.Option(help="With --ci: the resamples' seed.")] = 0,
+    ci: CiLevel = None,
+    bootstrap: Replicates = 1000,
+    seed: Seed = 0,
 ) -> None:
     """Write one self-contained HTML page about a run: summary, figures, charts, the worst
     images with prediction and ground truth overlaid, and the errors."""
