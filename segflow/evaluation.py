@@ -13,7 +13,8 @@ evaluating the same images from scratch, to the last bit:
   :class:`~segflow.metrics.instance.CocoEvaluator`, identical to pycocotools' COCOeval.
 
 Only committed shards count (:mod:`segflow.store`), so an interrupted run is evaluated over
-what it finished, each image once.
+what it finished, each image once. Asked for, every headline figure also gets a bootstrap
+interval from the same state and the same reductions (:mod:`segflow.bootstrap`).
 """
 
 from __future__ import annotations
