@@ -25,6 +25,15 @@ from segflow.progress import segment_progress
 
 app = typer.Typer(help="Segment large image corpora into COCO RLE masks in Parquet.")
 console = Console(stderr=True)
+
+# The bootstrap's options (segflow.bootstrap), alike wherever figures are shown.
+CiLevel = Annotated[
+    float | None,
+    typer.Option(help="Also a bootstrap interval of each figure at this level, e.g. 0.95."),
+]
+Replicates = Annotated[int, typer.Option(help="With --ci: bootstrap replicates.")]
+Seed = Annotated[int, typer.Option(help="With --ci: the resamples' seed.")]
+
 _verbose = False
 
 
@@ -373,18 +382,23 @@ def evaluate(
     ] = None,
     iou_type: Annotated[str, typer.Option(help="With --predictions: segm or bbox.")] = "segm",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    ci: CiLevel = None,
+    bootstrap: Replicates = 1000,
+    seed: Seed = 0,
 ) -> None:
     """Dataset figures of a run (mIoU, COCO mAP, ...) from its Parquet, for all its images or
     the slice --where selects; or of a COCO results file against COCO ground truth."""
+    from segflow.bootstrap import Bootstrap
     from segflow.evaluation import EvaluationError, evaluate_run
 
     with _reported():
+        resampling = None if ci is None else Bootstrap(ci, bootstrap, seed)
         if predictions is not None:
             result = _evaluate_coco_results(run, gt, predictions, iou_type, where)
         elif run is None:
             raise EvaluationError("give a RUN, or --gt coco:FILE with --predictions RESULTS.json")
         else:
-            result = evaluate_run(run, where=where)
+            result = evaluate_run(run, where=where, bootstrap=resampling)
     if as_json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -451,6 +465,13 @@ def _print_evaluation(result: dict) -> None:
         for name, value in zip(scores["stat_names"], scores["stats"], strict=True):
             table.add_row(name, _figure(None if value == -1 else value))
         out.print(table)
+    if "intervals" in result:
+        level = result["bootstrap"]["level"]
+        out.print(
+            f"{level:.0%} bootstrap intervals ({result['bootstrap']['replicates']} replicates):"
+        )
+        for name, (low, high) in result["intervals"].items():
+            out.print(f"{name:>25}: [{_figure(low)}, {_figure(high)}]")
 
 
 def _figure(value: float | None) -> str:
@@ -668,15 +689,20 @@ def report(
         "report.html"
     ),
     worst: Annotated[int, typer.Option(min=0, help="Lowest-scoring images to draw.")] = 12,
+    ci: CiLevel = None,
+    bootstrap: Replicates = 1000,
+    seed: Seed = 0,
 ) -> None:
     """Write one self-contained HTML page about a run: summary, figures, charts, the worst
     images with prediction and ground truth overlaid, and the errors."""
     import fsspec
 
+    from segflow.bootstrap import Bootstrap
     from segflow.report import render_report
 
     with _reported():
-        page = render_report(run, worst=worst)
+        resampling = None if ci is None else Bootstrap(ci, bootstrap, seed)
+        page = render_report(run, worst=worst, bootstrap=resampling)
         with fsspec.open(out, "w", encoding="utf-8") as f:
             f.write(page)
     console.print(f"report written to {out}")

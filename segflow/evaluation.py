@@ -13,24 +13,29 @@ evaluating the same images from scratch, to the last bit:
   :class:`~segflow.metrics.instance.CocoEvaluator`, identical to pycocotools' COCOeval.
 
 Only committed shards count (:mod:`segflow.store`), so an interrupted run is evaluated over
-what it finished, each image once.
+what it finished, each image once. Asked for, every headline figure also gets a bootstrap
+interval from the same state and the same reductions (:mod:`segflow.bootstrap`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import fsspec
 import numpy as np
+import pyarrow as pa
 
 from segflow import schema
 from segflow.errors import SegflowError
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.sql import expose_files, lock_down, predicate_problem, select_where, sql_string
 from segflow.store import RunStore
+
+if TYPE_CHECKING:
+    from segflow.bootstrap import Bootstrap
 
 
 class EvaluationError(SegflowError, ValueError):
@@ -116,14 +121,19 @@ class RunEvaluation:
 
 
 def evaluate_run(
-    location: str, *, where: str | None = None, latest: bool = False
+    location: str,
+    *,
+    where: str | None = None,
+    latest: bool = False,
+    bootstrap: Bootstrap | None = None,
 ) -> dict[str, Any]:
     """The run's figures as one JSON-ready object: ``semantic`` or ``instance`` as the run's
     model is, plus the counts of images selected and evaluated (see :func:`open_run` for
-    ``location`` and ``latest``)."""
+    ``location`` and ``latest``); with ``bootstrap``, also ``intervals``: per headline figure
+    (:func:`headline_figures`) its ``[low, high]`` (:mod:`segflow.bootstrap`)."""
     run = open_run(location, latest=latest)
     with run.connect() as db:
-        return evaluate(run, db, where).result
+        return evaluate(run, db, where, bootstrap=bootstrap).result
 
 
 def instance_scores(location: str, *, where: str | None = None) -> dict[str, CocoScores]:
@@ -141,21 +151,46 @@ def instance_scores(location: str, *, where: str | None = None) -> dict[str, Coc
         return evaluate(run, db, where).scores
 
 
-def evaluate(run: Run, db: duckdb.DuckDBPyConnection, where: str | None = None) -> RunEvaluation:
+def evaluate(
+    run: Run,
+    db: duckdb.DuckDBPyConnection,
+    where: str | None = None,
+    *,
+    bootstrap: Bootstrap | None = None,
+) -> RunEvaluation:
     """:func:`evaluate_run` on a connection :meth:`Run.connect` opened (which then holds the
     images evaluated, as ``evaluated``), for a caller that reads the run further."""
-    selected, evaluated = _select(run, db, where)
+    selected, evaluated = select(run, db, where)
     result: dict[str, Any] = {
         "run": run.uri,
         "where": where,
         "images": {"selected": selected, "evaluated": evaluated},
     }
     if run.evaluation["task"] == "semantic":
-        result["semantic"] = _semantic(run, db)
-        return RunEvaluation(result, {})
+        result["semantic"], scores = _semantic(run, db), {}
+    else:
+        scores = _coco_scores(run, db)
+        result["instance"] = instance_figures(run, scores)
+    if bootstrap is not None:
+        from segflow.bootstrap import figure_replicates, intervals
+
+        found = intervals(figure_replicates(run.evaluation, db, bootstrap), bootstrap.level)
+        result["bootstrap"] = bootstrap.describe()
+        result["intervals"] = {name: interval.pair() for name, interval in found.items()}
+    return RunEvaluation(result, scores)
+
+
+def evaluated_figures(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """``semantic`` or ``instance``: the figures of the images of ``db``'s ``evaluated``
+    table (made by :func:`select`)."""
+    if run.evaluation["task"] == "semantic":
+        return {"semantic": _semantic(run, db)}
+    return {"instance": instance_figures(run, _coco_scores(run, db))}
+
+
+def instance_figures(run: Run, scores: dict[str, CocoScores]) -> dict[str, Any]:
     categories = {int(k): v for k, v in run.evaluation["categories"].items()}
-    scores = _coco_scores(run, db)
-    result["instance"] = {
+    return {
         iou_type: {
             "stats": [float(v) for v in pooled.stats],
             "stat_names": list(STAT_NAMES),
@@ -166,7 +201,6 @@ def evaluate(run: Run, db: duckdb.DuckDBPyConnection, where: str | None = None) 
         }
         for iou_type, pooled in scores.items()
     }
-    return RunEvaluation(result, scores)
 
 
 def check_where(where: str) -> str:
@@ -181,7 +215,7 @@ def check_where(where: str) -> str:
     return select_where(where, "images")
 
 
-def _select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[int, int]:
+def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[int, int]:
     """Make ``evaluated`` in ``db``: the ids (and, for instance runs, the ground truth) of
     the images ``where`` selects that were segmented and evaluated, by id; how many images
     ``where`` selects, and how many of them were evaluated."""
@@ -223,26 +257,20 @@ def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
     return figures
 
 
-_COUNTS = ("gt_pixels", "pred_pixels", "intersection", "boundary_intersection", "boundary_union")
+# class_stats' counts of a class in an image: every integer column but the ids. Any set of
+# images sums to its dataset figures, with or without weights (segflow.bootstrap).
+COUNT_COLUMNS = tuple(
+    field.name
+    for field in schema.TABLES["class_stats"]
+    if pa.types.is_integer(field.type) and field.name not in ("image_id", "class_id")
+)
 
 
-def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-    from segflow.metrics.semantic import SemanticScores
+def semantic_figures(totals: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The figures of a set of images from its class totals: each of :data:`COUNT_COLUMNS`
+    summed over the images, as an array indexed by class id."""
+    from segflow.metrics.semantic import SemanticScores  # torch: only to score a run
 
-    classes = run.evaluation["classes"]
-    # One scan of class_stats: the integer counts, and the soft sums of the rows that have
-    # them (runs asked for soft metrics).
-    sums = db.sql(
-        "SELECT class_id, "
-        + ", ".join(f"sum({c})::BIGINT AS {c}" for c in _COUNTS)
-        + ", count(soft_union) AS soft_rows"
-        + ", coalesce(sum(soft_intersection) FILTER (soft_union IS NOT NULL), 0) AS soft_i"
-        + ", coalesce(sum(soft_union), 0) AS soft_u"
-        + " FROM class_stats SEMI JOIN evaluated USING (image_id) GROUP BY class_id"
-    ).fetchnumpy()
-    totals = {name: np.zeros(len(classes), np.int64) for name in _COUNTS}
-    for name, values in totals.items():
-        values[sums["class_id"]] = sums[name]
     scores = SemanticScores.from_counts(
         totals["gt_pixels"], totals["pred_pixels"], totals["intersection"]
     )
@@ -252,22 +280,41 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             totals["boundary_intersection"] / totals["boundary_union"],
             np.nan,
         )
-    cells = db.sql(
-        "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM confusion "
-        "SEMI JOIN evaluated USING (image_id) GROUP BY ALL"
-    ).fetchnumpy()
-    confusion = np.zeros((len(classes), len(classes)), np.int64)
-    confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
-    result = {
+    return {
         "miou": _number(scores.miou),
         "pixel_accuracy": _number(scores.pixel_accuracy),
         "mean_accuracy": _number(scores.mean_accuracy),
         "fwiou": _number(scores.fwiou),
         "mdice": _number(scores.mdice),
         "boundary_iou": _number(np.nanmean(boundary)) if not np.isnan(boundary).all() else None,
-        "classes": classes,
         "per_class_iou": [_number(v) for v in scores.per_class_iou],
         "per_class_boundary_iou": [_number(v) for v in boundary],
+    }
+
+
+def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    classes = run.evaluation["classes"]
+    # One scan of class_stats: the integer counts, and the soft sums of the rows that have
+    # them (runs asked for soft metrics).
+    sums = db.sql(
+        "SELECT class_id, "
+        + ", ".join(f'sum("{c}")::BIGINT AS "{c}"' for c in COUNT_COLUMNS)
+        + ", count(soft_union) AS soft_rows"
+        + ", coalesce(sum(soft_intersection) FILTER (soft_union IS NOT NULL), 0) AS soft_i"
+        + ", coalesce(sum(soft_union), 0) AS soft_u"
+        + " FROM class_stats SEMI JOIN evaluated USING (image_id) GROUP BY class_id"
+    ).fetchnumpy()
+    totals = {name: np.zeros(len(classes), np.int64) for name in COUNT_COLUMNS}
+    for name, values in totals.items():
+        values[sums["class_id"]] = sums[name]
+    cells = db.sql(
+        "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM confusion "
+        "SEMI JOIN evaluated USING (image_id) GROUP BY ALL"
+    ).fetchnumpy()
+    confusion = np.zeros((len(classes), len(classes)), np.int64)
+    confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
+    result = semantic_figures(totals) | {
+        "classes": classes,
         "gt_pixels": totals["gt_pixels"].tolist(),
         "pred_pixels": totals["pred_pixels"].tolist(),
         "confusion": confusion.tolist(),  # [ground-truth class][predicted class], pixels
@@ -293,14 +340,29 @@ def _soft(sums: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
 
 
 def _coco_scores(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, CocoScores]:
+    return {
+        iou_type: CocoEvaluator.from_state(state).compute()
+        for iou_type, state in coco_states(run.evaluation, db).items()
+    }
+
+
+def coco_states(
+    evaluation: dict[str, Any], db: duckdb.DuckDBPyConnection
+) -> dict[str, dict[str, Any]]:
+    """Per IoU type, the :class:`CocoEvaluator` state of the images of ``evaluated`` (see
+    :func:`select`), under the ground truth's image ids, with ``images`` also holding each
+    image's segflow ``run_image_id`` (the order of both: ``evaluated``'s)."""
     from segflow.groundtruth import coco_image_id
     from segflow.scoring import IOU_TYPES
 
-    categories = sorted(int(c) for c in run.evaluation["categories"])
-    gt_sources = db.sql("SELECT gt_uri FROM evaluated ORDER BY image_id").fetchnumpy()["gt_uri"]
+    categories = sorted(int(c) for c in evaluation["categories"])
+    evaluated = db.sql("SELECT image_id, gt_uri FROM evaluated ORDER BY image_id").fetchnumpy()
     # COCOeval's image ids, in whose order it pools detections of equal score.
-    images = {"image_id": np.array([coco_image_id(s) for s in gt_sources], np.int64)}
-    scores = {}
+    images = {
+        "image_id": np.array([coco_image_id(s) for s in evaluated["gt_uri"]], np.int64),
+        "run_image_id": evaluated["image_id"],
+    }
+    states = {}
     for iou_type in IOU_TYPES:
         tables = {
             name: db.sql(
@@ -314,9 +376,13 @@ def _coco_scores(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, CocoScore
                 ("ground_truth", "coco_ground_truth"),
             )
         }
-        state = {"iou_type": iou_type, "categories": categories, "images": images, **tables}
-        scores[iou_type] = CocoEvaluator.from_state(state).compute()
-    return scores
+        states[iou_type] = {
+            "iou_type": iou_type,
+            "categories": categories,
+            "images": images,
+            **tables,
+        }
+    return states
 
 
 def coco_results_of_run(location: str) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ import math
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import fsspec
@@ -41,6 +41,9 @@ from segflow.decode import decode_rgb
 from segflow.evaluation import Run, RunEvaluation, evaluate, open_run
 from segflow.groundtruth import open_ground_truth
 from segflow.metrics.instance import IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES, CocoScores
+
+if TYPE_CHECKING:
+    from segflow.bootstrap import Bootstrap
 
 INSTANCE_SCORE_THRESHOLD = 0.5
 ERROR_ROWS = 200  # errors listed one by one; the rest are counted by stage and type
@@ -117,20 +120,23 @@ td.time { white-space: nowrap; }
 """
 
 
-def render_report(location: str, *, worst: int = 12) -> str:
+def render_report(location: str, *, worst: int = 12, bootstrap: Bootstrap | None = None) -> str:
     """The report of the run at ``location`` (see :func:`segflow.evaluation.open_run`) as one
-    HTML page, with the ``worst`` lowest-scoring images drawn."""
+    HTML page, with the ``worst`` lowest-scoring images drawn; with ``bootstrap``, each
+    dataset figure with its interval (:mod:`segflow.bootstrap`) beside it."""
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ValueError(f"worst must be a whole number >= 0, got {worst!r}")
     run = open_run(location)
     with run.connect() as db:
-        sections = _sections(run, db, worst)
+        sections = _sections(run, db, worst, bootstrap)
     return PAGE.substitute(
         run_id=_e(run.store.run_id), css=CSS, sections="\n".join(s for s in sections if s)
     )
 
 
-def _sections(run: Run, db: duckdb.DuckDBPyConnection, worst: int) -> list[str]:
+def _sections(
+    run: Run, db: duckdb.DuckDBPyConnection, worst: int, bootstrap: Bootstrap | None
+) -> list[str]:
     sections = [_run_section(run, db)]
     evaluation = run.evaluation
     if evaluation is None:
@@ -143,12 +149,12 @@ def _sections(run: Run, db: duckdb.DuckDBPyConnection, worst: int) -> list[str]:
         )
     elif evaluation["task"] == "semantic":
         sections += [
-            _semantic_section(evaluate(run, db).result),
+            _semantic_section(evaluate(run, db, bootstrap=bootstrap).result),
             _worst_section(_worst_semantic(run, db, worst), evaluation["classes"], worst),
         ]
     else:
         sections += [
-            _instance_section(run, evaluate(run, db)),
+            _instance_section(run, evaluate(run, db, bootstrap=bootstrap)),
             _worst_section(_worst_instance(run, db, worst), evaluation["classes"], worst),
         ]
     sections.append(_errors_section(db))
@@ -170,6 +176,15 @@ def _section(title: str, body: str, section_id: str = "") -> str:
 
 def _figure(value: float | None, digits: int = 3) -> str:
     return "undefined" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(result: Mapping[str, Any], figure: str, digits: int = 3) -> str:
+    """`` [low, high]`` of the figure's bootstrap interval, when the result has one (plain
+    text: numbers only)."""
+    if figure not in result.get("intervals", {}):
+        return ""
+    low, high = result["intervals"][figure]
+    return f" [{_figure(low, digits)}, {_figure(high, digits)}]"
 
 
 def _count(value: float | int) -> str:
@@ -268,7 +283,10 @@ def _timings_table(db: duckdb.DuckDBPyConnection) -> str:
 
 def _semantic_section(result: Mapping[str, Any]) -> str:
     semantic = result["semantic"]
-    figures = [(label, _figure(semantic[name]), name) for name, label in SEMANTIC_FIGURES]
+    figures = [
+        (label, _figure(semantic[name]) + _interval(result, f"semantic/{name}"), name)
+        for name, label in SEMANTIC_FIGURES
+    ]
     evaluated = result["images"]["evaluated"]
     body = (
         f"<p>{evaluated:,} image(s) evaluated. Figures pool the pixel counts of all of them; "
@@ -408,7 +426,8 @@ def _instance_section(run: Run, evaluation: RunEvaluation) -> str:
     for i, name in enumerate(STAT_NAMES):
         cells = "".join(
             f'<td class="number" data-figure="{_e(iou_type)}/{name}">'
-            f"{_figure(None if scores['stats'][i] == -1 else scores['stats'][i])}</td>"
+            f"{_figure(None if scores['stats'][i] == -1 else scores['stats'][i])}"
+            f"{_interval(result, f'{iou_type}/{name}')}</td>"
             for iou_type, scores in instance.items()
         )
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -108,6 +109,7 @@ evaluate.serve(name="nightly", cron="0 3 * * *", parameters={{"run": {semantic_r
             parameters={
                 "where": WORSE_HALF,
                 "fail_on_regression": True,
+                "regression": "threshold",
                 "regression_threshold": 0.001,
             },
             timeout=300,
@@ -127,6 +129,35 @@ evaluate.serve(name="nightly", cron="0 3 * * *", parameters={{"run": {semantic_r
     ] == pytest.approx(full)
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(regressed.id).state.message  # says why it failed
+
+
+def test_paired_bootstrap_flags_a_planted_drop_and_not_the_run_itself(prefect_harness, tmp_path):
+    """Runs written directly (no Ray): a baseline and the same images with a planted drop."""
+    from pipelines.evaluate import RegressionError, artifact_key, evaluate
+    from tests.test_bootstrap import population_counts, write_run
+
+    counts = population_counts(np.random.default_rng(4), 300)
+    base = write_run(tmp_path / "out", "base", counts)
+    counts["intersection"][:, 1] //= 2
+    dropped = write_run(tmp_path / "out", "dropped", counts)
+
+    same = evaluate(run=base, baseline=base, bootstrap=200)
+    assert same["regressions"] == []
+    with pytest.raises(RegressionError, match="beyond the interval"):
+        evaluate(run=dropped, baseline=base, bootstrap=200, fail_on_regression=True)
+    [latest] = artifacts(artifact_key(dropped, None))[:1]
+    rows = {row["figure"]: row for row in json.loads(latest["data"])}
+    miou = rows["semantic/miou"]
+    assert miou["regression"] is True and miou["compared_images"] == 300
+    assert miou["change_low"] <= miou["change"] <= miou["change_high"] < 0
+    assert miou["run"].endswith("/out/run=dropped")  # the run's URI
+
+    # No baseline given: the run the previous artifact evaluated, here the same run.
+    again = evaluate(run=dropped, bootstrap=200)
+    assert again["regressions"] == []
+    [latest] = artifacts(artifact_key(dropped, None))[:1]
+    rows = {row["figure"]: row for row in json.loads(latest["data"])}
+    assert rows["semantic/miou"]["change"] == 0 and rows["semantic/miou"]["change_high"] == 0
 
 
 def wait_for_deployment(name: str, server: subprocess.Popen, log: Path, timeout: float = 120):

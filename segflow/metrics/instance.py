@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -363,31 +363,90 @@ class CocoEvaluator:
 
     def compute(self) -> CocoScores:
         """COCOeval.accumulate and summarize over every image evaluated so far."""
+        [scores] = self.compute_resampled([None])
+        return scores
+
+    def compute_resampled(self, weights: Iterable[np.ndarray | None]) -> Iterator[CocoScores]:
+        """For each entry of ``weights``, COCOeval's figures over the images evaluated so far,
+        each image counted as many times as the entry says: a count per image, in the order
+        of ``state()["images"]`` (ascending id), or ``None`` for once each.
+
+        An image counted k times is k images with its annotations and detections, numbered
+        consecutively where it stands in id order, so that they pool where it pools (what a
+        bootstrap resample of the images is, and what COCOeval gives on such a dataset, bit
+        for bit). The records are pooled once; each entry then costs one pass over them."""
         detections, ground_truth = self._table("detections"), self._table("ground_truth")
         categories = np.array(self.categories, np.int64)
-        n_thresholds, n_recalls = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
-        n_categories, n_areas, n_limits = len(categories), len(AREA_RANGES), len(MAX_DETECTIONS)
-
-        num_gt = np.zeros((n_categories, n_areas), np.int64)
-        np.add.at(
-            num_gt,
-            np.searchsorted(categories, ground_truth["category_id"]),
-            np.stack([ground_truth[f"num_gt_{name}"] for name in AREA_RANGES], axis=1),
-        )
+        images = np.array(sorted(self._images), np.int64)
+        gt_category = np.searchsorted(categories, ground_truth["category_id"])
+        gt_image = np.searchsorted(images, ground_truth["image_id"])
+        gt_counts = np.stack([ground_truth[f"num_gt_{name}"] for name in AREA_RANGES], axis=1)
         category_index = np.searchsorted(categories, detections["category_id"])
         # accumulate concatenates images in id order, each sorted by score, then sorts by
         # score with a stable sort.
         order = np.lexsort(
             (detections["rank"], detections["image_id"], -detections["score"], category_index)
         )
-        bounds = np.searchsorted(category_index[order], np.arange(n_categories + 1))
-        within_limit = detections["rank"][order] < np.array(MAX_DETECTIONS)[:, None]  # (M, N)
+        pooled = {
+            "category": category_index[order],
+            "rank": detections["rank"][order],
+            **{
+                f"{flag}_{name}": detections[f"{flag}_{name}"][order]
+                for flag in ("matched", "ignored")
+                for name in AREA_RANGES
+            },
+        }
+        image = np.searchsorted(images, detections["image_id"][order])
+        score = detections["score"][order]
+        # Runs of one image's detections of a category with equal scores: an image's copies
+        # pool such a run whole, one copy after the other.
+        runs = np.flatnonzero(
+            np.concatenate(
+                (
+                    [len(order) > 0],
+                    (np.diff(pooled["category"]) != 0)
+                    | (np.diff(image) != 0)
+                    | (np.diff(score) != 0),
+                )
+            )
+        )
+        run_length = np.diff(np.append(runs, len(order)))
+        for counts in weights:
+            if counts is None:
+                counts = np.ones(len(images), np.int64)
+            counts = np.asarray(counts, np.int64)
+            if counts.shape != images.shape or (counts < 0).any():
+                raise CocoEvalError(
+                    f"weights must be {len(images)} counts >= 0 (one per image), "
+                    f"got shape {counts.shape}"
+                )
+            copies = np.repeat(np.arange(len(runs)), counts[image[runs]])
+            length = run_length[copies]
+            taken = np.repeat(runs[copies] - (np.cumsum(length) - length), length)
+            taken += np.arange(len(taken))
+            num_gt = np.zeros((len(categories), len(AREA_RANGES)), np.int64)
+            np.add.at(num_gt, gt_category, gt_counts * counts[gt_image][:, None])
+            yield self._pooled_scores(
+                {column: values[taken] for column, values in pooled.items()}, num_gt
+            )
+
+    def _pooled_scores(self, pooled: dict[str, np.ndarray], num_gt: np.ndarray) -> CocoScores:
+        """accumulate and summarize over the detections in pooled order and the counted
+        ground truth per category and area range."""
+        n_thresholds, n_recalls = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
+        n_categories, n_areas, n_limits = (
+            len(self.categories),
+            len(AREA_RANGES),
+            len(MAX_DETECTIONS),
+        )
+        bounds = np.searchsorted(pooled["category"], np.arange(n_categories + 1))
+        within_limit = pooled["rank"] < np.array(MAX_DETECTIONS)[:, None]  # (M, N)
 
         precision = -np.ones((n_thresholds, n_recalls, n_categories, n_areas, n_limits))
         recall = -np.ones((n_thresholds, n_categories, n_areas, n_limits))
         for a, name in enumerate(AREA_RANGES):
-            matched = _unpack(detections[f"matched_{name}"][order])  # (T, N)
-            ignored = _unpack(detections[f"ignored_{name}"][order])
+            matched = _unpack(pooled[f"matched_{name}"])  # (T, N)
+            ignored = _unpack(pooled[f"ignored_{name}"])
             true_positive, false_positive = matched & ~ignored, ~matched & ~ignored
             for k in np.flatnonzero(num_gt[:, a]):
                 rows = slice(bounds[k], bounds[k + 1])
