@@ -63,9 +63,7 @@ class Run:
         """Table ``name`` over the committed shards (no rows when there are none), with the
         schema of :data:`segflow.schema.TABLES`; ``shards``: those the caller listed already,
         so that the tables it reads together are of the same shards while a run commits."""
-        if shards is None:
-            shards = self.store.committed()
-        files = [self.store.path(name, f"shard-{index:06d}.parquet") for index in sorted(shards)]
+        files = self.store.files(name, shards)
         return ds.dataset(
             files, schema=schema.TABLES[name], format="parquet", filesystem=self._filesystem()
         )

@@ -103,8 +103,8 @@ def segment_shards(
     shards: list[Shard],
     config: WorkerConfig,
 ) -> Iterator[dict[str, Any]]:
-    """Run ``shards`` on the pool's actors, one at a time each, and yield each shard's summary
-    once it is committed. A shard whose actor died on each of its :data:`SHARD_ATTEMPTS`
+    """Run ``shards`` on the pool's actors, one at a time each, commit each shard's files
+    here, in the driver (the run's tables' single writer), and yield its summary. A shard whose actor died on each of its :data:`SHARD_ATTEMPTS`
     attempts fails the run (:class:`RunIncompleteError`); shards committed so far stay."""
     idle = list(workers.actors)
     waiting = deque(shards)
@@ -117,7 +117,7 @@ def segment_shards(
         [done], _ = ray.wait(list(running), num_returns=1)
         actor, shard = running.pop(done)
         try:
-            summary = ray.get(done)
+            written = ray.get(done)
         except RayActorError as exc:
             if exc.actor_init_failed:
                 # Its constructor raised (a model file replaced since the run recorded its
@@ -127,7 +127,8 @@ def segment_shards(
             first = manifest.uris(shard)[0]
             raise RunIncompleteError(_died_every_time(shard, first, config)) from exc
         idle.append(actor)
-        yield summary
+        store.commit(written)
+        yield dict(written.summary)
 
 
 def _died_every_time(shard: Shard, first_uri: str, config: WorkerConfig) -> str:
