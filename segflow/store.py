@@ -97,6 +97,18 @@ class RunNotFinishedError(SegflowError, ValueError):
     """An operation that needs a finished run (compaction) asked of an unfinished one."""
 
 
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``256MB``, ``1GB``, ``64MiB`` or ``1000000``."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not found:
+        raise RunStoreError(f"size {text!r}: expected a number of bytes, e.g. 256MB or 1GB")
+    number, unit = float(found.group(1)), found.group(2).upper().rstrip("B").rstrip("I")
+    size = int(number * 1024 ** "_KMGT".index(unit or "_"))
+    if size <= 0:
+        raise RunStoreError(f"size {text!r}: must be more than 0 bytes")
+    return size
+
+
 def data_file_name(shard: Shard) -> str:
     """A new name for one attempt's data file of ``shard`` (in any table)."""
     return f"{shard.name}-{uuid.uuid4().hex[:8]}.parquet"
@@ -366,6 +378,7 @@ class RunStore:
             removed = table.vacuum(
                 retention_hours=None if retain_hours is None else int(retain_hours),
                 dry_run=False,
+                full=True,  # also the files no commit ever added (a killed attempt's)
                 # A retention shorter than the table's is the caller's explicit choice.
                 enforce_retention_duration=retain_hours is None,
             )

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import duckdb
 import fsspec
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +22,16 @@ from deltalake import DeltaTable
 
 from segflow import schema
 from segflow.manifest import Shard
-from segflow.store import RunConflictError, RunStore, shard_of_file
+from typer.testing import CliRunner
+
+from segflow.cli import app
+from segflow.store import (
+    RunConflictError,
+    RunNotFinishedError,
+    RunStore,
+    RunStoreError,
+    shard_of_file,
+)
 from tests.conftest import REPO_ROOT
 
 
@@ -223,3 +237,86 @@ def test_a_crash_between_writes_and_commit_shows_nothing_and_a_resume_commits_on
     files = store.files("masks")
     assert db.execute("SELECT count(*) FROM read_parquet(?)", [files]).fetchone() == (18,)
     assert store.shard_summaries() == [{"shard": 0}, {"shard": 1}, {"shard": 2}]
+
+
+# --------------------------------------------------------------------------------------------
+# Compaction.
+
+ANSWERS = {
+    "masks": "SELECT count(*), count(DISTINCT image_id), sum(area) FROM read_parquet(?)",
+    "images": "SELECT count(*), count(DISTINCT image_id), min(uri), max(uri) FROM read_parquet(?)",
+}
+
+
+def _answers(store: RunStore) -> dict[str, Any]:
+    """The same questions through DuckDB over :meth:`RunStore.files` and Polars over Delta."""
+    db = duckdb.connect()
+    found: dict[str, Any] = {
+        name: db.execute(sql, [store.files(name)]).fetchall() for name, sql in ANSWERS.items()
+    }
+    for name in ("masks", "images"):
+        frame = pl.scan_delta(store.table_uri(name)).select("image_id").collect()
+        found[f"polars {name}"] = (frame.height, frame["image_id"].n_unique())
+    return found
+
+
+def _finished_run(out: str, shards: int = 12) -> RunStore:
+    store = RunStore(out, "done")
+    store.prepare({"input": "in"})
+    for index in range(shards):
+        store.commit_shard(Shard(index, index, index + 1), _shard_tables(index), {"shard": index})
+    store.write_shard(Shard(shards, shards, shards + 1), _shard_tables(shards), {})  # a stray
+    return store
+
+
+def test_compaction_keeps_the_answers_in_few_sorted_files(tmp_path):
+    store = _finished_run(str(tmp_path / "out"))
+    with pytest.raises(RunNotFinishedError, match="not finished"):
+        store.compact()
+    store.finish({"images": 36})
+    before = _answers(store)
+    assert before["masks"] == [(72, 36, 144)]
+    files_before = {name: len(os.listdir(store.path(name))) for name in schema.TABLES}
+
+    result = CliRunner().invoke(app, ["compact", store.uri, "--retain-hours", "0"])
+    assert result.exit_code == 0, result.output
+    assert _answers(store) == before
+    for name in schema.TABLES:
+        files = store.files(name)
+        assert len(files) <= 1, name
+        on_disk = [f for f in os.listdir(store.path(name)) if f.endswith(".parquet")]
+        assert len(on_disk) == len(files) < files_before[name]  # replaced files and the stray
+    [masks] = store.files("masks")
+    image_ids = pq.read_table(masks, columns=["image_id"]).column(0).to_pylist()
+    assert image_ids == sorted(image_ids)  # one image's rows are one range
+    assert store.committed() == set(range(12))
+    assert len(store.shard_summaries()) == 12
+    with pytest.raises(RunStoreError, match="compacted"):
+        store.files("masks", shards={0})
+
+
+def test_an_unfinished_run_is_not_compacted(tmp_path):
+    store = _finished_run(str(tmp_path / "out"), shards=2)
+    result = CliRunner().invoke(app, ["compact", store.uri])
+    assert result.exit_code == 2
+    assert "not finished" in result.output
+
+
+def test_a_killed_compaction_leaves_the_run_readable_with_the_same_answers(tmp_path):
+    store = _finished_run(str(tmp_path / "out"))
+    store.finish({"images": 36})
+    before = _answers(store)
+    log = Path(store.path("masks", "_delta_log"))
+    versions = len(list(log.glob("*.json")))
+    compaction = subprocess.Popen(
+        [sys.executable, "-m", "segflow.cli", "compact", store.uri, "--retain-hours", "0"],
+        cwd=REPO_ROOT,
+    )
+    # Killed once the first table is compacted, before the others are.
+    while len(list(log.glob("*.json"))) == versions and compaction.poll() is None:
+        time.sleep(0.01)
+    compaction.kill()
+    compaction.wait()
+    assert _answers(store) == before
+    store.compact(retain_hours=0)
+    assert _answers(store) == before
