@@ -19,12 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-
-from segflow import schema
-from segflow.manifest import Shard
 from typer.testing import CliRunner
 
+from segflow import schema
 from segflow.cli import app
+from segflow.manifest import Shard
 from segflow.store import (
     RunConflictError,
     RunNotFinishedError,

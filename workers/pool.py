@@ -105,7 +105,8 @@ def segment_shards(
 ) -> Iterator[dict[str, Any]]:
     """Run ``shards`` on the pool's actors, one at a time each, commit each shard's files
     here, in the driver (the run's tables' single writer), and yield its summary. A shard
-    whose actor died on each of its :data:`SHARD_ATTEMPTS` attempts fails the run (:class:`RunIncompleteError`); shards committed so far stay."""
+    whose actor died on each of its :data:`SHARD_ATTEMPTS` attempts fails the run
+    (:class:`RunIncompleteError`); shards committed so far stay."""
     idle = list(workers.actors)
     waiting = deque(shards)
     running: dict[ray.ObjectRef, tuple[ActorHandle, Shard]] = {}
