@@ -110,11 +110,15 @@ def segment_shards(
     idle = list(workers.actors)
     waiting = deque(shards)
     running: dict[ray.ObjectRef, tuple[ActorHandle, Shard]] = {}
-    while waiting or running:
+
+    def dispatch() -> None:
         while idle and waiting:
             actor, shard = idle.pop(), waiting.popleft()
             call = actor.__call__.options(max_task_retries=SHARD_ATTEMPTS - 1)
             running[call.remote(store, shard, manifest.uris(shard))] = (actor, shard)
+
+    while waiting or running:
+        dispatch()
         [done], _ = ray.wait(list(running), num_returns=1)
         actor, shard = running.pop(done)
         try:
@@ -128,6 +132,7 @@ def segment_shards(
             first = manifest.uris(shard)[0]
             raise RunIncompleteError(_died_every_time(shard, first, config)) from exc
         idle.append(actor)
+        dispatch()  # the actor's next shard runs while the driver commits this one
         store.commit(written)
         yield dict(written.summary)
 
