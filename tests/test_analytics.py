@@ -17,7 +17,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -532,8 +532,16 @@ def test_the_spark_query_gives_what_duckdb_gives(engine, name, kind, spark, requ
     found = request.getfixturevalue(f"{kind}_run")
     out = found.out if kind == "semantic" else found
     setup(engine, out, spark=spark)
-    rows = [row.asDict(recursive=True) for row in spark.sql(BLOCKS[engine, name]).collect()]
+    rows = [
+        {column: aware(value) for column, value in row.asDict(recursive=True).items()}
+        for row in spark.sql(BLOCKS[engine, name]).collect()
+    ]
     assert_rows(rows, run_block("duckdb", name, out))
+
+
+def aware(value: Any) -> Any:
+    """pyspark hands timestamps over as naive datetimes of the local time zone."""
+    return value.astimezone(UTC) if isinstance(value, datetime) and value.tzinfo is None else value
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
