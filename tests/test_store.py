@@ -116,6 +116,12 @@ def _exercise(out: str) -> None:
 
     store.finish({"images": 1})
     assert json.loads(fs.cat_file(store.path("summary.json"))) == {"images": 1}
+    store.compact(retain_hours=0)
+    [images] = store.files("images")
+    assert shard_of_file(images) is None  # a file of the compaction
+    assert _delta_rows(store, "images").column("uri").to_pylist() == ["c"]
+    fs.invalidate_cache()  # s3fs lists from a cache
+    assert len(fs.glob(store.path("images", "*.parquet"))) == 1  # vacuumed
 
 
 def _options(store: RunStore) -> dict[str, str] | None:
