@@ -510,8 +510,10 @@ def compared(run: Path, images: int) -> list[tuple[str, Measured, Measured, bool
             html.escape(uri) in html_page for uri in worst
         )
         rows.append(("report", Measured(seconds, rss, None), direct, drawn))
-        shard = run / "images" / f"shard-{images // 2 // SHARD_SIZE:06d}.parquet"
-        image_id = pq.read_table(shard, columns=["image_id"]).column(0)[0].as_py()
+        from segflow.store import RunStore
+
+        files = RunStore(str(run.parent), RUN_ID).files("images")
+        image_id = pq.read_table(files[len(files) // 2], columns=["image_id"])[0][0].as_py()
         png = Path(tmp) / "show.png"
         seconds, rss, _ = segflow("show", str(run), str(image_id), "--out", str(png))
         with Image.open(png) as picture:

@@ -176,6 +176,12 @@ def segment(
         float | None,
         typer.Option(min=0.01, help="CPUs each actor reserves (default: 1, GPU actors more)."),
     ] = None,
+    compact: Annotated[
+        bool,
+        typer.Option(
+            "--compact", help="Once every shard is committed, compact the run (segflow compact)."
+        ),
+    ] = False,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -283,6 +289,11 @@ def segment(
     console.print(f"output: {summary['output']}")
     # Now rather than at exit, where Ray first sleeps half a second for late log lines.
     ray.shutdown()
+    if compact:
+        with _reported():
+            from segflow.store import RunStore
+
+            _print_compacted(RunStore(checked.out, checked.run_id).compact())
     problems = [
         f"{summary['failed']} image(s) failed" if summary["failed"] else "",
         f"{summary['not_evaluated']} image(s) not evaluated (ground truth missing or unusable)"
@@ -360,6 +371,46 @@ def _stop_promptly_on_interrupt() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+
+
+@app.command("compact")
+def compact_run(
+    run: Annotated[str, typer.Argument(help="A finished run: OUT/run=<id>, or OUT holding one.")],
+    target_size: Annotated[
+        str, typer.Option(help="Size of the files to write, e.g. 256MB or 1GB.")
+    ] = "256MB",
+    retain_hours: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Delete replaced files older than this (0: at once, which fails readers "
+            "still reading them); default: the tables' retention, 7 days.",
+        ),
+    ] = None,
+) -> None:
+    """Rewrite a finished run's tables into few large files sorted by image_id, atomically,
+    then delete the files no reader needs any more."""
+    with _reported():
+        from segflow.evaluation import open_run
+        from segflow.store import parse_size
+
+        size = parse_size(target_size)
+        _print_compacted(open_run(run).store.compact(size, retain_hours))
+
+
+def _print_compacted(compacted: list) -> None:
+    table = Table(title="compacted")
+    for column in ("table", "files before", "files after", "files deleted", "seconds"):
+        table.add_column(column, justify="left" if column == "table" else "right")
+    for done in compacted:
+        table.add_row(
+            done.table,
+            str(done.files_before),
+            str(done.files_after),
+            str(done.files_removed),
+            f"{done.seconds:.1f}",
+        )
+    console.print(table)
 
 
 @app.command()

@@ -331,8 +331,8 @@ def write_table(name: str, table: pa.Table, where: Any, filesystem: Any = None) 
     """Write ``table`` as Parquet (zstd, schema version in the metadata).
 
     ``where`` is a path or a writable binary file object; ``filesystem`` an optional
-    ``pyarrow.fs``/fsspec filesystem for paths. Atomic commit of shard files is the caller's
-    business (write under a temporary name, then rename).
+    ``pyarrow.fs``/fsspec filesystem for paths. Committing the file into a run's table is
+    the caller's business (:mod:`segflow.store`: a Delta transaction).
     """
     schema = _schema(name)
     if not table.schema.equals(schema, check_metadata=False):

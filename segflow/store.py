@@ -1,4 +1,4 @@
-"""A run's output folder on any fsspec store, and the shard commit protocol.
+"""A run's output folder on any fsspec store: its tables are Delta Lake tables.
 
 Layout::
 
@@ -6,39 +6,83 @@ Layout::
         run.json                   what the run is: input, model and the options that
                                    change its output (checked on every resume)
         manifest.parquet           the image URIs, in manifest order (column ``uri``)
-        masks/shard-NNNNNN.parquet
-        images/shard-NNNNNN.parquet
-        errors/shard-NNNNNN.parquet    (zero rows when nothing failed)
-        class_stats/, coco_detections/, coco_ground_truth/   per-image evaluation state
-                                   (zero rows in a run without ground truth)
+        masks/                     a Delta table (``_delta_log/``) of the run's masks; its
+                                   data files are segflow Parquet (:func:`segflow.schema.
+                                   write_table`), one per shard and attempt:
+                                   ``shard-NNNNNN-<attempt>.parquet`` (:func:`data_file_name`)
+        images/, errors/           likewise (``errors``: zero rows when nothing failed)
+        class_stats/, confusion/, coco_detections/, coco_ground_truth/   per-image
+                                   evaluation state (zero rows in a run without ground truth)
+        shards/                    a Delta table, one row per committed shard: its index and
+                                   summary (JSON); committed last, so a shard is "committed"
+                                   once its row is there
         evaluation.json            what evaluation needs: the model's task and classes,
                                    the ground truth and its categories (runs with --gt)
-        _commits/shard-NNNNNN.json     the shard's summary; its presence means "committed"
         summary.json               the run summary, written when every shard is committed
 
-Commit protocol, so that every image lands exactly once whatever is killed when: a shard's
-tables are written under ``_tmp/`` and moved to their final names (a move is a rename
-on local disks and a copy-then-delete on object stores, where an object appears whole or not
-at all), and only then is the commit marker written. A shard without its marker is run again
-and its files, whose names depend only on the shard index, are overwritten. Readers that
-glob ``masks/*.parquet`` never see ``_tmp/`` (a separate folder) or ``_commits/`` (JSON).
+Every table exists, empty, from :meth:`RunStore.prepare` on, so a reader of a fresh run
+sees zero rows rather than an error.
+
+Commit protocol, so that every image lands exactly once whatever is killed when. An actor
+writes a shard's files (:meth:`RunStore.write_shard`), each under a name of its own attempt,
+so a retried shard never overwrites a file that a reader may be reading, and returns what it
+wrote (:class:`ShardFiles`). The driver, the tables' single writer, commits them
+(:meth:`RunStore.commit`): per table one Delta transaction that adds the shard's file and
+records the application transaction ``segflow:<run id>:shard-NNNNNN``; a table that already
+holds that transaction is skipped, so a duplicated commit, or one finishing a shard that a
+crash left committed in some tables only, adds nothing twice. The ``shards`` row comes last.
+Files that no commit added (a killed attempt's) are in no table: Delta readers never see
+them, and vacuum (:meth:`RunStore.compact`) removes them.
+
+Any reader that reads Delta sees, in each table, every shard whole or not at all (Polars
+``scan_delta``, ``deltalake``, Spark with Delta); :meth:`RunStore.files` lists the files of
+exactly the committed shards, the same shards in every table, for plain Parquet readers
+(DuckDB ``read_parquet([...])``, pyarrow, Spark's ``read.parquet``). Never glob a table's
+folder: it may hold a killed attempt's file, or files a compaction replaced.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
+import re
+import time
 import uuid
 from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segflow import schema
 from segflow.errors import SegflowError
 from segflow.manifest import ManifestReader, Shard
+
+SHARDS_TABLE = "shards"
+SHARDS = pa.schema(
+    [
+        pa.field("shard", pa.int64(), nullable=False),
+        pa.field("summary", pa.string(), nullable=False),  # the shard summary, JSON
+    ]
+)
+
+# Delta's default (7 days): a reader that listed a table's files before a compaction keeps
+# reading them for this long.
+DEFAULT_RETAIN_HOURS = 168
+DEFAULT_TARGET_SIZE = 256 * 2**20
+COMPACTED_ROW_GROUP = 100_000
+# What a compaction's sort may hold in memory before it spills to disk.
+COMPACTION_SPILL_BYTES = 512 * 2**20
+
+# A checkpoint every 100 commits (delta-rs writes them as part of a commit), so listing a
+# table's files replays at most 100 JSON commits on top of one Parquet checkpoint.
+TABLE_CONFIGURATION = {"delta.checkpointInterval": "100"}
+
+_DATA_FILE = re.compile(r"(shard-\d{6,})-([0-9a-f]{8})\.parquet")
 
 
 class RunStoreError(SegflowError, ValueError):
@@ -47,6 +91,73 @@ class RunStoreError(SegflowError, ValueError):
 
 class RunConflictError(SegflowError, ValueError):
     """The output folder already holds a run whose configuration differs."""
+
+
+class RunNotFinishedError(SegflowError, ValueError):
+    """An operation that needs a finished run (compaction) asked of an unfinished one."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``256MB``, ``1GB``, ``64MiB`` or ``1000000``."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not found:
+        raise RunStoreError(f"size {text!r}: expected a number of bytes, e.g. 256MB or 1GB")
+    number, unit = float(found.group(1)), found.group(2).upper().rstrip("B").rstrip("I")
+    size = int(number * 1024 ** "_KMGT".index(unit or "_"))
+    if size <= 0:
+        raise RunStoreError(f"size {text!r}: must be more than 0 bytes")
+    return size
+
+
+def data_file_name(shard: Shard) -> str:
+    """A new name for one attempt's data file of ``shard`` (in any table)."""
+    return f"{shard.name}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def shard_of_file(path: str) -> int | None:
+    """The shard index of a data file :func:`data_file_name` named; None for another file
+    (one a compaction wrote, holding rows of every shard)."""
+    found = _DATA_FILE.fullmatch(path.rsplit("/", 1)[-1])
+    return int(found.group(1).removeprefix("shard-")) if found else None
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One data file an actor wrote into a table's folder, with what Delta's add action
+    records of it."""
+
+    table: str
+    path: str  # relative to the table's folder
+    size: int
+    rows: int
+    modified_ms: int
+    stats: str  # Delta's per-file statistics (JSON): rows, image_id's range
+
+    def add_action(self) -> Any:
+        from deltalake.transaction import AddAction
+
+        return AddAction(self.path, self.size, {}, self.modified_ms, True, self.stats)
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """What :meth:`RunStore.write_shard` wrote of one shard, for :meth:`RunStore.commit`:
+    a file for each table of :data:`segflow.schema.TABLES` and the ``shards`` row."""
+
+    shard: int
+    files: tuple[DataFile, ...]
+    summary: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Compacted:
+    """What :meth:`RunStore.compact` did to one table."""
+
+    table: str
+    files_before: int
+    files_after: int
+    files_removed: int  # by vacuum: replaced files older than the retention, and strays
+    seconds: float
 
 
 class RunStore:
@@ -102,14 +213,27 @@ class RunStore:
             raise RunStoreError(f"output {self.uri}: {folder} is a file, not a folder")
 
     def prepare(self, config: Mapping[str, Any]) -> bool:
-        """Create the run, or check that an existing one has the same ``config``.
+        """Create the run and its empty tables, or check that an existing one has the same
+        ``config``.
 
         Returns True when the run already existed (a resume).
         """
+        from deltalake import DeltaTable
+
         self.check(config)
         if self.exists():
             return True
         self.fs.makedirs(self.root, exist_ok=True)
+        for name, table_schema in (*schema.TABLES.items(), (SHARDS_TABLE, SHARDS)):
+            # "ignore": a table that a killed prepare created already stays as it is.
+            DeltaTable.create(
+                self.table_uri(name),
+                table_schema,
+                mode="ignore",
+                configuration=TABLE_CONFIGURATION,
+                storage_options=self.storage_options(),
+            )
+        # Last: a run is there once its tables are.
         self.write_json("run.json", config)
         return False
 
@@ -135,54 +259,176 @@ class RunStore:
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
     def write_parquet(self, name: str, table: pa.Table) -> None:
-        self._write_atomically(self.path(name), _parquet_bytes(table))
+        self._write_atomically(self.path(name), _parquet_bytes(table).to_pybytes())
 
-    def committed(self) -> set[int]:
-        """Indexes of the shards whose commit marker exists."""
-        # Other processes commit shards: a cached listing (s3fs keeps one) would be stale.
-        self.fs.invalidate_cache(self.path("_commits"))
-        found = self.fs.glob(self.path("_commits", "shard-*.json"))
-        return {int(p.rsplit("shard-", 1)[1].removesuffix(".json")) for p in found}
+    def write_shard(
+        self, shard: Shard, tables: Mapping[str, pa.Table], summary: Mapping[str, Any]
+    ) -> ShardFiles:
+        """Write a shard's file into each table's folder, and its ``shards`` row, committing
+        nothing (:meth:`commit` does): what an actor does."""
+        files = []
+        for name in schema.TABLES:
+            sink = pa.BufferOutputStream()
+            schema.write_table(name, tables[name], sink)
+            files.append(self._put_data_file(name, shard, sink.getvalue(), tables[name]))
+        row = pa.table(
+            {"shard": [shard.index], "summary": [json.dumps(dict(summary), sort_keys=True)]},
+            schema=SHARDS,
+        )
+        files.append(self._put_data_file(SHARDS_TABLE, shard, _parquet_bytes(row), row))
+        return ShardFiles(shard.index, tuple(files), dict(summary))
 
-    def files(self, name: str, shards: Collection[int] | None = None) -> list[str]:
-        """The data files of table ``name`` that readers see: the committed shards' (or those
-        of ``shards``, indexes the caller read from :meth:`committed` already, so that the
-        tables it reads together are of the same shards while a run commits), as full fsspec
-        URLs (``file:///...``, ``s3://...``), in shard order."""
-        if shards is None:
-            shards = self.committed()
-        folder = self.fs.unstrip_protocol(self.path(name))  # once: it costs, on local paths
-        return [f"{folder}/shard-{index:06d}.parquet" for index in sorted(shards)]
+    def commit(self, written: ShardFiles) -> None:
+        """Add a shard's files to the run's tables, one transaction per table, ``shards``
+        last; a no-op in each table that holds the shard already (see the module's doc)."""
+        data = [file for file in written.files if file.table != SHARDS_TABLE]
+        [row] = [file for file in written.files if file.table == SHARDS_TABLE]
+        # The tables' commits are independent: at once, as an object store's round trips
+        # (a log listing, a conditional put) dominate each.
+        with ThreadPoolExecutor(len(data)) as pool:
+            list(pool.map(lambda file: self._commit_file(written.shard, file), data))
+        self._commit_file(written.shard, row)
+
+    def _commit_file(self, shard: int, file: DataFile) -> None:
+        from deltalake import CommitProperties, Transaction
+
+        app_id = f"segflow:{self.run_id}:shard-{shard:06d}"
+        table = self._delta(file.table)
+        if table.transaction_version(app_id) is not None:
+            return
+        table.create_write_transaction(
+            [file.add_action()],
+            mode="append",
+            schema=SHARDS if file.table == SHARDS_TABLE else schema.TABLES[file.table],
+            commit_properties=CommitProperties(app_transactions=[Transaction(app_id, 0)]),
+        )
 
     def commit_shard(
         self, shard: Shard, tables: Mapping[str, pa.Table], summary: Mapping[str, Any]
     ) -> None:
-        staging = self.path("_tmp", uuid.uuid4().hex)
-        self.fs.makedirs(staging, exist_ok=True)
-        staged = []
-        for name in schema.TABLES:
-            tmp = f"{staging}/{name}.parquet"
-            with self.fs.open(tmp, "wb") as f:
-                schema.write_table(name, tables[name], f)
-            staged.append((tmp, self.path(name, f"{shard.name}.parquet")))
-        for tmp, final in staged:
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.mv(tmp, final)
-        with contextlib.suppress(FileNotFoundError):  # object stores keep no empty folders
-            self.fs.rm(staging, recursive=True)
-        marker = self.path("_commits", f"{shard.name}.json")
-        self._write_atomically(marker, json.dumps(dict(summary), sort_keys=True))
+        """Write and commit a shard in one process (:meth:`write_shard`, then :meth:`commit`)."""
+        self.commit(self.write_shard(shard, tables, summary))
+
+    def committed(self) -> set[int]:
+        """Indexes of the committed shards: those of the ``shards`` table."""
+        if not self._has_table(SHARDS_TABLE):
+            return set()
+        found = (shard_of_file(uri) for uri in self._delta(SHARDS_TABLE).file_uris())
+        return {index for index in found if index is not None}
 
     def shard_summaries(self) -> list[dict[str, Any]]:
-        self.fs.invalidate_cache(self.path("_commits"))
-        paths = sorted(self.fs.glob(self.path("_commits", "shard-*.json")))
-        return [json.loads(blob) for blob in self.fs.cat(paths).values()] if paths else []
+        """The committed shards' summaries, in shard order."""
+        if not self._has_table(SHARDS_TABLE):
+            return []
+        rows = self._delta(SHARDS_TABLE).to_pyarrow_dataset().to_table()
+        rows = rows.sort_by("shard")
+        return [json.loads(summary) for summary in rows.column("summary").to_pylist()]
+
+    def files(self, name: str, shards: Collection[int] | None = None) -> list[str]:
+        """The data files of table ``name`` that hold exactly the committed shards (or
+        ``shards``, a set the caller listed with :meth:`committed`, so that the tables it
+        reads together are of the same shards while a run commits): local paths, or URIs
+        (``s3://...``), for any Parquet reader. A compacted table's files hold every shard:
+        it is read whole."""
+        if name not in schema.TABLES:
+            raise RunStoreError(f"unknown table {name!r}; a run has {sorted(schema.TABLES)}")
+        wanted = self.committed() if shards is None else set(shards)
+        uris = self._delta(name).file_uris()
+        by_shard = {uri: shard_of_file(uri) for uri in uris}
+        if None in by_shard.values() and wanted != self.committed():
+            raise RunStoreError(
+                f"{self.uri}: table {name!r} is compacted (its files hold every shard), so "
+                "it is read whole, not for some shards"
+            )
+        return sorted(uri for uri, index in by_shard.items() if index is None or index in wanted)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        """Write the run summary and remove what killed attempts left in ``_tmp/``."""
+        """Write the run summary: the run is finished."""
         self.write_json("summary.json", summary)
-        if self.fs.exists(self.path("_tmp")):
-            self.fs.rm(self.path("_tmp"), recursive=True)
+
+    def compact(
+        self, target_size: int = DEFAULT_TARGET_SIZE, retain_hours: float | None = None
+    ) -> list[Compacted]:
+        """Rewrite each table of a finished run into few files of about ``target_size``
+        bytes, sorted by ``image_id`` (one image's rows are one range), in row groups of
+        :data:`COMPACTED_ROW_GROUP` rows; one Delta transaction per table, so a reader sees
+        the old files or the new ones, and a compaction killed half-way leaves the old ones.
+        Then vacuum: files no table version newer than ``retain_hours`` needs (the replaced
+        ones, a killed attempt's) are deleted; by default the tables' retention
+        (:data:`DEFAULT_RETAIN_HOURS`), so a reader that listed them before keeps reading."""
+        from deltalake import WriterProperties
+
+        if self.read_json("summary.json") is None:
+            raise RunNotFinishedError(
+                f"{self.uri}: the run is not finished (no summary.json); compact it once "
+                "its `segflow segment` command has committed every shard"
+            )
+        properties = WriterProperties(max_row_group_size=COMPACTED_ROW_GROUP, compression="ZSTD")
+        done = []
+        for name in schema.TABLES:
+            started = time.perf_counter()
+            table = self._delta(name)
+            before = len(table.file_uris())
+            table.optimize.z_order(
+                ["image_id"],
+                target_size=target_size,
+                max_spill_size=COMPACTION_SPILL_BYTES,
+                writer_properties=properties,
+            )
+            removed = table.vacuum(
+                retention_hours=None if retain_hours is None else int(retain_hours),
+                dry_run=False,
+                full=True,  # also the files no commit ever added (a killed attempt's)
+                # A retention shorter than the table's is the caller's explicit choice.
+                enforce_retention_duration=retain_hours is None,
+            )
+            after = len(self._delta(name).file_uris())
+            done.append(Compacted(name, before, after, len(removed), time.perf_counter() - started))
+        return done
+
+    def _put_data_file(self, name: str, shard: Shard, blob: pa.Buffer, table: pa.Table) -> DataFile:
+        relative = data_file_name(shard)
+        # One put: on an object store the file appears whole or not at all; a local file
+        # left half-written by a kill is in no table.
+        self.fs.pipe_file(self.path(name, relative), blob.to_pybytes())
+        stats: dict[str, Any] = {"numRecords": table.num_rows}
+        if table.num_rows and "image_id" in table.schema.names:
+            bounds = pc.min_max(table.column("image_id"))
+            stats |= {
+                "minValues": {"image_id": bounds["min"].as_py()},
+                "maxValues": {"image_id": bounds["max"].as_py()},
+                "nullCount": {"image_id": 0},
+            }
+        return DataFile(
+            name, relative, blob.size, table.num_rows, int(time.time() * 1000), json.dumps(stats)
+        )
+
+    def table_uri(self, name: str) -> str:
+        """Where table ``name`` is, for Delta readers (``pl.scan_delta(store.table_uri(name),
+        storage_options=store.storage_options())``, ``deltalake.DeltaTable``)."""
+        path = self.path(name)
+        return path if _is_local(self.fs) else self.fs.unstrip_protocol(path)
+
+    def _has_table(self, name: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.table_uri(name), self.storage_options())
+
+    def _delta(self, name: str) -> Any:
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            return DeltaTable(self.table_uri(name), storage_options=self.storage_options())
+        except TableNotFoundError:
+            raise RunStoreError(
+                f"{self.uri}: table {name!r} is not a Delta table (not a run, or one written by "
+                "a segflow that wrote plain Parquet folders); segment it again"
+            ) from None
+
+    def storage_options(self) -> dict[str, str] | None:
+        """delta-rs's options to reach the store (None: a local disk)."""
+        return _delta_storage_options(self.fs)
 
     def _write_atomically(self, path: str, data: str | bytes) -> None:
         blob = data.encode() if isinstance(data, str) else data
@@ -193,13 +439,53 @@ class RunStore:
         self.fs.mv(tmp, path)
 
 
+def _delta_storage_options(fs: fsspec.AbstractFileSystem) -> dict[str, str] | None:
+    """delta-rs's options for the store ``fs`` reaches: the s3fs endpoint, credentials and
+    region (else the standard AWS variables, which delta-rs reads itself too)."""
+    if not _is_s3(fs):
+        return None
+    client = getattr(fs, "client_kwargs", None) or {}
+    endpoint = (
+        client.get("endpoint_url")
+        or getattr(fs, "endpoint_url", None)
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    region = client.get("region_name") or os.environ.get(
+        "AWS_REGION", os.environ.get("AWS_DEFAULT_REGION")
+    )
+    options = {
+        "AWS_ACCESS_KEY_ID": getattr(fs, "key", None) or os.environ.get("AWS_ACCESS_KEY_ID"),
+        "AWS_SECRET_ACCESS_KEY": getattr(fs, "secret", None)
+        or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        "AWS_SESSION_TOKEN": getattr(fs, "token", None) or os.environ.get("AWS_SESSION_TOKEN"),
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_REGION": region,
+        "AWS_ALLOW_HTTP": "true" if endpoint and endpoint.startswith("http://") else None,
+    }
+    return {key: value for key, value in options.items() if value}
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool(_protocols(fs) & {"s3", "s3a"})
+
+
 def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     """Stores of buckets and keys (s3, gcs, azure), where folders are only key prefixes."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"})
+    return bool(_protocols(fs) & {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"})
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def _parquet_bytes(table: pa.Table) -> pa.Buffer:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()

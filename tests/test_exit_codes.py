@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import workers.cluster
 from segflow import cli
+from segflow.store import RunStore
 from tests.test_segment_flow import Cli, assert_exactly_once, make_corpus
 
 
@@ -136,8 +137,8 @@ def test_an_s3_output_whose_bucket_does_not_exist_is_refused_not_created(
 
 
 def test_a_job_that_started_and_could_not_finish_exits_3_and_resumes(shared, frames, tmp_path):
-    """A store that breaks mid-run (here: the staging folder replaced by a file once a shard
-    is committed) ends the command with status 3 and one line; what was committed stays and
+    """A store that breaks mid-run (here: the masks table's folder replaced by a file once a
+    shard is committed) ends the command with status 3 and one line; what was committed stays and
     the same command, rerun, finishes every image exactly once."""
     corpus = make_corpus(tmp_path / "in", frames, good=8, bad=False)
     out = tmp_path / "out"
@@ -146,11 +147,15 @@ def test_a_job_that_started_and_could_not_finish_exits_3_and_resumes(shared, fra
     run = out / "run=broken"
     first = Cli(*args, log=tmp_path / "first.log")
 
+    store = RunStore(str(out), "broken")
+
     def break_the_store() -> None:
-        while not list((run / "_commits").glob("*.json")) and first.process.poll() is None:
+        while not (run / "run.json").exists() and first.process.poll() is None:
             time.sleep(0.05)
-        shutil.rmtree(run / "_tmp", ignore_errors=True)
-        (run / "_tmp").write_text("in the way")
+        while not store.committed() and first.process.poll() is None:
+            time.sleep(0.05)
+        (run / "masks").rename(run / "masks.saved")
+        (run / "masks").write_text("in the way")
 
     breaker = threading.Thread(target=break_the_store)
     breaker.start()
@@ -159,10 +164,11 @@ def test_a_job_that_started_and_could_not_finish_exits_3_and_resumes(shared, fra
     assert returncode == 3, output
     assert "committed shards are kept" in output
     one_error_line(output)
-    committed = len(list((run / "_commits").glob("*.json")))
+    committed = len(store.committed())
     assert 1 <= committed < 8, output
 
-    os.remove(run / "_tmp")
+    os.remove(run / "masks")
+    (run / "masks.saved").rename(run / "masks")
     returncode, output = Cli(*args, log=tmp_path / "second.log").wait()
     assert returncode == 0, output
     assert f"{8 - committed}/8" in output  # only the shards the first run left

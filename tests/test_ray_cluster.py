@@ -16,13 +16,13 @@ import pytest
 
 from segflow.demo.s3 import wait_for_port
 from tests.conftest import free_port
-from tests.test_segment_flow import Cli, assert_exactly_once, make_corpus
+from tests.test_segment_flow import Cli, assert_exactly_once, make_corpus, store_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def shard_nodes(run: Path) -> set[str]:
-    return {json.loads(p.read_text())["node"] for p in (run / "_commits").iterdir()}
+    return {summary["node"] for summary in store_of(run).shard_summaries()}
 
 
 def test_two_node_cluster_with_token_auth(shared, frames, tmp_path):

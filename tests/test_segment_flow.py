@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
+from segflow.store import RunStore
 from tests.conftest import REPO_ROOT, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,8 +40,16 @@ def make_corpus(folder: Path, frames: list[Path], good: int, bad: bool = True) -
     return folder
 
 
+def store_of(run: Path | str) -> RunStore:
+    """The store of the run folder ``OUT/run=<id>``."""
+    out, folder = str(run).rstrip("/").rsplit("/", 1)
+    return RunStore(out, folder.removeprefix("run="))
+
+
 def table(run: Path | str, name: str) -> str:
-    return f"'{run}/{name}/*.parquet'"
+    """DuckDB's reading of a table's committed files (a glob would also read a killed
+    attempt's files, which no commit added)."""
+    return "read_parquet([{}])".format(", ".join(f"'{f}'" for f in store_of(run).files(name)))
 
 
 def assert_exactly_once(run: Path, expected_images: int) -> None:
@@ -170,15 +179,17 @@ def test_interrupted_run_resumes_only_uncommitted_shards(frames, shared, tmp_pat
     args = [str(corpus), "--model", str(shared / "models" / "espnet_camvid.pt2")]
     args += ["--out", str(out), "--shard-size", "2", "--run-id", "i"]
     first = Cli(*args, log=tmp_path / "first.log", start_new_session=True)
-    commits = out / "run=i" / "_commits"
+    store = RunStore(str(out), "i")
     deadline = time.monotonic() + 300
-    while len(list(commits.glob("*.json"))) < 3 and first.process.poll() is None:
+    while not store.exists() and first.process.poll() is None:
+        time.sleep(0.2)
+    while len(store.committed()) < 3 and first.process.poll() is None:
         assert time.monotonic() < deadline, "no shard committed in time"
         time.sleep(0.2)
     os.killpg(first.process.pid, signal.SIGINT)  # Ctrl-C
     returncode, output = first.wait(timeout=120)
     assert returncode != 0, output
-    committed_before = len(list(commits.glob("*.json")))
+    committed_before = len(store.committed())
     assert 3 <= committed_before < 12, f"the interrupt came too late: {committed_before} shards"
 
     returncode, output = Cli(*args, log=tmp_path / "second.log").wait()
@@ -212,8 +223,8 @@ def test_s3_in_and_out_with_bad_files(s3_env, frames, shared, tmp_path):
     assert returncode == 1, output  # some images failed, and the exit status says so
     assert "3 image(s) failed" in output
     assert "s3://corpus/out/run=s3run/errors/" in output
-    fs.get("corpus/out/run=s3run", str(tmp_path / "copy"), recursive=True)
-    assert_exactly_once(tmp_path / "copy", 7)
+    fs.get("corpus/out/run=s3run", str(tmp_path / "copy" / "run=s3run"), recursive=True)
+    assert_exactly_once(tmp_path / "copy" / "run=s3run", 7)
 
 
 def test_bad_jobs_fail_before_any_work(shared, tmp_path, frames):
@@ -265,8 +276,7 @@ def is_stopped(actor) -> bool:
 
 
 def shard_worker_pids(run: Path) -> set[int]:
-    commits = (json.loads(p.read_text()) for p in (run / "_commits").glob("*.json"))
-    return {int(commit["worker"].rsplit(":", 1)[1]) for commit in commits}
+    return {int(s["worker"].rsplit(":", 1)[1]) for s in store_of(run).shard_summaries()}
 
 
 def prestartable_run(frames, shared, folder: Path, images: int, run_id: str) -> dict:
@@ -373,4 +383,4 @@ def test_a_shard_that_stalls_every_time_is_retried_then_stops_the_run(shared, tm
     assert "its actor died on each of 3 attempts" in output
     assert "no image of its shard is done for 5 s" in output
     assert len(stalls) == 3, stalls  # each attempt stalled, and the watchdog ended it
-    assert not (tmp_path / "out" / "run=s" / "_commits" / "shard-000000.json").exists()
+    assert RunStore(str(tmp_path / "out"), "s").committed() == set()

@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import subprocess
+import sys
 import tempfile
+import time
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import duckdb
 import fsspec
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
+from typer.testing import CliRunner
 
 from segflow import schema
+from segflow.cli import app
 from segflow.manifest import Shard
-from segflow.store import RunConflictError, RunStore
+from segflow.store import (
+    RunConflictError,
+    RunNotFinishedError,
+    RunStore,
+    RunStoreError,
+    shard_of_file,
+)
 from tests.conftest import REPO_ROOT
 
 
@@ -79,23 +93,39 @@ def _exercise(out: str) -> None:
         assert manifest.uris(Shard(0, 1, 3)) == ["b", "c"]
     assert store.committed() == set()
 
+    # Every table exists, empty, from the start: a reader of a fresh run sees no rows.
+    assert {name: store.files(name) for name in schema.TABLES} == {n: [] for n in schema.TABLES}
+    assert DeltaTable(store.table_uri("masks"), storage_options=_options(store)).version() == 0
+
     store.commit_shard(Shard(1, 2, 3), _tables("c"), {"shard": 1, "images": 1})
     assert store.committed() == {1}
-    # A retried shard overwrites its files rather than adding to them.
+    # A retried shard, written again and committed again, adds nothing: its transaction is
+    # in every table already. Its second files are in no table.
     store.commit_shard(Shard(1, 2, 3), _tables("c"), {"shard": 1, "images": 1})
     fs = store.fs
-    images = fs.glob(store.path("images", "*.parquet"))
-    assert [p.rsplit("/", 1)[1] for p in images] == ["shard-000001.parquet"]
+    [images] = store.files("images")
+    assert images.rsplit("/", 1)[1].startswith("shard-000001-")
+    assert len(fs.glob(store.path("images", "*.parquet"))) == 2
     for table in schema.TABLES:
-        with fs.open(store.path(table, "shard-000001.parquet"), "rb") as f:
+        [path] = store.files(table)
+        with fs.open(path, "rb") as f:
             assert schema.read_table(table, f).num_rows == (1 if table == "images" else 0)
+        delta = DeltaTable(store.table_uri(table), storage_options=_options(store))
+        assert delta.to_pyarrow_dataset().count_rows() == (1 if table == "images" else 0)
     assert store.shard_summaries() == [{"shard": 1, "images": 1}]
 
-    fs.makedirs(store.path("_tmp", "killed-attempt"), exist_ok=True)
-    fs.pipe_file(store.path("_tmp", "killed-attempt", "masks.parquet"), b"partial")
     store.finish({"images": 1})
-    assert not fs.exists(store.path("_tmp"))
     assert json.loads(fs.cat_file(store.path("summary.json"))) == {"images": 1}
+    store.compact(retain_hours=0)
+    [images] = store.files("images")
+    assert shard_of_file(images) is None  # a file of the compaction
+    assert _delta_rows(store, "images").column("uri").to_pylist() == ["c"]
+    fs.invalidate_cache()  # s3fs lists from a cache
+    assert len(fs.glob(store.path("images", "*.parquet"))) == 1  # vacuumed
+
+
+def _options(store: RunStore) -> dict[str, str] | None:
+    return store.storage_options()
 
 
 def test_local_run_folder(tmp_path):
@@ -117,19 +147,181 @@ def test_run_ids_must_be_plain_names(tmp_path):
             RunStore(str(tmp_path), bad)
 
 
-def test_the_readmes_direct_query_reads_committed_shards_only(tmp_path):
-    """After a crash between a shard's file moves and its commit marker, the files of that
-    shard are in place: the README's DuckDB query of the files leaves them out."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    [query] = re.findall(r"```sql\n(.*?_commits.*?)```", readme, re.DOTALL)
+def _shard_tables(shard: int, images: int = 3) -> dict[str, pa.Table]:
+    """A shard of ``images`` images, each with two masks; URIs ``s<shard>/<k>``."""
+    parts = [_tables(f"s{shard}/{k}", area=2) for k in range(images)]
+    tables = {name: pa.concat_tables([p[name] for p in parts]) for name in schema.TABLES}
+    tables["masks"] = pa.concat_tables([tables["masks"], tables["masks"]])
+    return tables
+
+
+# A reader that knows nothing of segflow: Polars over the Delta tables, polling until it has
+# seen every shard; it prints what it saw that it must not have seen.
+POLLING_READER = """
+import json, sys
+import polars as pl
+run, shards = sys.argv[1], int(sys.argv[2])
+problems, polls = [], 0
+while True:
+    polls += 1
+    masks = pl.scan_delta(f"{run}/masks").select("uri", "image_id").collect()
+    images = pl.scan_delta(f"{run}/images").select("uri", "image_id").collect()
+    if images["image_id"].n_unique() != images.height:
+        problems.append("an image twice in images")
+    for name, frame, per_shard in (("images", images, 3), ("masks", masks, 6)):
+        counts = frame.group_by(pl.col("uri").str.split("/").list.first()).len()
+        problems += [f"{name}: {row}" for row in counts.filter(pl.col("len") != per_shard).rows()]
+    if images.height == 3 * shards:
+        break
+print(json.dumps({"problems": problems, "polls": polls}))
+"""
+
+
+def test_a_delta_reader_sees_whole_shards_only_while_a_run_commits(tmp_path):
+    store = RunStore(str(tmp_path / "out"), "live")
+    store.prepare({"input": "in"})
+    shards = 40
+    reader = subprocess.Popen(
+        [sys.executable, "-c", POLLING_READER, store.root, str(shards)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    for index in range(shards):
+        store.commit_shard(Shard(index, index, index + 1), _shard_tables(index), {"shard": index})
+    out, _ = reader.communicate(timeout=300)
+    assert reader.returncode == 0
+    assert json.loads(out)["problems"] == []
+
+
+def _delta_rows(store: RunStore, name: str) -> pa.Table:
+    return (
+        DeltaTable(store.table_uri(name), storage_options=store.storage_options())
+        .to_pyarrow_dataset()
+        .to_table()
+    )
+
+
+def test_a_crash_between_writes_and_commit_shows_nothing_and_a_resume_commits_once(tmp_path):
     store = RunStore(str(tmp_path / "out"), "crashed")
     store.prepare({"input": "in"})
-    store.commit_shard(Shard(0, 0, 1), _tables("a", area=2), {"shard": 0})
-    store.commit_shard(Shard(1, 1, 2), _tables("b", area=3), {"shard": 1})
-    store.commit_shard(Shard(2, 2, 3), _tables("c", area=5), {"shard": 2})
-    os.remove(store.path("_commits", "shard-000002.json"))  # killed before the marker
-    query = query.replace("out/demo/", f"{tmp_path}/out/")
+    store.commit_shard(Shard(0, 0, 1), _shard_tables(0), {"shard": 0})
+    # A process that wrote shard 1's files and died before its driver committed them.
+    crash = (
+        "import os, sys\n"
+        "from segflow.manifest import Shard\n"
+        "from segflow.store import RunStore\n"
+        "from tests.test_store import _shard_tables\n"
+        f"RunStore({str(tmp_path / 'out')!r}, 'crashed').write_shard(Shard(1, 1, 2), "
+        "_shard_tables(1), {'shard': 1})\n"
+        "os._exit(9)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", crash], cwd=REPO_ROOT, check=False)
+    assert done.returncode == 9
+    assert len(store.fs.glob(store.path("masks", "shard-000001-*.parquet"))) == 1
+    assert store.committed() == {0}
+    for name in ("masks", "images"):
+        assert set(_delta_rows(store, name).column("uri").to_pylist()) == {
+            f"s0/{k}" for k in range(3)
+        }
+        assert [shard_of_file(f) for f in store.files(name)] == [0]
+
+    # A driver killed half-way through committing shard 2: its masks are in, nothing else.
+    partial = store.write_shard(Shard(2, 2, 3), _shard_tables(2), {"shard": 2})
+    store._commit_file(2, next(f for f in partial.files if f.table == "masks"))
+    assert store.committed() == {0}
+    assert _delta_rows(store, "masks").num_rows == 12 and _delta_rows(store, "images").num_rows == 3
+
+    # The resume runs both shards again, and commits each table's rows once.
+    for index in (1, 2):
+        store.commit_shard(Shard(index, index, index + 1), _shard_tables(index), {"shard": index})
+    assert store.committed() == {0, 1, 2}
+    images = _delta_rows(store, "images").column("image_id").to_pylist()
+    assert len(images) == len(set(images)) == 9
+    assert _delta_rows(store, "masks").num_rows == 18
     db = duckdb.connect()
-    assert db.sql(query).fetchall() == [("road", 5, 2)]
-    every_file = f"'{tmp_path}/out/run=*/masks/*.parquet'"
-    assert db.execute(f"SELECT sum(area)::INT FROM {every_file}").fetchone() == (10,)
+    files = store.files("masks")
+    assert db.execute("SELECT count(*) FROM read_parquet(?)", [files]).fetchone() == (18,)
+    assert store.shard_summaries() == [{"shard": 0}, {"shard": 1}, {"shard": 2}]
+
+
+# --------------------------------------------------------------------------------------------
+# Compaction.
+
+ANSWERS = {
+    "masks": "SELECT count(*), count(DISTINCT image_id), sum(area) FROM read_parquet(?)",
+    "images": "SELECT count(*), count(DISTINCT image_id), min(uri), max(uri) FROM read_parquet(?)",
+}
+
+
+def _answers(store: RunStore) -> dict[str, Any]:
+    """The same questions through DuckDB over :meth:`RunStore.files` and Polars over Delta."""
+    db = duckdb.connect()
+    found: dict[str, Any] = {
+        name: db.execute(sql, [store.files(name)]).fetchall() for name, sql in ANSWERS.items()
+    }
+    for name in ("masks", "images"):
+        frame = pl.scan_delta(store.table_uri(name)).select("image_id").collect()
+        found[f"polars {name}"] = (frame.height, frame["image_id"].n_unique())
+    return found
+
+
+def _finished_run(out: str, shards: int = 12) -> RunStore:
+    store = RunStore(out, "done")
+    store.prepare({"input": "in"})
+    for index in range(shards):
+        store.commit_shard(Shard(index, index, index + 1), _shard_tables(index), {"shard": index})
+    store.write_shard(Shard(shards, shards, shards + 1), _shard_tables(shards), {})  # a stray
+    return store
+
+
+def test_compaction_keeps_the_answers_in_few_sorted_files(tmp_path):
+    store = _finished_run(str(tmp_path / "out"))
+    with pytest.raises(RunNotFinishedError, match="not finished"):
+        store.compact()
+    store.finish({"images": 36})
+    before = _answers(store)
+    assert before["masks"] == [(72, 36, 144)]
+    files_before = {name: len(os.listdir(store.path(name))) for name in schema.TABLES}
+
+    result = CliRunner().invoke(app, ["compact", store.uri, "--retain-hours", "0"])
+    assert result.exit_code == 0, result.output
+    assert _answers(store) == before
+    for name in schema.TABLES:
+        files = store.files(name)
+        assert len(files) <= 1, name
+        on_disk = [f for f in os.listdir(store.path(name)) if f.endswith(".parquet")]
+        assert len(on_disk) == len(files) < files_before[name]  # replaced files and the stray
+    [masks] = store.files("masks")
+    image_ids = pq.read_table(masks, columns=["image_id"]).column(0).to_pylist()
+    assert image_ids == sorted(image_ids)  # one image's rows are one range
+    assert store.committed() == set(range(12))
+    assert len(store.shard_summaries()) == 12
+    with pytest.raises(RunStoreError, match="compacted"):
+        store.files("masks", shards={0})
+
+
+def test_an_unfinished_run_is_not_compacted(tmp_path):
+    store = _finished_run(str(tmp_path / "out"), shards=2)
+    result = CliRunner().invoke(app, ["compact", store.uri])
+    assert result.exit_code == 2
+    assert "not finished" in result.output
+
+
+def test_a_killed_compaction_leaves_the_run_readable_with_the_same_answers(tmp_path):
+    store = _finished_run(str(tmp_path / "out"))
+    store.finish({"images": 36})
+    before = _answers(store)
+    log = Path(store.path("masks", "_delta_log"))
+    versions = len(list(log.glob("*.json")))
+    compaction = subprocess.Popen(
+        [sys.executable, "-m", "segflow.cli", "compact", store.uri, "--retain-hours", "0"],
+        cwd=REPO_ROOT,
+    )
+    # Killed once the first table is compacted, before the others are.
+    while len(list(log.glob("*.json"))) == versions and compaction.poll() is None:
+        time.sleep(0.01)
+    compaction.kill()
+    compaction.wait()
+    assert _answers(store) == before
+    store.compact(retain_hours=0)
+    assert _answers(store) == before

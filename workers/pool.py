@@ -75,21 +75,26 @@ def segment_shards(
     shards: list[Shard],
     job: Job,
 ) -> Iterator[dict[str, Any]]:
-    """Run ``shards`` on the pool's actors, one at a time each, and yield each shard's summary
-    once it is committed. A shard whose actor died on each of its :data:`SHARD_ATTEMPTS`
-    attempts fails the run (:class:`RunIncompleteError`); shards committed so far stay."""
+    """Run ``shards`` on the pool's actors, one at a time each, commit each shard's files
+    here, in the driver (the run's tables' single writer), and yield its summary. A shard
+    whose actor died on each of its :data:`SHARD_ATTEMPTS` attempts fails the run
+    (:class:`RunIncompleteError`); shards committed so far stay."""
     idle = list(workers.actors)
     waiting = deque(shards)
     running: dict[ray.ObjectRef, tuple[ActorHandle, Shard]] = {}
-    while waiting or running:
+
+    def dispatch() -> None:
         while idle and waiting:
             actor, shard = idle.pop(), waiting.popleft()
             call = actor.__call__.options(max_task_retries=SHARD_ATTEMPTS - 1)
             running[call.remote(store, shard, manifest.uris(shard))] = (actor, shard)
+
+    while waiting or running:
+        dispatch()
         [done], _ = ray.wait(list(running), num_returns=1)
         actor, shard = running.pop(done)
         try:
-            summary = ray.get(done)
+            written = ray.get(done)
         except RayActorError as exc:
             if exc.actor_init_failed:
                 # Its constructor raised (a model file replaced since the run recorded its
@@ -99,7 +104,9 @@ def segment_shards(
             first = manifest.uris(shard)[0]
             raise RunIncompleteError(_died_every_time(shard, first, job)) from exc
         idle.append(actor)
-        yield summary
+        dispatch()  # the actor's next shard runs while the driver commits this one
+        store.commit(written)
+        yield dict(written.summary)
 
 
 def _died_every_time(shard: Shard, first_uri: str, job: Job) -> str:

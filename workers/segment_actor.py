@@ -13,7 +13,6 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
 
 import ray
 
@@ -23,14 +22,14 @@ from segflow.job import Job
 from segflow.manifest import Shard
 from segflow.models.registry import load_job_model
 from segflow.shard import segment_images
-from segflow.store import RunStore
+from segflow.store import RunStore, ShardFiles
 
 
 class SegmentActor:
-    """Called with a run's store, a shard and its image URIs: segments them, commits the
-    shard's tables into the run and returns the shard summary. Ray restarts a killed actor
-    and retries its shard; the commit protocol (:mod:`segflow.store`) makes the retry
-    overwrite rather than duplicate."""
+    """Called with a run's store, a shard and its image URIs: segments them, writes the
+    shard's files into the run's tables and returns what it wrote, for the driver to commit
+    (:mod:`segflow.store`). Ray restarts a killed actor and retries its shard; a retry writes
+    files of its own, and only one attempt's are ever committed."""
 
     def __init__(self, job: Job, *, device: str) -> None:
         """``job``: the run's resolved job (:func:`segflow.preflight.resolve_job`);
@@ -47,13 +46,13 @@ class SegmentActor:
         self.read_timeout = job.read_timeout
         self.stall_timeout = job.stall_timeout
 
-    def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> dict[str, Any]:
+    def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> ShardFiles:
         with StallWatchdog(shard, self.stall_timeout) as watchdog:
             return self._segment(store, shard, uris, watchdog)
 
     def _segment(
         self, store: RunStore, shard: Shard, uris: list[str], watchdog: StallWatchdog
-    ) -> dict[str, Any]:
+    ) -> ShardFiles:
         started_at = time.time()
         result = segment_images(
             self.model,
@@ -66,7 +65,7 @@ class SegmentActor:
             ground_truth=self.ground_truth,
             on_progress=watchdog.progress,
         )
-        watchdog.progress()  # the commit gets a stall timeout of its own
+        watchdog.progress()  # the writes get a stall timeout of their own
         summary = {
             "shard": shard.index,
             "images": result.num_images,
@@ -79,8 +78,7 @@ class SegmentActor:
             "started_at": started_at,
             "finished_at": time.time(),
         }
-        store.commit_shard(shard, result.tables, summary)
-        return summary
+        return store.write_shard(shard, result.tables, summary)
 
 
 class StallWatchdog:
