@@ -24,6 +24,7 @@ import segflow
 from segflow.decode import DEFAULT_MAX_PIXELS
 from segflow.errors import RunIncompleteError, SegflowError
 from segflow.manifest import Shard, build_manifest, shards
+from segflow.metrics.boundary import TRIMAP_WIDTH
 from segflow.preflight import CheckedJob, check_segment_job, recorded_sha256
 from segflow.shard import DEFAULT_READ_TIMEOUT
 from segflow.store import RunStore
@@ -189,6 +190,7 @@ def segment(
     device: str = "auto",
     model_options: dict[str, Any] | None = None,
     model_sha256: str | None = None,
+    trimap_width: int = TRIMAP_WIDTH,
     prefetch_threads: int = 4,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cpus_per_actor: float | None = None,
@@ -204,10 +206,11 @@ def segment(
     arguments, where the caller checked the job already (the CLI, before starting Ray and
     Prefect). ``model_sha256`` pins the model file (:func:`segflow.models.model_file`); by
     default its hash is taken now, and the driver and every actor load only a file of that
-    hash. A read that takes longer than ``read_timeout`` seconds fails its image; a shard
-    with no image done for ``stall_timeout`` seconds is retried, and fails the run after its
-    last attempt (``None``: no limit). ``on_plan`` and ``on_shard`` let a caller (the CLI's
-    progress bar) follow the run.
+    hash. ``trimap_width`` is Trimap IoU's band, pixels. A read that takes longer than
+    ``read_timeout`` seconds fails its image; a shard with no image done for
+    ``stall_timeout`` seconds is retried, and fails the run after its last attempt (``None``:
+    no limit). ``on_plan`` and ``on_shard`` let a caller (the CLI's progress bar) follow the
+    run.
     """
     started = time.perf_counter()
     model_options = model_options or {}
@@ -223,6 +226,7 @@ def segment(
         gt=gt,
         ignore_index=ignore_index,
         model_sha256=model_sha256,
+        trimap_width=trimap_width,
     )
     # The actors load the file of the hash the run records.
     model_sha256 = checked.config["model_sha256"]

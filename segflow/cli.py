@@ -109,6 +109,12 @@ def segment(
         bool,
         typer.Option(help="Semantic models with --gt: also soft IoU/Dice from probabilities."),
     ] = False,
+    trimap_width: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Semantic models with --gt: Trimap IoU's band around boundaries, pixels."
+        ),
+    ] = 5,
     read_timeout: Annotated[
         float | None,
         typer.Option(
@@ -157,6 +163,7 @@ def segment(
         "device": device,
         "model_sha256": model_sha256,
         "model_options": model_options,
+        "trimap_width": trimap_width,
     }
     # Left out when not given, so the flow's defaults apply.
     run |= {
@@ -179,6 +186,7 @@ def segment(
             gt=gt,
             ignore_index=ignore_index,
             model_sha256=model_sha256,
+            trimap_width=trimap_width,
         )
         run["model_sha256"] = checked.config["model_sha256"]  # what the actors check
         # Registered before Ray and Prefect are imported, so it runs after their exit handlers:
@@ -402,21 +410,20 @@ def _print_evaluation(result: dict) -> None:
             + (f"where {result['where']}" if result.get("where") else "selected")
         )
     if "semantic" in result:
+        from segflow.metrics.figures import figures_in
+
         semantic = result["semantic"]
+        figures = figures_in(semantic)
+        per_class = [figure for figure in figures if figure.per_class]
         table = Table(title="semantic")
-        for column in ("class", "IoU", "Boundary IoU", "GT pixels"):
+        for column in ("class", *(f.class_label for f in per_class), "GT pixels"):
             table.add_column(column, justify="right")
-        for row in zip(
-            semantic["classes"],
-            semantic["per_class_iou"],
-            semantic["per_class_boundary_iou"],
-            semantic["gt_pixels"],
-            strict=True,
-        ):
-            table.add_row(row[0], _figure(row[1]), _figure(row[2]), str(row[3]))
+        for i, name in enumerate(semantic["classes"]):
+            values = (_figure(semantic[f.per_class][i]) for f in per_class)
+            table.add_row(name, *values, str(semantic["gt_pixels"][i]))
         out.print(table)
-        for name in ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou"):
-            out.print(f"{name:>15}: {_figure(semantic[name])}")
+        for figure in figures:
+            out.print(f"{figure.name:>18}: {_figure(semantic[figure.name])}")
     for iou_type, scores in result.get("instance", {}).items():
         table = Table(title=f"instance ({iou_type})")
         table.add_column("figure")
@@ -427,7 +434,9 @@ def _print_evaluation(result: dict) -> None:
 
 
 def _figure(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.6f}"
+    from segflow.metrics.figures import format_figure
+
+    return format_figure(value, 6)
 
 
 @app.command("export-coco")

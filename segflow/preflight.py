@@ -31,9 +31,10 @@ from typing import Any
 from segflow.errors import SegflowError
 from segflow.groundtruth import GroundTruthError, open_ground_truth
 from segflow.manifest import check_input
+from segflow.metrics.boundary import TRIMAP_WIDTH
 from segflow.models import load_model, model_file
 from segflow.models.integrity import checked_sha256
-from segflow.scoring import ImageScorer
+from segflow.scoring import scorer_for
 from segflow.store import RunStore
 
 
@@ -66,18 +67,20 @@ def check_segment_job(
     gt: str | None,
     ignore_index: int | None,
     model_sha256: str | None = None,
+    trimap_width: int = TRIMAP_WIDTH,
 ) -> CheckedJob:
     """Check the job (see the module docstring); raises a SegflowError naming what is wrong.
-    ``model_sha256`` pins the model file (``--model-sha256``)."""
+    ``model_sha256`` pins the model file (``--model-sha256``); ``trimap_width`` is Trimap
+    IoU's band (``--trimap-width``)."""
     if "://" not in out:
         out = os.path.abspath(out)
     model = os.path.abspath(model) if os.path.exists(model) else model
     model_sha256 = recorded_sha256(model, model_options, model_sha256)
     loaded = _load(model, model_options, model_sha256)
-    evaluation = evaluation_info(loaded, gt, ignore_index)
+    evaluation = evaluation_info(loaded, gt, ignore_index, trimap_width)
     check_input(input)
     config = run_config(
-        input, model, shard_size, dict(model_options), gt, ignore_index, model_sha256
+        input, model, shard_size, dict(model_options), gt, ignore_index, model_sha256, trimap_width
     )
     run_id = run_id or default_run_id(config)
     RunStore(out, run_id).check(config)
@@ -92,10 +95,13 @@ def run_config(
     gt: str | None,
     ignore_index: int | None,
     model_sha256: str | None,
+    trimap_width: int = TRIMAP_WIDTH,
 ) -> dict:
     """What a run's output depends on; a resume must match it exactly. The ground truth is
     recorded for the evaluation step that reads it; the model file's sha256 (None: the
-    model reads no file), which every actor checks the file it loads against."""
+    model reads no file), which every actor checks the file it loads against; with ground
+    truth, Trimap IoU's band width (its counts are part of the output)."""
+    evaluated = {} if gt is None else {"trimap_width": trimap_width}
     return {
         "input": input,
         "model": model,
@@ -104,7 +110,7 @@ def run_config(
         "shard_size": shard_size,
         "gt": gt,
         "ignore_index": ignore_index,
-    }
+    } | evaluated
 
 
 def default_run_id(config: Mapping[str, Any]) -> str:
@@ -113,7 +119,9 @@ def default_run_id(config: Mapping[str, Any]) -> str:
     return digest[:12]
 
 
-def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dict[str, Any] | None:
+def evaluation_info(
+    model: Any, gt: str | None, ignore_index: int | None, trimap_width: int = TRIMAP_WIDTH
+) -> dict[str, Any] | None:
     """What the evaluation of the run needs besides its tables, checked now: a ground truth
     that cannot be opened or does not fit the model fails the job before any work."""
     if gt is None:
@@ -121,7 +129,7 @@ def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dic
             raise GroundTruthError("--ignore-index applies to ground truth: give --gt too")
         return None
     ground_truth = open_ground_truth(gt, ignore_index=ignore_index)
-    ImageScorer(ground_truth, model.classes, model.task)
+    scorer_for(ground_truth, model.classes, model.task, trimap_width=trimap_width)
     if ignore_index is not None and not (
         0 <= ignore_index < len(model.classes) or ignore_index in ground_truth.label_values()
     ):
@@ -135,6 +143,7 @@ def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dic
         "gt": gt,
         "ignore_index": ignore_index,
         "categories": {str(k): v for k, v in (ground_truth.categories or {}).items()},
+        "trimap_width": trimap_width if model.task == "semantic" else None,
     }
 
 

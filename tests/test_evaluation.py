@@ -24,7 +24,7 @@ from segflow.evaluation import EvaluationError, coco_results_of_run, evaluate_ru
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard
 from segflow.metrics.semantic import ConfusionMatrix
-from segflow.scoring import ImageScorer
+from segflow.scoring import scorer_for
 from segflow.shard import mask_rows
 from segflow.store import RunStore
 
@@ -253,7 +253,7 @@ def test_soft_metrics_equal_the_softmax_of_the_graph(shared: Path, tmp_path: Pat
 
     # From scratch: the exported graph's logits (480x360 needs no padding), softmax, sums.
     graph = torch.export.load(model_path).module()
-    intersection, union = np.zeros(11), np.zeros(11)
+    intersection, union, squared_union = np.zeros(11), np.zeros(11), np.zeros(11)
     for uri in uris:
         pixels = torch.from_numpy(np.array(Image.open(uri).convert("RGB"))).permute(2, 0, 1)
         with torch.inference_mode():
@@ -264,10 +264,15 @@ def test_soft_metrics_equal_the_softmax_of_the_graph(shared: Path, tmp_path: Pat
         onehot = np.eye(11)[truth[valid]].T
         intersection += (p * onehot).sum(1)
         union += p.sum(1) + onehot.sum(1) - (p * onehot).sum(1)
-    expected = intersection / union
-    np.testing.assert_allclose(semantic["per_class_soft_iou"], expected, rtol=1e-6)
-    assert semantic["soft_miou"] == pytest.approx(expected.mean(), rel=1e-6)
+        squared_union += (p**2).sum(1) + (onehot**2).sum(1) - (p * onehot).sum(1)
+    for suffix, denominator in (("", union), ("_squared", squared_union)):
+        expected = intersection / denominator
+        dice = 2 * intersection / (denominator + intersection)
+        np.testing.assert_allclose(semantic[f"per_class_soft_iou{suffix}"], expected, rtol=1e-6)
+        assert semantic[f"soft_miou{suffix}"] == pytest.approx(expected.mean(), rel=1e-6)
+        assert semantic[f"soft_mdice{suffix}"] == pytest.approx(dice.mean(), rel=1e-6)
     assert semantic["soft_miou"] < semantic["miou"]  # probabilities below 1 cost soft IoU
+    assert semantic["soft_miou"] < semantic["soft_miou_squared"]  # ... squared, less
 
 
 def test_an_annotation_one_iou_type_cannot_use_leaves_the_shard_state_whole(coco_subset):
@@ -282,7 +287,7 @@ def test_an_annotation_one_iou_type_cannot_use_leaves_the_shard_state_whole(coco
     for category_id, category in coco.cats.items():
         names[category_id] = category["name"]
     model = SimpleNamespace(name="jitter", classes=tuple(names), task="instance")
-    scorer = ImageScorer(ground_truth, model.classes, "instance")
+    scorer = scorer_for(ground_truth, model.classes, "instance")
     rng = np.random.default_rng(0)
     uris = [f"/x/{coco.imgs[i]['file_name']}" for i in sorted(coco.imgs)[:2]]
     targets = [ground_truth.target(uri) for uri in uris]

@@ -220,6 +220,7 @@ def actor_arguments(model: Path, sha256: str) -> dict:
         "max_pixels": None,
         "gt": None,
         "ignore_index": None,
+        "trimap_width": 5,
         "read_timeout": 60.0,
         "stall_timeout": 600.0,
     }

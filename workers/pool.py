@@ -46,6 +46,7 @@ class WorkerConfig:
     max_pixels: int | None
     gt: str | None
     ignore_index: int | None
+    trimap_width: int
     cpus_per_actor: float | None
     read_timeout: float | None
     stall_timeout: float | None
@@ -88,6 +89,7 @@ def start_workers(config: WorkerConfig, max_actors: int | None = None) -> Worker
             max_pixels=config.max_pixels,
             gt=config.gt,
             ignore_index=config.ignore_index,
+            trimap_width=config.trimap_width,
             read_timeout=config.read_timeout,
             stall_timeout=config.stall_timeout,
         )

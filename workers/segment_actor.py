@@ -45,6 +45,7 @@ class SegmentActor:
         max_pixels: int | None,
         gt: str | None,
         ignore_index: int | None,
+        trimap_width: int,
         read_timeout: float | None,
         stall_timeout: float | None,
     ) -> None:
@@ -52,6 +53,7 @@ class SegmentActor:
         # A model file replaced since the run recorded its hash fails here, naming both.
         self.model = load_model(model, device=device, sha256=model_sha256, **model_options)
         self.ground_truth = None if gt is None else open_ground_truth(gt, ignore_index=ignore_index)
+        self.trimap_width = trimap_width
         self.batch_size = batch_size
         self.prefetch_threads = prefetch_threads
         self.max_pixels = max_pixels
@@ -75,6 +77,7 @@ class SegmentActor:
             max_pixels=self.max_pixels,
             read_timeout=self.read_timeout,
             ground_truth=self.ground_truth,
+            trimap_width=self.trimap_width,
             on_progress=watchdog.progress,
         )
         watchdog.progress()  # the commit gets a stall timeout of its own
