@@ -69,9 +69,51 @@ def scorer_for(
     return InstanceScorer(ground_truth, classes)
 
 
-class SemanticScorer:
+class _Scorer:
+    """What both scorers share: :meth:`score`, one image of a shard."""
+
+    _kinds: tuple[type, type]  # the prediction and target it scores
+
+    def score(
+        self,
+        image_id: int,
+        uri: str,
+        prediction: Prediction,
+        masks: Sequence[Mapping[str, Any]],
+        target: SemanticTarget | InstanceTarget,
+    ) -> dict[str, Any]:
+        """Evaluate one image (``masks`` are its ``masks`` rows); returns its ``images``
+        columns (:data:`IMAGE_COLUMNS`). A target that does not fit the prediction raises
+        :class:`GroundTruthError` and leaves the state as it was."""
+        prediction_type, target_type = self._kinds
+        if not (isinstance(prediction, prediction_type) and isinstance(target, target_type)):
+            raise GroundTruthError(
+                f"{uri}: a {type(target).__name__} cannot score a {type(prediction).__name__}"
+            )
+        size = (prediction.height, prediction.width)
+        gt_size = (
+            tuple(target.labels.shape)
+            if isinstance(target, SemanticTarget)
+            else (target.height, target.width)
+        )
+        if gt_size != size:
+            raise GroundTruthError(
+                f"{target.source} is {gt_size[1]}x{gt_size[0]} but image {uri} is "
+                f"{size[1]}x{size[0]}"
+            )
+        figures = self._scored(image_id, prediction, masks, target)
+        return dict.fromkeys(IMAGE_COLUMNS) | figures | {"gt_uri": target.source}
+
+    def _scored(self, image_id: int, prediction: Any, masks: Any, target: Any) -> dict[str, Any]:
+        """``update`` with the image; its figures of :data:`IMAGE_FIGURES`."""
+        raise NotImplementedError
+
+
+class SemanticScorer(_Scorer):
     """``class_stats`` and ``confusion`` rows of the images it scored (see the module
     docstring); Trimap IoU's band is ``trimap_width`` pixels wide."""
+
+    _kinds = (SemanticPrediction, SemanticTarget)
 
     def __init__(self, classes: Sequence[str], *, trimap_width: int = TRIMAP_WIDTH) -> None:
         if trimap_width < 0:
@@ -84,23 +126,12 @@ class SemanticScorer:
         self._class_stats: list[dict[str, np.ndarray]] = []
         self._confusion: list[dict[str, np.ndarray]] = []
 
-    def score(
-        self,
-        image_id: int,
-        uri: str,
-        prediction: Prediction,
-        masks: Sequence[Mapping[str, Any]],
-        target: SemanticTarget | InstanceTarget,
+    def _scored(
+        self, image_id: int, prediction: SemanticPrediction, masks: Any, target: SemanticTarget
     ) -> dict[str, Any]:
-        """Evaluate one image; returns its ``images`` columns (:data:`IMAGE_COLUMNS`). A
-        target that does not fit the prediction raises :class:`GroundTruthError` and leaves
-        the state as it was."""
-        _check_fits(prediction, SemanticPrediction, target, SemanticTarget, uri)
-        if tuple(target.labels.shape) != (prediction.height, prediction.width):
-            raise _size_mismatch(target.source, tuple(target.labels.shape), uri, prediction)
         self.update(image_id, prediction, target)
         figures = ClassSums.of_rows(self._class_stats[-1], len(self.classes)).figures()
-        return {name: figures[name] for name in IMAGE_FIGURES} | {"gt_uri": target.source}
+        return {name: figures[name] for name in IMAGE_FIGURES}
 
     def update(
         self, image_id: int, prediction: SemanticPrediction, target: SemanticTarget
@@ -241,8 +272,10 @@ def _soft_sums(soft: torch.Tensor, truth: torch.Tensor) -> dict[str, np.ndarray]
     }
 
 
-class InstanceScorer:
+class InstanceScorer(_Scorer):
     """COCOeval's per-image records, per IoU type, of the images it scored."""
+
+    _kinds = (InstancePrediction, InstanceTarget)
 
     def __init__(self, ground_truth: GroundTruth, classes: Sequence[str]) -> None:
         self.classes = list(classes)
@@ -267,21 +300,15 @@ class InstanceScorer:
             for iou_type in IOU_TYPES
         }
 
-    def score(
+    def _scored(
         self,
         image_id: int,
-        uri: str,
-        prediction: Prediction,
+        prediction: InstancePrediction,
         masks: Sequence[Mapping[str, Any]],
-        target: SemanticTarget | InstanceTarget,
+        target: InstanceTarget,
     ) -> dict[str, Any]:
-        """Evaluate one image (``masks`` are its ``masks`` rows); returns its ``images``
-        columns, which for instance models are its ground truth only."""
-        _check_fits(prediction, InstancePrediction, target, InstanceTarget, uri)
-        if (target.height, target.width) != (prediction.height, prediction.width):
-            raise _size_mismatch(target.source, (target.height, target.width), uri, prediction)
         self.update(image_id, masks, target)
-        return dict.fromkeys(IMAGE_COLUMNS) | {"gt_uri": target.source}
+        return {}  # instance models have no per-image figures
 
     def update(
         self, image_id: int, masks: Sequence[Mapping[str, Any]], target: InstanceTarget
@@ -361,22 +388,6 @@ class InstanceScorer:
         return _empty_tables() | {
             name: _table(name, run_id, columns) for name, columns in state.items()
         }
-
-
-def _check_fits(
-    prediction: Prediction, prediction_type: type, target: Any, target_type: type, uri: str
-) -> None:
-    if not (isinstance(prediction, prediction_type) and isinstance(target, target_type)):
-        raise GroundTruthError(
-            f"{uri}: a {type(target).__name__} cannot score a {type(prediction).__name__}"
-        )
-
-
-def _size_mismatch(source: str, gt_size: tuple, uri: str, prediction: Prediction):
-    return GroundTruthError(
-        f"{source} is {gt_size[1]}x{gt_size[0]} but image {uri} is "
-        f"{prediction.width}x{prediction.height}"
-    )
 
 
 def _concatenated(parts: list[dict[str, np.ndarray]], columns: Sequence[str], dtype) -> dict:

@@ -55,6 +55,9 @@ def camvid_run(shared: Path, tmp_path_factory) -> Path:
         "11",
         "--shard-size",
         "32",
+        "--soft-metrics",
+        "--trimap-width",
+        "5",
         "--out",
         str(out),
         log=log,
@@ -63,9 +66,22 @@ def camvid_run(shared: Path, tmp_path_factory) -> Path:
     return out
 
 
+def trimap_from_scratch(run: Path, labels_dir: Path, uris: list[str]) -> np.ndarray:
+    """(2, 11): Trimap IoU's summed intersections and unions at r = 5 over ``uris``, from
+    the masks decoded by pycocotools and the label files, by tests/test_metrics_trimap.py's
+    reference."""
+    from tests.test_metrics_trimap import reference_counts
+
+    counts = np.zeros((2, 11), np.int64)
+    for uri, prediction in predictions_from_masks(run, uris).items():
+        truth = np.array(Image.open(labels_dir / Path(uri).name), dtype=np.int64)
+        counts += reference_counts(np.where(truth == 11, -1, truth), prediction, 5, 11)
+    return counts
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_segment_then_evaluate_reproduces_the_model_card(camvid_run: Path):
+def test_segment_then_evaluate_reproduces_the_model_card(camvid_run: Path, shared: Path):
     printed = subprocess.run(
         [SEGFLOW, "evaluate", str(camvid_run), "--json"],
         capture_output=True,
@@ -80,6 +96,19 @@ def test_segment_then_evaluate_reproduces_the_model_card(camvid_run: Path):
     assert semantic["pixel_accuracy"] == pytest.approx(CARD_PIXEL_ACCURACY, abs=1e-4)
     assert len(semantic["per_class_iou"]) == 11
     assert 0 < semantic["boundary_iou"] < semantic["miou"]  # boundaries are the hard part
+
+    # Trimap IoU, as the command printed it, equals the reference's over the 101 frames.
+    [run] = camvid_run.glob("run=*")
+    assert json.loads((run / "run.json").read_text())["trimap_width"] == 5
+    uris = [uri for (uri,) in duckdb.sql(f"SELECT uri FROM '{run}/images/*.parquet'").fetchall()]
+    labels_dir = shared / "data" / "camvid_val" / "labels"
+    intersection, union = trimap_from_scratch(run, labels_dir, uris)
+    assert union.all()  # every class has a band
+    assert semantic["per_class_trimap_iou"] == (intersection / union).tolist()
+    assert semantic["trimap_miou"] == pytest.approx(np.mean(intersection / union), abs=1e-15)
+    assert 0 < semantic["trimap_miou"] < semantic["miou"]
+    for name in ("soft_miou", "soft_mdice", "soft_miou_squared", "soft_mdice_squared"):
+        assert 0 < semantic[name] < 1, name
 
 
 def predictions_from_masks(run: Path, uris: list[str]) -> dict[str, np.ndarray]:
@@ -125,6 +154,10 @@ def test_a_slice_equals_evaluating_its_images_from_scratch(camvid_run: Path, sha
     np.testing.assert_array_equal(
         np.array(result["per_class_iou"], dtype=float), expected.per_class_iou
     )
+    intersection, union = trimap_from_scratch(run, labels_dir, uris)
+    assert result["per_class_trimap_iou"] == [
+        i / u if u else None for i, u in zip(intersection.tolist(), union.tolist(), strict=True)
+    ]
 
 
 def test_a_bad_slice_or_a_run_without_ground_truth_is_a_clear_error(camvid_run: Path, tmp_path):
