@@ -255,7 +255,11 @@ def _semantic_section(result: Mapping[str, Any]) -> str:
     figures = [(f.label, _figure(semantic[f.name]), f.name) for f in figures_in(semantic)]
     evaluated = result["images"]["evaluated"]
     width = semantic.get("trimap_width")
-    band = "" if width is None else f" Trimap IoU counts the pixels within {width} of a boundary."
+    band = (
+        ""
+        if width is None
+        else f" Trimap IoU counts the pixels within {width} pixels of a ground-truth boundary."
+    )
     body = (
         f"<p>{evaluated:,} image(s) evaluated. Figures pool the pixel counts of all of them; "
         f"a class absent from both ground truth and predictions is undefined.{_e(band)}</p>"

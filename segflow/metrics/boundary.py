@@ -7,16 +7,17 @@ of a pixel outside it, the image border counting as outside: the mask minus its 
 implementation's ``mask_to_boundary`` (3×3 erosion iterated ``d`` times on a zero-padded
 mask). Boundary IoU of two masks is the IoU of their boundary regions.
 
-The erosion is computed with box sums from cumulative sums, separably (a square is a row
-segment times a column segment): exact, and linear in the pixels whatever ``d`` is, where
-iterated 3×3 erosions cost ``d`` passes (52 for a 2149×1480 aerial tile).
+The erosion is computed separably (a square is a row segment times a column segment), each
+segment by OR-ing shifted copies whose reach doubles each pass: exact, in ``log2(d)``
+passes of boolean operations where iterated 3×3 erosions cost ``d`` (52 for a 2149×1480
+aerial tile).
 
 Trimap IoU scores a class only in a band ``B_r(Y)`` around its ground truth ``Y``'s boundary:
 ``|B ∩ Ŷ ∩ Y| / |(B ∩ Ŷ) ∪ (B ∩ Y)|``. Here, precisely: the boundary of ``Y`` is the pixels
 of ``Y`` with a 4-neighbour inside the image that is not in ``Y`` (an ignored pixel is not in
 ``Y``; the image border makes no boundary); ``B_r`` is every pixel within chessboard distance
 ``r`` of that boundary (its dilation by a ``(2r + 1)``-square), minus the ignored pixels.
-The dilation uses the same box sums.
+The dilation uses the same doubling shifts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 DILATION_RATIO = 0.02
 TRIMAP_WIDTH = 5  # r of Trimap IoU unless a run asks for another (``--trimap-width``)
@@ -46,7 +46,9 @@ def boundary_region(
     """
     masks = masks.to(torch.bool)
     solid = masks if dont_care is None else masks | dont_care
-    return masks & ~_erode(_erode(solid, width, dim=-2), width, dim=-1)
+    # Not in the erosion of the solid mask: near a pixel outside it, the outside included.
+    outside = _near(_near(~solid, width, dim=-2, outside=True), width, dim=-1, outside=True)
+    return masks & outside
 
 
 def trimap_band(masks: torch.Tensor, width: int, *, valid: torch.Tensor) -> torch.Tensor:
@@ -60,22 +62,22 @@ def trimap_band(masks: torch.Tensor, width: int, *, valid: torch.Tensor) -> torc
     inside[..., :, 1:] &= masks[..., :, :-1]
     inside[..., :, :-1] &= masks[..., :, 1:]
     boundary = masks & ~inside
-    near = _box_counts(_box_counts(boundary, width, dim=-2) > 0, width, dim=-1) > 0
+    near = _near(_near(boundary, width, dim=-2, outside=False), width, dim=-1, outside=False)
     return near & valid
 
 
-def _erode(masks: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
-    """Erosion along one axis by a ``2 * width + 1`` segment, outside the image counting as 0."""
-    return _box_counts(masks, width, dim=dim) == 2 * width + 1
-
-
-def _box_counts(masks: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
-    """How many of the pixels within ``width`` of each pixel along one axis are set."""
-    length = masks.shape[dim]
-    padding = [0, 0, 0, 0]
-    padding[0 if dim == -1 else 2] = width + 1  # one more before, so the sums start at 0
-    padding[1 if dim == -1 else 3] = width
-    sums = F.pad(masks.to(torch.int32), padding).cumsum(dim)
-    upper = sums.narrow(dim, 2 * width + 1, length)
-    lower = sums.narrow(dim, 0, length)
-    return upper - lower
+def _near(masks: torch.Tensor, width: int, *, dim: int, outside: bool) -> torch.Tensor:
+    """Whether a pixel within ``width`` of each pixel along one axis is set (a dilation by a
+    ``2 * width + 1`` segment), the pixels outside the image counting as ``outside``."""
+    length, reach = masks.shape[dim], 0
+    while reach < width:
+        # OR-ing the dilation by `reach` with itself shifted by ±step reaches reach + step:
+        # the reach doubles each pass.
+        step = min(reach + 1, width - reach)
+        edge_shape = list(masks.shape)
+        edge_shape[dim] = step
+        edge = masks.new_full(edge_shape, outside)
+        padded = torch.cat([edge, masks, edge], dim)
+        masks = padded.narrow(dim, 0, length) | masks | padded.narrow(dim, 2 * step, length)
+        reach += step
+    return masks
