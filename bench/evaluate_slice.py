@@ -114,8 +114,11 @@ def write_semantic(out: str, n_images: int, rng: np.random.Generator) -> dict[st
             "union": (gt_pixels + pred_pixels - tp).reshape(-1),
             "boundary_intersection": (tp // 10).reshape(-1),
             "boundary_union": ((gt_pixels + pred_pixels - tp) // 8).reshape(-1),
+            "trimap_intersection": (tp // 6).reshape(-1),
+            "trimap_union": ((gt_pixels + pred_pixels - tp) // 5).reshape(-1),
             "soft_intersection": [None] * (n * 5),
             "soft_union": [None] * (n * 5),
+            "soft_squared_union": [None] * (n * 5),
         }
         in_slice = np.array([i % REGIONS == 3 for i in ids])
         for key, values in (("gt", gt_pixels), ("pred", pred_pixels), ("tp", tp)):

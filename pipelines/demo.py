@@ -27,6 +27,7 @@ from pipelines.segment import segment_job
 from segflow import analytics
 from segflow.demo.corpus import write_corpus
 from segflow.job import Job
+from segflow.metrics.figures import figures_in, format_figure
 from segflow.progress import segment_progress
 from segflow.report import render_report
 
@@ -164,8 +165,8 @@ def _print_figures(console: Console, name: str, result: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     if "semantic" in result:
         semantic = result["semantic"]
-        for figure in ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou"):
-            table.add_row(figure, _formatted(semantic[figure]))
+        for figure in figures_in(semantic):
+            table.add_row(figure.name, figure.format(semantic[figure.name], 4))
         for class_name, iou in zip(semantic["classes"], semantic["per_class_iou"], strict=True):
             table.add_row(f"  IoU {class_name}", _formatted(iou))
     for iou_type, scores in result.get("instance", {}).items():
@@ -187,7 +188,7 @@ def _print_query(console: Console, run: str, title: str, sql: str) -> None:
 
 
 def _formatted(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.4f}"
+    return format_figure(value, 4)
 
 
 def shared_folder() -> Path | None:

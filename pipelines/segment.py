@@ -34,6 +34,7 @@ from segflow.job import (
     Job,
 )
 from segflow.manifest import Shard, build_manifest, shards
+from segflow.metrics.boundary import TRIMAP_WIDTH
 from segflow.preflight import CheckedJob, check_job, resolve_job
 from segflow.store import RunStore
 from workers.cluster import connect
@@ -192,6 +193,7 @@ def segment(
     score_threshold: float | None = None,
     mask_threshold: float | None = None,
     max_detections: int | None = None,
+    trimap_width: int = TRIMAP_WIDTH,
     model_options: dict[str, Any] | None = None,
     ray_address: str | None = None,
     device: str = "auto",

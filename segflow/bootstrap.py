@@ -16,12 +16,12 @@ resamples of the images, each the run's images with repeats, reduced exactly as
   replicate (by about its square root); for more than a few dozen images the intervals are
   the same.
 - Semantic figures: per replicate, class and count of ``class_stats``
-  (:data:`segflow.evaluation.COUNT_COLUMNS`, whatever integer columns it has), the weighted
+  (:data:`segflow.metrics.figures.INTEGER_SUMS`), the weighted
   sum over the images: the class totals of the resampled dataset, exactly (integers below
   2**53 summed in float64). They are summed as matrix products over blocks of images read in
   batches from DuckDB, so memory is bounded by the block, whatever the run's size. The
-  figures come from :func:`segflow.evaluation.semantic_figures`, the point estimate's own
-  reduction, so every figure it computes has an interval.
+  figures come from :meth:`segflow.metrics.figures.ClassSums.figures`, the point estimate's
+  own reduction, so every integer figure it computes (Trimap IoU included) has an interval.
 - Instance figures: COCOeval on the resampled dataset, from the per-image records of the
   ``coco_*`` tables (never recomputing IoUs or matches: an image's copies match as it did),
   :meth:`segflow.metrics.instance.CocoEvaluator.compute_resampled`, equal to pycocotools'
@@ -185,14 +185,14 @@ def intervals(replicates: Mapping[str, np.ndarray], level: float) -> dict[str, I
 def _semantic_replicates(
     db: duckdb.DuckDBPyConnection, num_classes: int, bootstrap: Bootstrap
 ) -> Iterator[dict[str, Any]]:
-    from segflow.evaluation import COUNT_COLUMNS, semantic_figures
+    from segflow.metrics.figures import INTEGER_SUMS, ClassSums
 
-    n_counts, replicates = len(COUNT_COLUMNS), np.arange(bootstrap.replicates)
+    n_counts, replicates = len(INTEGER_SUMS), np.arange(bootstrap.replicates)
     totals = np.zeros((bootstrap.replicates, num_classes * n_counts))
     rows = max(1024, _BLOCK_ELEMENTS // bootstrap.replicates)
     reader = db.sql(
         "SELECT image_id, class_id, "
-        + ", ".join(f'"{c}"' for c in COUNT_COLUMNS)
+        + ", ".join(f'"{c}"' for c in INTEGER_SUMS)
         + " FROM class_stats SEMI JOIN evaluated USING (image_id)"
     ).to_arrow_reader(rows)
     for batch in reader:
@@ -200,13 +200,13 @@ def _semantic_replicates(
         ids, inverse = np.unique(batch.column("image_id").to_numpy(), return_inverse=True)
         cells = batch.column("class_id").to_numpy().astype(np.int64) * n_counts
         counts = np.zeros((len(ids), num_classes * n_counts))
-        for c, name in enumerate(COUNT_COLUMNS):
+        for c, name in enumerate(INTEGER_SUMS):
             # One row per image and class: no cell is written twice.
             counts[inverse, cells + c] = batch.column(name).to_numpy()
         totals += image_weights(ids, replicates, bootstrap.seed).astype(np.float64) @ counts
     totals = totals.reshape(bootstrap.replicates, num_classes, n_counts).astype(np.int64)
     for replicate in totals:
-        yield semantic_figures({name: replicate[:, c] for c, name in enumerate(COUNT_COLUMNS)})
+        yield ClassSums(**{name: replicate[:, c] for c, name in enumerate(INTEGER_SUMS)}).figures()
 
 
 def _instance_replicates(

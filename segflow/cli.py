@@ -121,6 +121,12 @@ def segment(
         bool,
         typer.Option(help="Semantic models with --gt: also soft IoU/Dice from probabilities."),
     ] = False,
+    trimap_width: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Semantic models with --gt: Trimap IoU's band around boundaries, pixels."
+        ),
+    ] = 5,
     read_timeout: Annotated[
         float | None,
         typer.Option(
@@ -213,6 +219,7 @@ def segment(
             score_threshold=score_threshold,
             mask_threshold=mask_threshold,
             max_detections=max_detections,
+            trimap_width=trimap_width,
             model_options=tuple(parsed_option(o) for o in model_option or ()),
             ray_address=ray_address,
             device=device,
@@ -494,21 +501,20 @@ def _print_evaluation(result: dict) -> None:
             + (f"where {result['where']}" if result.get("where") else "selected")
         )
     if "semantic" in result:
+        from segflow.metrics.figures import figures_in
+
         semantic = result["semantic"]
+        figures = figures_in(semantic)
+        per_class = [figure for figure in figures if figure.per_class]
         table = Table(title="semantic")
-        for column in ("class", "IoU", "Boundary IoU", "GT pixels"):
+        for column in ("class", *(f.class_label for f in per_class), "GT pixels"):
             table.add_column(column, justify="right")
-        for row in zip(
-            semantic["classes"],
-            semantic["per_class_iou"],
-            semantic["per_class_boundary_iou"],
-            semantic["gt_pixels"],
-            strict=True,
-        ):
-            table.add_row(row[0], _figure(row[1]), _figure(row[2]), str(row[3]))
+        for i, name in enumerate(semantic["classes"]):
+            values = (_figure(semantic[f.per_class][i]) for f in per_class)
+            table.add_row(name, *values, str(semantic["gt_pixels"][i]))
         out.print(table)
-        for name in ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou"):
-            out.print(f"{name:>15}: {_figure(semantic[name])}")
+        for figure in figures:
+            out.print(f"{figure.name:>18}: {_figure(semantic[figure.name])}")
     for iou_type, scores in result.get("instance", {}).items():
         table = Table(title=f"instance ({iou_type})")
         table.add_column("figure")
@@ -526,7 +532,9 @@ def _print_evaluation(result: dict) -> None:
 
 
 def _figure(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.6f}"
+    from segflow.metrics.figures import format_figure
+
+    return format_figure(value, 6)
 
 
 @app.command("export-coco")

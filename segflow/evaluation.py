@@ -6,9 +6,11 @@ the images that an SQL predicate over its ``images`` table selects, sums or pool
 — in DuckDB, over the metric rows only, never the masks — so the figures are those of
 evaluating the same images from scratch, to the last bit:
 
-- semantic: mIoU, pixel accuracy, mean class accuracy, fwIoU, mDice and Boundary IoU from the
-  summed counts (a dataset confusion matrix's margins), never a mean of per-image figures;
-  a class absent from both ground truth and predictions is undefined (``None``), not 0;
+- semantic: the figures of :mod:`segflow.metrics.figures` (mIoU, pixel accuracy, mean class
+  accuracy, fwIoU, mDice, Boundary IoU, Trimap IoU; soft IoU and Dice in both forms where the
+  run computed them) from the summed counts (a dataset confusion matrix's margins, the
+  regions' counts), never a mean of per-image figures; a class absent from both ground truth
+  and predictions is undefined (``None``), not 0;
 - instance: COCO mAP for ``segm`` and ``bbox`` with
   :class:`~segflow.metrics.instance.CocoEvaluator`, identical to pycocotools' COCOeval.
 
@@ -26,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import fsspec
 import numpy as np
-import pyarrow as pa
 
 from segflow import schema
 from segflow.errors import SegflowError
+from segflow.metrics.figures import INTEGER_SUMS, SOFT_SUMS, ClassSums, figures_in
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.sql import expose_files, lock_down, predicate_problem, select_where, sql_string
 from segflow.store import RunStore
@@ -240,15 +242,13 @@ def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[
     return selected, evaluated
 
 
-SEMANTIC_FIGURES = ("miou", "pixel_accuracy", "mean_accuracy", "fwiou", "mdice", "boundary_iou")
-
-
 def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
     """The dataset-level figures of :func:`evaluate_run`'s result, flat and named
     (``semantic/miou``, ``segm/AP50``, ...): what is tracked from one evaluation to the next."""
     figures: dict[str, float | None] = {}
     if "semantic" in result:
-        figures |= {f"semantic/{name}": result["semantic"][name] for name in SEMANTIC_FIGURES}
+        semantic = result["semantic"]
+        figures |= {f"semantic/{f.name}": semantic[f.name] for f in figures_in(semantic)}
     for iou_type, scores in result.get("instance", {}).items():
         figures |= {
             f"{iou_type}/{name}": _number(value, undefined=-1)
@@ -257,85 +257,38 @@ def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
     return figures
 
 
-# class_stats' counts of a class in an image: every integer column but the ids. Any set of
-# images sums to its dataset figures, with or without weights (segflow.bootstrap).
-COUNT_COLUMNS = tuple(
-    field.name
-    for field in schema.TABLES["class_stats"]
-    if pa.types.is_integer(field.type) and field.name not in ("image_id", "class_id")
-)
-
-
-def semantic_figures(totals: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The figures of a set of images from its class totals: each of :data:`COUNT_COLUMNS`
-    summed over the images, as an array indexed by class id."""
-    from segflow.metrics.semantic import SemanticScores  # torch: only to score a run
-
-    scores = SemanticScores.from_counts(
-        totals["gt_pixels"], totals["pred_pixels"], totals["intersection"]
-    )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boundary = np.where(
-            totals["boundary_union"] > 0,
-            totals["boundary_intersection"] / totals["boundary_union"],
-            np.nan,
-        )
-    return {
-        "miou": _number(scores.miou),
-        "pixel_accuracy": _number(scores.pixel_accuracy),
-        "mean_accuracy": _number(scores.mean_accuracy),
-        "fwiou": _number(scores.fwiou),
-        "mdice": _number(scores.mdice),
-        "boundary_iou": _number(np.nanmean(boundary)) if not np.isnan(boundary).all() else None,
-        "per_class_iou": [_number(v) for v in scores.per_class_iou],
-        "per_class_boundary_iou": [_number(v) for v in boundary],
-    }
-
-
 def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """The figures of :class:`~segflow.metrics.figures.ClassSums` over the selected images'
+    ``class_stats`` (summed by class in DuckDB: integers exactly; the soft sums, floats, to
+    rounding), with the confusion matrix and the classes' pixel counts."""
     classes = run.evaluation["classes"]
-    # One scan of class_stats: the integer counts, and the soft sums of the rows that have
-    # them (runs asked for soft metrics).
+    # A run written before a column existed reads it as null: its figure is undefined.
     sums = db.sql(
         "SELECT class_id, "
-        + ", ".join(f'sum("{c}")::BIGINT AS "{c}"' for c in COUNT_COLUMNS)
-        + ", count(soft_union) AS soft_rows"
-        + ", coalesce(sum(soft_intersection) FILTER (soft_union IS NOT NULL), 0) AS soft_i"
-        + ", coalesce(sum(soft_union), 0) AS soft_u"
+        + ", ".join(f"coalesce(sum({c}), 0)::BIGINT AS {c}" for c in INTEGER_SUMS)
+        + ", "
+        + ", ".join(f"sum({c}) AS {c}" for c in SOFT_SUMS)
         + " FROM class_stats SEMI JOIN evaluated USING (image_id) GROUP BY class_id"
     ).fetchnumpy()
-    totals = {name: np.zeros(len(classes), np.int64) for name in COUNT_COLUMNS}
-    for name, values in totals.items():
-        values[sums["class_id"]] = sums[name]
+    rows = {
+        name: np.ma.filled(np.ma.asarray(values, dtype=np.float64), np.nan)
+        if name in SOFT_SUMS
+        else values
+        for name, values in sums.items()
+    }
+    totals = ClassSums.of_rows(rows, len(classes))
     cells = db.sql(
         "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM confusion "
         "SEMI JOIN evaluated USING (image_id) GROUP BY ALL"
     ).fetchnumpy()
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
-    result = semantic_figures(totals) | {
+    return totals.figures() | {
         "classes": classes,
-        "gt_pixels": totals["gt_pixels"].tolist(),
-        "pred_pixels": totals["pred_pixels"].tolist(),
+        "trimap_width": run.evaluation.get("trimap_width"),
+        "gt_pixels": totals.gt_pixels.tolist(),
+        "pred_pixels": totals.pred_pixels.tolist(),
         "confusion": confusion.tolist(),  # [ground-truth class][predicted class], pixels
-    }
-    return result | _soft(sums, len(classes))
-
-
-def _soft(sums: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
-    """Soft IoU and Dice from the summed probabilities, when the run was asked for them
-    (float sums: equal to a from-scratch evaluation to rounding, not bit for bit)."""
-    if not np.asarray(sums["soft_rows"]).sum():
-        return {}
-    intersection, union = np.zeros(num_classes), np.zeros(num_classes)
-    intersection[sums["class_id"]], union[sums["class_id"]] = sums["soft_i"], sums["soft_u"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, intersection / union, np.nan)
-        dice = np.where(union > 0, 2 * intersection / (union + intersection), np.nan)
-    return {
-        "soft_miou": _number(np.nanmean(iou)),
-        "soft_mdice": _number(np.nanmean(dice)),
-        "per_class_soft_iou": [_number(v) for v in iou],
     }
 
 

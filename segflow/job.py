@@ -44,6 +44,7 @@ from typing import Any
 
 from segflow.decode import DEFAULT_MAX_PIXELS
 from segflow.errors import SegflowError
+from segflow.metrics.boundary import TRIMAP_WIDTH
 from segflow.shard import DEFAULT_READ_TIMEOUT
 
 DEFAULT_SHARD_SIZE = 256
@@ -110,6 +111,8 @@ class Job:
     max_detections: int | None = _setting(
         None, flag="--max-detections", loader="max_detections", task="instance", output=True
     )
+    # The scorer's, not the model's: Trimap IoU's band, pixels (runs with ground truth).
+    trimap_width: int = _setting(TRIMAP_WIDTH, flag="--trimap-width", task="semantic")
     model_options: tuple[tuple[str, JSONValue], ...] = _setting(
         (), flag="--model-option", output=True
     )
@@ -134,6 +137,7 @@ class Job:
         for name in ("shard_size", "batch_size", "prefetch_threads", "max_pixels", "tile_size"):
             self._check(name, lambda v: v is None or v >= 1, "must be at least 1")
         self._check("tile_overlap", lambda v: v is None or v >= 0, "must be at least 0")
+        self._check("trimap_width", lambda v: v >= 0, "must be at least 0")
         self._check("max_detections", lambda v: v is None or v >= 1, "must be at least 1")
         for name in ("cpus_per_actor", "read_timeout", "stall_timeout"):
             self._check(name, lambda v: v is None or v > 0, "must be more than 0")
@@ -169,15 +173,17 @@ class Job:
         """Raise a :class:`JobError` naming the first option set that does not apply to a
         model of ``task`` (a user model takes only ``--batch-size`` and ``--model-option``,
         batching being segflow's and its options its own)."""
-        for setting in self._model_settings():
+        for setting in dataclasses.fields(self):
+            if not (setting.metadata.get("loader") or setting.metadata.get("task")):
+                continue
             if getattr(self, setting.name) == setting.default:
                 continue
-            if user_model and setting.name != "batch_size":
+            if user_model and setting.metadata["loader"] and setting.name != "batch_size":
                 raise JobError(
                     f"{setting.metadata['flag']} does not apply to the user model "
                     f"{self.model!r}: give its own options with --model-option KEY=VALUE"
                 )
-            if setting.metadata["task"] not in (None, task):
+            if task is not None and setting.metadata["task"] not in (None, task):
                 article = "an" if task == "instance" else "a"
                 raise JobError(
                     f"{setting.metadata['flag']} applies to {setting.metadata['task']} models "

@@ -38,10 +38,11 @@ from segflow.errors import SegflowError
 from segflow.groundtruth import GroundTruthError, open_ground_truth
 from segflow.job import Job
 from segflow.manifest import check_input
+from segflow.metrics.boundary import TRIMAP_WIDTH
 from segflow.models import model_file
 from segflow.models.integrity import checked_sha256
 from segflow.models.registry import is_user_model, load_job_model, model_task
-from segflow.scoring import ImageScorer
+from segflow.scoring import scorer_for
 from segflow.store import RunStore
 
 
@@ -74,7 +75,7 @@ def check_job(job: Job) -> CheckedJob:
     # Before the model loads: an option of another task is the user's error, not the model's.
     job.check_task(None if user_model else model_task(job.model), user_model=user_model)
     loaded = _load(job)
-    evaluation = evaluation_info(loaded, job.gt, job.ignore_index)
+    evaluation = evaluation_info(loaded, job.gt, job.ignore_index, job.trimap_width)
     check_input(job.input)
     config = run_config(job)
     RunStore(job.out, job.run_id).check(config)
@@ -96,7 +97,9 @@ def resolve_job(job: Job) -> Job:
 def run_config(job: Job) -> dict:
     """What a run's output depends on; a resume must match it exactly. The ground truth is
     recorded for the evaluation step that reads it; the model file's sha256 (None: the
-    model reads no file), which every actor checks the file it loads against."""
+    model reads no file), which every actor checks the file it loads against; with ground
+    truth, Trimap IoU's band width (its counts are part of the output)."""
+    evaluated = {} if job.gt is None else {"trimap_width": job.trimap_width}
     return {
         "input": job.input,
         "model": job.model,
@@ -105,6 +108,7 @@ def run_config(job: Job) -> dict:
         "shard_size": job.shard_size,
         "gt": job.gt,
         "ignore_index": job.ignore_index,
+        **evaluated,
     }
 
 
@@ -114,7 +118,9 @@ def default_run_id(config: Mapping[str, Any]) -> str:
     return digest[:12]
 
 
-def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dict[str, Any] | None:
+def evaluation_info(
+    model: Any, gt: str | None, ignore_index: int | None, trimap_width: int = TRIMAP_WIDTH
+) -> dict[str, Any] | None:
     """What the evaluation of the run needs besides its tables, checked now: a ground truth
     that cannot be opened or does not fit the model fails the job before any work."""
     if gt is None:
@@ -122,7 +128,7 @@ def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dic
             raise GroundTruthError("--ignore-index applies to ground truth: give --gt too")
         return None
     ground_truth = open_ground_truth(gt, ignore_index=ignore_index)
-    ImageScorer(ground_truth, model.classes, model.task)
+    scorer_for(ground_truth, model.classes, model.task, trimap_width=trimap_width)
     if ignore_index is not None and not (
         0 <= ignore_index < len(model.classes) or ignore_index in ground_truth.label_values()
     ):
@@ -136,6 +142,7 @@ def evaluation_info(model: Any, gt: str | None, ignore_index: int | None) -> dic
         "gt": gt,
         "ignore_index": ignore_index,
         "categories": {str(k): v for k, v in (ground_truth.categories or {}).items()},
+        "trimap_width": trimap_width if model.task == "semantic" else None,
     }
 
 

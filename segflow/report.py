@@ -40,6 +40,7 @@ from segflow import palette, rle
 from segflow.decode import decode_rgb
 from segflow.evaluation import Run, RunEvaluation, evaluate, open_run
 from segflow.groundtruth import open_ground_truth
+from segflow.metrics.figures import figures_in, format_figure
 from segflow.metrics.instance import IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES, CocoScores
 
 if TYPE_CHECKING:
@@ -57,14 +58,6 @@ SUMMARY_FIGURES = (
     ("shards", "shards"),
     ("seconds", "seconds (last invocation)"),
     ("images_per_second", "images / second (last invocation)"),
-)
-SEMANTIC_FIGURES = (
-    ("miou", "mIoU"),
-    ("pixel_accuracy", "pixel accuracy"),
-    ("mean_accuracy", "mean class accuracy"),
-    ("fwiou", "frequency-weighted IoU"),
-    ("mdice", "mDice"),
-    ("boundary_iou", "Boundary IoU"),
 )
 
 _FILL_ALPHA = 0.5
@@ -175,7 +168,7 @@ def _section(title: str, body: str, section_id: str = "") -> str:
 
 
 def _figure(value: float | None, digits: int = 3) -> str:
-    return "undefined" if value is None else f"{value:.{digits}f}"
+    return format_figure(value, digits)
 
 
 def _interval(result: Mapping[str, Any], figure: str, digits: int = 3) -> str:
@@ -284,17 +277,25 @@ def _timings_table(db: duckdb.DuckDBPyConnection) -> str:
 def _semantic_section(result: Mapping[str, Any]) -> str:
     semantic = result["semantic"]
     figures = [
-        (label, _figure(semantic[name]) + _interval(result, f"semantic/{name}"), name)
-        for name, label in SEMANTIC_FIGURES
+        (f.label, _figure(semantic[f.name]) + _interval(result, f"semantic/{f.name}"), f.name)
+        for f in figures_in(semantic)
     ]
     evaluated = result["images"]["evaluated"]
+    width = semantic.get("trimap_width")
+    band = (
+        ""
+        if width is None
+        else f" Trimap IoU counts the pixels within {width} pixels of a ground-truth boundary."
+    )
     body = (
         f"<p>{evaluated:,} image(s) evaluated. Figures pool the pixel counts of all of them; "
-        "a class absent from both ground truth and predictions is undefined.</p>"
+        f"a class absent from both ground truth and predictions is undefined.{_e(band)}</p>"
         '<div class="columns">'
         + _key_value_table(figures, "figures")
         + f"<div><h3>IoU per class</h3>{_iou_bars(semantic)}</div>"
         + "</div>"
+        + "<h3>Figures per class</h3>"
+        + _per_class_table(semantic)
         + "<h3>Confusion matrix</h3>"
         + '<p class="note">Row: ground-truth class; column: predicted class. Each row is '
         "normalised to the class's ground-truth pixels (numbers in %); the shade follows the "
@@ -302,6 +303,22 @@ def _semantic_section(result: Mapping[str, Any]) -> str:
         + _confusion_heatmap(semantic["classes"], np.array(semantic["confusion"], np.int64))
     )
     return _section("Evaluation (semantic)", body, "evaluation")
+
+
+def _per_class_table(semantic: Mapping[str, Any]) -> str:
+    figures = [figure for figure in figures_in(semantic) if figure.per_class]
+    head = "".join(f"<th>{_e(figure.class_label)}</th>" for figure in figures)
+    rows = "".join(
+        f'<tr data-class="{_e(name)}"><th>{_e(name)}</th>'
+        + "".join(
+            f'<td class="number" data-class-figure="{_e(figure.per_class)}">'
+            f"{_figure(semantic[figure.per_class][i])}</td>"
+            for figure in figures
+        )
+        + "</tr>"
+        for i, name in enumerate(semantic["classes"])
+    )
+    return f'<table class="per-class"><tr><th>class</th>{head}</tr>{rows}</table>'
 
 
 def _iou_bars(semantic: Mapping[str, Any]) -> str:

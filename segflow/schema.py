@@ -95,12 +95,20 @@ intersection           int64   pixels of the class in both
 union                  int64   gt_pixels + pred_pixels - intersection
 boundary_intersection  int64   pixels in both boundary regions (Boundary IoU)
 boundary_union         int64   pixels in either boundary region
+trimap_intersection    int64   pixels of the class in both, within the band of width r
+                               (``--trimap-width``, default 5) around the ground
+                               truth's boundary (Trimap IoU, see
+                               :mod:`segflow.metrics.boundary`)
+trimap_union           int64   pixels of the class in either, within that band
 soft_intersection      double  with soft metrics asked for (``--soft-metrics``): the
                                sum over the class's ground-truth pixels of its
                                predicted probability; null otherwise. Then every class
                                has a row, present or not
 soft_union             double  the sum of the class's probability over all pixels, plus
                                gt_pixels, minus soft_intersection; null likewise
+soft_squared_union     double  the sum of the class's squared probability over all
+                               pixels, plus gt_pixels, minus soft_intersection (the
+                               squared-L2 form); null likewise
 =====================  ======  ==================================================
 
 ``confusion`` — semantic runs with ground truth: the image's confusion matrix, its non-zero
@@ -229,8 +237,10 @@ CLASS_COUNTS = (
     "union",
     "boundary_intersection",
     "boundary_union",
+    "trimap_intersection",
+    "trimap_union",
 )
-CLASS_SOFT_SUMS = ("soft_intersection", "soft_union")
+CLASS_SOFT_SUMS = ("soft_intersection", "soft_union", "soft_squared_union")
 
 CLASS_STATS = pa.schema(
     [

@@ -1,13 +1,21 @@
 """Evaluate each image where it is segmented, so evaluation never reads the images again.
 
-An :class:`ImageScorer` lives in a worker beside the model. For every image it compares the
-prediction with the image's ground truth and keeps the mergeable integer state the dataset
-figures are later summed from (:mod:`segflow.evaluation`), plus a few per-image figures for
-the ``images`` table:
+A scorer lives in a worker beside the model (:func:`scorer_for` makes the one the model's
+task needs). For every image it compares the prediction with the image's ground truth and
+keeps the mergeable state the dataset figures are later summed from
+(:mod:`segflow.evaluation`), plus a few per-image figures for the ``images`` table. Both
+scorers are metrics like the others (:mod:`segflow.metrics`): ``reset / update / merge /
+state / compute``, and :meth:`~SemanticScorer.score` (``update`` with the checks of one
+image, returning its ``images`` figures) and :meth:`~SemanticScorer.tables` for the shard:
 
-- semantic models: per class present in the ground truth or the prediction, the pixel counts
-  of the ``class_stats`` table, boundary-region counts included (Boundary IoU);
-- instance models: COCOeval's per-image records for ``segm`` and ``bbox``
+- :class:`SemanticScorer`: per image and class present in the ground truth or the prediction
+  (every class, with probabilities), the counts of the ``class_stats`` table — its confusion
+  matrix's margins (:class:`~segflow.metrics.semantic.ConfusionMatrix`), Boundary IoU's and
+  Trimap IoU's regions (:mod:`segflow.metrics.boundary`), the soft sums — and the non-zero
+  cells of its confusion matrix (``confusion``). Its figures, per image and over its images,
+  are :meth:`~segflow.metrics.figures.ClassSums.figures` of those counts, the reduction
+  ``evaluate`` applies to a run;
+- :class:`InstanceScorer`: COCOeval's per-image records for ``segm`` and ``bbox``
   (:class:`segflow.metrics.instance.CocoEvaluator`), the ``coco_*`` tables. Detections are
   matched to ground-truth categories by class name.
 """
@@ -29,54 +37,42 @@ from segflow.groundtruth import (
     SemanticTarget,
     coco_image_id,
 )
-from segflow.metrics.boundary import boundary_region, boundary_width
-from segflow.metrics.instance import CocoEvaluator
+from segflow.metrics.boundary import TRIMAP_WIDTH, boundary_region, boundary_width, trimap_band
+from segflow.metrics.figures import IMAGE_FIGURES, ClassSums
+from segflow.metrics.instance import CocoEvaluator, CocoScores
+from segflow.metrics.semantic import ConfusionMatrix
 from segflow.prediction import InstancePrediction, Prediction, SemanticPrediction
 
-IMAGE_COLUMNS = ("gt_uri", "pixel_accuracy", "miou", "mdice", "boundary_iou")
+IMAGE_COLUMNS = ("gt_uri", *IMAGE_FIGURES)
 IOU_TYPES = ("segm", "bbox")
 METRIC_TABLES = ("class_stats", "confusion", "coco_detections", "coco_ground_truth")
+# Classes whose masks are stacked at once: bounds the working memory on large images.
+_CLASSES_AT_ONCE = 8
 
 
-class ImageScorer:
-    """Scores the images of one shard (or any set of images) against ``ground_truth``."""
-
-    def __init__(self, ground_truth: GroundTruth, classes: Sequence[str], task: str) -> None:
-        if ground_truth.kind != task:
-            raise GroundTruthError(
-                f"ground truth {ground_truth.spec!r} is {ground_truth.kind} but the model is a "
-                f"{task} model"
-            )
-        self.ground_truth = ground_truth
-        self.classes = list(classes)
-        self.category_of: dict[str, int] = {}
-        if task == "instance":
-            categories = ground_truth.categories or {}
-            self.category_of = {
-                name: category for category, name in categories.items() if name in self.classes
-            }
-            if not self.category_of:
-                raise GroundTruthError(
-                    f"none of the categories of {ground_truth.spec!r} "
-                    f"({sorted(categories.values())[:5]}...) is a class of the model "
-                    f"({self.classes[:5]}...): detections are matched to categories by name"
-                )
-        self.reset()
-
-    def reset(self) -> None:
-        self._class_stats: list[dict[str, np.ndarray]] = []
-        self._confusion: list[dict[str, np.ndarray]] = []
-        # COCOeval pools detections of equal score in the ground truth's image id order: the
-        # evaluators are keyed by that id, mapped back to segflow's for the tables.
-        self._image_id_of: dict[int, int] = {}
-        self._evaluators = (
-            {
-                iou_type: CocoEvaluator(iou_type, sorted(self.category_of.values()))
-                for iou_type in IOU_TYPES
-            }
-            if self.category_of
-            else {}
+def scorer_for(
+    ground_truth: GroundTruth,
+    classes: Sequence[str],
+    task: str,
+    *,
+    trimap_width: int = TRIMAP_WIDTH,
+) -> SemanticScorer | InstanceScorer:
+    """The scorer of a ``task`` model's images against ``ground_truth``; a ground truth of the
+    other kind, or one none of whose categories the model has, is a :class:`GroundTruthError`."""
+    if ground_truth.kind != task:
+        raise GroundTruthError(
+            f"ground truth {ground_truth.spec!r} is {ground_truth.kind} but the model is a "
+            f"{task} model"
         )
+    if task == "semantic":
+        return SemanticScorer(classes, trimap_width=trimap_width)
+    return InstanceScorer(ground_truth, classes)
+
+
+class _Scorer:
+    """What both scorers share: :meth:`score`, one image of a shard."""
+
+    _kinds: tuple[type, type]  # the prediction and target it scores
 
     def score(
         self,
@@ -87,27 +83,60 @@ class ImageScorer:
         target: SemanticTarget | InstanceTarget,
     ) -> dict[str, Any]:
         """Evaluate one image (``masks`` are its ``masks`` rows); returns its ``images``
-        columns. A target that does not fit the prediction raises :class:`GroundTruthError`
-        and leaves the state as it was."""
-        size = (prediction.height, prediction.width)
-        if isinstance(prediction, SemanticPrediction) and isinstance(target, SemanticTarget):
-            if tuple(target.labels.shape) != size:
-                raise _size_mismatch(target.source, tuple(target.labels.shape), uri, size)
-            figures = self._score_semantic(image_id, prediction, target)
-        elif isinstance(prediction, InstancePrediction) and isinstance(target, InstanceTarget):
-            if (target.height, target.width) != size:
-                raise _size_mismatch(target.source, (target.height, target.width), uri, size)
-            self._score_instances(image_id, masks, target)
-            figures = {}
-        else:
+        columns (:data:`IMAGE_COLUMNS`). A target that does not fit the prediction raises
+        :class:`GroundTruthError` and leaves the state as it was."""
+        prediction_type, target_type = self._kinds
+        if not (isinstance(prediction, prediction_type) and isinstance(target, target_type)):
             raise GroundTruthError(
                 f"{uri}: a {type(target).__name__} cannot score a {type(prediction).__name__}"
             )
-        return {name: figures.get(name) for name in IMAGE_COLUMNS} | {"gt_uri": target.source}
+        size = (prediction.height, prediction.width)
+        gt_size = (
+            tuple(target.labels.shape)
+            if isinstance(target, SemanticTarget)
+            else (target.height, target.width)
+        )
+        if gt_size != size:
+            raise GroundTruthError(
+                f"{target.source} is {gt_size[1]}x{gt_size[0]} but image {uri} is "
+                f"{size[1]}x{size[0]}"
+            )
+        figures = self._scored(image_id, prediction, masks, target)
+        return dict.fromkeys(IMAGE_COLUMNS) | figures | {"gt_uri": target.source}
 
-    def _score_semantic(
+    def _scored(self, image_id: int, prediction: Any, masks: Any, target: Any) -> dict[str, Any]:
+        """``update`` with the image; its figures of :data:`IMAGE_FIGURES`."""
+        raise NotImplementedError
+
+
+class SemanticScorer(_Scorer):
+    """``class_stats`` and ``confusion`` rows of the images it scored (see the module
+    docstring); Trimap IoU's band is ``trimap_width`` pixels wide."""
+
+    _kinds = (SemanticPrediction, SemanticTarget)
+
+    def __init__(self, classes: Sequence[str], *, trimap_width: int = TRIMAP_WIDTH) -> None:
+        if trimap_width < 0:
+            raise GroundTruthError(f"the trimap width must be 0 or more pixels, got {trimap_width}")
+        self.classes = list(classes)
+        self.trimap_width = trimap_width
+        self.reset()
+
+    def reset(self) -> None:
+        self._class_stats: list[dict[str, np.ndarray]] = []
+        self._confusion: list[dict[str, np.ndarray]] = []
+
+    def _scored(
+        self, image_id: int, prediction: SemanticPrediction, masks: Any, target: SemanticTarget
+    ) -> dict[str, Any]:
+        self.update(image_id, prediction, target)
+        figures = ClassSums.of_rows(self._class_stats[-1], len(self.classes)).figures()
+        return {name: figures[name] for name in IMAGE_FIGURES}
+
+    def update(
         self, image_id: int, prediction: SemanticPrediction, target: SemanticTarget
-    ) -> dict[str, float | None]:
+    ) -> SemanticScorer:
+        """Count one image (its labels and ground truth of the same size)."""
         labels = prediction.labels
         n = len(self.classes)
         truth = torch.from_numpy(np.asarray(target.labels, dtype=np.int64)).to(labels.device)
@@ -119,61 +148,173 @@ class ImageScorer:
                 f"but the model has {n} classes; ignore them (--ignore-index) or map them "
                 "(an id_map)"
             )
-        confusion = torch.bincount(truth[valid] * n + labels[valid], minlength=n * n).view(n, n)
+        confusion = ConfusionMatrix(n).update(truth, labels).state()
         gt_pixels, pred_pixels = confusion.sum(1), confusion.sum(0)
-        intersection = confusion.diagonal()
         soft = prediction.probabilities
         # With probabilities every class has a row: one absent from this image still holds
         # some probability, part of its dataset soft union.
-        present = (
-            torch.arange(n, device=labels.device)
-            if soft is not None
-            else torch.nonzero(gt_pixels + pred_pixels).flatten()
-        )
-        width = boundary_width(*labels.shape)
-        boundary = np.zeros((2, len(present)), np.int64)
-        for i, class_id in enumerate(present.tolist()):
-            # Ignored pixels neither make nor hide a ground-truth boundary, and are not counted.
-            truth_boundary = boundary_region(truth == class_id, width, dont_care=~valid)
-            predicted_boundary = boundary_region(labels == class_id, width)
-            boundary[0, i] = (truth_boundary & predicted_boundary & valid).sum()
-            boundary[1, i] = ((truth_boundary | predicted_boundary) & valid).sum()
+        present = np.arange(n) if soft is not None else np.flatnonzero(gt_pixels + pred_pixels)
         counts = {
-            "gt_pixels": gt_pixels[present].cpu().numpy(),
-            "pred_pixels": pred_pixels[present].cpu().numpy(),
-            "intersection": intersection[present].cpu().numpy(),
-            "boundary_intersection": boundary[0],
-            "boundary_union": boundary[1],
+            "gt_pixels": gt_pixels[present],
+            "pred_pixels": pred_pixels[present],
+            "intersection": confusion.diagonal()[present],
+            **self._regions(truth, labels, valid, present),
         }
         counts["union"] = counts["gt_pixels"] + counts["pred_pixels"] - counts["intersection"]
         if soft is not None:
-            soft = soft.to(labels.device, torch.float64)[:, valid]  # (C, evaluated pixels)
-            soft_intersection = soft.gather(0, truth[valid][None]).flatten()
-            soft_intersection = torch.zeros(n, dtype=torch.float64, device=soft.device).index_add_(
-                0, truth[valid], soft_intersection
-            )
-            counts["soft_intersection"] = soft_intersection.cpu().numpy()
-            counts["soft_union"] = (
-                (soft.sum(1) + gt_pixels.double() - soft_intersection).cpu().numpy()
-            )
+            counts |= _soft_sums(soft.to(labels.device, torch.float64)[:, valid], truth[valid])
         self._class_stats.append(
-            {"image_id": np.full(len(present), image_id), "class_id": present.cpu().numpy()}
-            | counts
+            {"image_id": np.full(len(present), image_id), "class_id": present} | counts
         )
-        cells = torch.nonzero(confusion).cpu().numpy()
+        cells = np.argwhere(confusion)
         self._confusion.append(
             {
                 "image_id": np.full(len(cells), image_id),
                 "gt_class": cells[:, 0],
                 "pred_class": cells[:, 1],
-                "pixels": confusion[cells[:, 0], cells[:, 1]].cpu().numpy(),
+                "pixels": confusion[cells[:, 0], cells[:, 1]],
             }
         )
-        return _image_figures(counts)
+        return self
 
-    def _score_instances(
+    def _regions(
+        self, truth: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, present: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Boundary IoU's and Trimap IoU's counts of the ``present`` classes."""
+        width = boundary_width(*labels.shape)
+        sums: dict[str, list[torch.Tensor]] = {
+            name: []
+            for name in (
+                "boundary_intersection",
+                "boundary_union",
+                "trimap_intersection",
+                "trimap_union",
+            )
+        }
+        ids = torch.from_numpy(present).to(labels.device)
+        for chunk in ids.split(_CLASSES_AT_ONCE):
+            truth_masks = truth == chunk[:, None, None]
+            predicted_masks = labels == chunk[:, None, None]
+            # Ignored pixels neither make nor hide a ground-truth boundary, and are not counted.
+            truth_boundary = boundary_region(truth_masks, width, dont_care=~valid)
+            predicted_boundary = boundary_region(predicted_masks, width)
+            band = trimap_band(truth_masks, self.trimap_width, valid=valid)
+            both, either = truth_masks & predicted_masks, truth_masks | predicted_masks
+            for name, pixels in (
+                ("boundary_intersection", truth_boundary & predicted_boundary & valid),
+                ("boundary_union", (truth_boundary | predicted_boundary) & valid),
+                ("trimap_intersection", band & both),
+                ("trimap_union", band & either),
+            ):
+                sums[name].append(pixels.sum((-2, -1)))
+        return {
+            name: torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.int64)
+            for name, parts in sums.items()
+        }
+
+    def merge(self, other: SemanticScorer) -> SemanticScorer:
+        if other.classes != self.classes:
+            raise GroundTruthError("cannot merge the scores of models with different classes")
+        self._class_stats += other._class_stats
+        self._confusion += other._confusion
+        return self
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        """The rows of ``class_stats`` and ``confusion`` (their columns but ``run_id`` and
+        ``class_name``), as numpy columns."""
+        class_stats = _concatenated(
+            self._class_stats, ("image_id", "class_id", *schema.CLASS_COUNTS), np.int64
+        )
+        for column in schema.CLASS_SOFT_SUMS:
+            # NaN marks a missing soft sum (not asked for): null in the table.
+            class_stats[column] = np.concatenate(
+                [
+                    part.get(column, np.full(len(part["image_id"]), np.nan))
+                    for part in self._class_stats
+                ]
+                or [np.zeros(0)]
+            )
+        confusion = _concatenated(
+            self._confusion, ("image_id", "gt_class", "pred_class", "pixels"), np.int64
+        )
+        return {"class_stats": class_stats, "confusion": confusion}
+
+    def compute(self) -> dict[str, Any]:
+        """The figures of the images scored (:meth:`ClassSums.figures`)."""
+        return ClassSums.of_rows(self.state()["class_stats"], len(self.classes)).figures()
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        """The shard's metric tables (:data:`METRIC_TABLES`)."""
+        state = self.state()
+        class_stats = state["class_stats"]
+        class_stats["class_name"] = np.array(self.classes, dtype=object)[class_stats["class_id"]]
+        return _empty_tables() | {
+            "class_stats": _table("class_stats", run_id, class_stats),
+            "confusion": _table("confusion", run_id, state["confusion"]),
+        }
+
+
+def _soft_sums(soft: torch.Tensor, truth: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per class, from the probabilities ``(C, pixels)`` of the evaluated pixels and their
+    ground truth: the soft intersection and the soft unions of both forms
+    (:mod:`segflow.metrics.figures`)."""
+    n = soft.shape[0]
+    on_truth = soft.gather(0, truth[None]).flatten()
+    intersection = torch.zeros(n, dtype=torch.float64, device=soft.device).index_add_(
+        0, truth, on_truth
+    )
+    gt_pixels = torch.bincount(truth, minlength=n).double()
+    return {
+        "soft_intersection": intersection.cpu().numpy(),
+        "soft_union": (soft.sum(1) + gt_pixels - intersection).cpu().numpy(),
+        # The ground truth is 0 or 1, so its squared L2 norm is its pixel count.
+        "soft_squared_union": (soft.square().sum(1) + gt_pixels - intersection).cpu().numpy(),
+    }
+
+
+class InstanceScorer(_Scorer):
+    """COCOeval's per-image records, per IoU type, of the images it scored."""
+
+    _kinds = (InstancePrediction, InstanceTarget)
+
+    def __init__(self, ground_truth: GroundTruth, classes: Sequence[str]) -> None:
+        self.classes = list(classes)
+        categories = ground_truth.categories or {}
+        self.category_of = {
+            name: category for category, name in categories.items() if name in self.classes
+        }
+        if not self.category_of:
+            raise GroundTruthError(
+                f"none of the categories of {ground_truth.spec!r} "
+                f"({sorted(categories.values())[:5]}...) is a class of the model "
+                f"({self.classes[:5]}...): detections are matched to categories by name"
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        # COCOeval pools detections of equal score in the ground truth's image id order: the
+        # evaluators are keyed by that id, mapped back to segflow's for the tables.
+        self._image_id_of: dict[int, int] = {}
+        self._evaluators = {
+            iou_type: CocoEvaluator(iou_type, sorted(self.category_of.values()))
+            for iou_type in IOU_TYPES
+        }
+
+    def _scored(
+        self,
+        image_id: int,
+        prediction: InstancePrediction,
+        masks: Sequence[Mapping[str, Any]],
+        target: InstanceTarget,
+    ) -> dict[str, Any]:
+        self.update(image_id, masks, target)
+        return {}  # instance models have no per-image figures
+
+    def update(
         self, image_id: int, masks: Sequence[Mapping[str, Any]], target: InstanceTarget
-    ) -> None:
+    ) -> InstanceScorer:
+        """Evaluate one image's ``masks`` rows; an image that either IoU type cannot evaluate
+        raises and leaves the state as it was."""
         detections = [
             {
                 "category_id": self.category_of[row["class_name"]],
@@ -207,22 +348,17 @@ class ImageScorer:
         for iou_type, evaluator in self._evaluators.items():
             evaluator.merge(this_image[iou_type])
         self._image_id_of[gt_image_id] = image_id
+        return self
 
-    def tables(self, run_id: str) -> dict[str, pa.Table]:
-        """The shard's metric tables (:data:`METRIC_TABLES`)."""
-        class_stats = _concatenated(
-            self._class_stats, ("image_id", "class_id", *schema.CLASS_COUNTS)
-        )
-        for column in schema.CLASS_SOFT_SUMS:
-            class_stats[column] = np.concatenate(
-                [
-                    part.get(column, np.full(len(part["image_id"]), np.nan))
-                    for part in self._class_stats
-                ]
-                or [np.zeros(0)]
-            )
-        confusion = _concatenated(self._confusion, ("image_id", "gt_class", "pred_class", "pixels"))
-        class_stats["class_name"] = np.array(self.classes, dtype=object)[class_stats["class_id"]]
+    def merge(self, other: InstanceScorer) -> InstanceScorer:
+        for iou_type, evaluator in self._evaluators.items():
+            evaluator.merge(other._evaluators[iou_type])  # refuses images scored twice
+        self._image_id_of |= other._image_id_of
+        return self
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        """The rows of ``coco_detections`` and ``coco_ground_truth`` (their columns but
+        ``run_id``), as numpy columns."""
         coco: dict[str, list[dict[str, np.ndarray]]] = {"detections": [], "ground_truth": []}
         for iou_type, evaluator in self._evaluators.items():
             state = evaluator.state()
@@ -235,41 +371,30 @@ class ImageScorer:
                 rows["iou_type"] = np.full(len(rows["image_id"]), iou_type, dtype=object)
                 coco[name].append(rows)
         return {
-            "class_stats": _table("class_stats", run_id, class_stats),
-            "confusion": _table("confusion", run_id, confusion),
-            "coco_detections": _table("coco_detections", run_id, _merged(coco["detections"])),
-            "coco_ground_truth": _table("coco_ground_truth", run_id, _merged(coco["ground_truth"])),
+            "coco_detections": _merged(coco["detections"]),
+            "coco_ground_truth": _merged(coco["ground_truth"]),
+        }
+
+    def compute(self) -> dict[str, CocoScores]:
+        """COCO mAP of the images scored, per IoU type."""
+        return {
+            iou_type: CocoEvaluator.from_state(evaluator.state()).compute()
+            for iou_type, evaluator in self._evaluators.items()
+        }
+
+    def tables(self, run_id: str) -> dict[str, pa.Table]:
+        """The shard's metric tables (:data:`METRIC_TABLES`)."""
+        state = self.state()
+        return _empty_tables() | {
+            name: _table(name, run_id, columns) for name, columns in state.items()
         }
 
 
-def _image_figures(counts: Mapping[str, np.ndarray]) -> dict[str, float | None]:
-    evaluated = int(counts["gt_pixels"].sum())
-    union = counts["union"]
-    boundary_union = counts["boundary_union"]
+def _concatenated(parts: list[dict[str, np.ndarray]], columns: Sequence[str], dtype) -> dict:
     return {
-        "pixel_accuracy": int(counts["intersection"].sum()) / evaluated if evaluated else None,
-        "miou": _mean_ratio(counts["intersection"], union),
-        "mdice": _mean_ratio(2 * counts["intersection"], union + counts["intersection"]),
-        "boundary_iou": _mean_ratio(counts["boundary_intersection"], boundary_union),
-    }
-
-
-def _mean_ratio(numerator: np.ndarray, denominator: np.ndarray) -> float | None:
-    defined = denominator > 0
-    return float(np.mean(numerator[defined] / denominator[defined])) if defined.any() else None
-
-
-def _size_mismatch(source: str, gt_size: tuple, uri: str, size: tuple) -> GroundTruthError:
-    return GroundTruthError(
-        f"{source} is {gt_size[1]}x{gt_size[0]} but image {uri} is {size[1]}x{size[0]}"
-    )
-
-
-def _concatenated(parts: list[dict[str, np.ndarray]], columns: Sequence[str]) -> dict:
-    return {
-        column: np.concatenate([part[column] for part in parts]).astype(np.int64)
+        column: np.concatenate([part[column] for part in parts]).astype(dtype)
         if parts
-        else np.zeros(0, np.int64)
+        else np.zeros(0, dtype)
         for column in columns
     }
 
@@ -280,6 +405,10 @@ def _merged(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
         if parts
         else None
     )
+
+
+def _empty_tables() -> dict[str, pa.Table]:
+    return {name: schema.TABLES[name].empty_table() for name in METRIC_TABLES}
 
 
 def _table(name: str, run_id: str, columns: dict[str, np.ndarray] | None) -> pa.Table:

@@ -32,9 +32,16 @@ import torch
 from segflow import rle, schema
 from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
 from segflow.groundtruth import GroundTruth, InstanceTarget, SemanticTarget
+from segflow.metrics.boundary import TRIMAP_WIDTH
 from segflow.prediction import InstancePrediction, Prediction, SemanticPrediction
 from segflow.reading import read_bytes
-from segflow.scoring import IMAGE_COLUMNS, METRIC_TABLES, ImageScorer
+from segflow.scoring import (
+    IMAGE_COLUMNS,
+    METRIC_TABLES,
+    InstanceScorer,
+    SemanticScorer,
+    scorer_for,
+)
 
 DEFAULT_READ_TIMEOUT = 60.0
 
@@ -107,13 +114,14 @@ def segment_images(
     fetch: Callable[[str], bytes] = read_bytes,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     ground_truth: GroundTruth | None = None,
+    trimap_width: int = TRIMAP_WIDTH,
     on_progress: Callable[[], None] | None = None,
 ) -> ShardResult:
     """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
     reads one URI's bytes, and one that takes longer than ``read_timeout`` seconds (``None``:
     no limit) fails that image. With ``ground_truth``, every segmented image is also
-    evaluated. ``on_progress`` is called each time images are done (a batch, or images that
-    failed before the model)."""
+    evaluated (Trimap IoU's band ``trimap_width`` pixels wide). ``on_progress`` is called
+    each time images are done (a batch, or images that failed before the model)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if read_timeout is not None and not read_timeout > 0:
@@ -121,7 +129,11 @@ def segment_images(
     started = time.perf_counter()
     rows = _Rows()
     model_name = str(model.name)
-    scorer = None if ground_truth is None else ImageScorer(ground_truth, model.classes, model.task)
+    scorer = (
+        None
+        if ground_truth is None
+        else scorer_for(ground_truth, model.classes, model.task, trimap_width=trimap_width)
+    )
 
     def load(uri: str) -> _Decoded:
         item = _Decoded(uri)
@@ -175,7 +187,7 @@ def _predict_batch(
     run_id: str,
     batch: list[_Decoded],
     rows: _Rows,
-    scorer: ImageScorer | None,
+    scorer: SemanticScorer | InstanceScorer | None,
 ):
     if not batch:
         return
@@ -221,7 +233,10 @@ def _predict_batch(
 
 
 def _evaluate(
-    scorer: ImageScorer | None, item: _Decoded, prediction: Prediction, masks: list[dict]
+    scorer: SemanticScorer | InstanceScorer | None,
+    item: _Decoded,
+    prediction: Prediction,
+    masks: list[dict],
 ) -> dict[str, Any] | BaseException:
     """The image's evaluation columns, or why it could not be evaluated."""
     if scorer is None:

@@ -23,7 +23,7 @@ from segflow import schema
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard, build_manifest
 from segflow.prediction import InstancePrediction
-from segflow.scoring import ImageScorer
+from segflow.scoring import scorer_for
 from segflow.shard import mask_rows
 from segflow.store import RunStore
 
@@ -149,7 +149,7 @@ def jittered_detections(coco: COCO, image_id: int, rng) -> InstancePrediction:
 @pytest.fixture(scope="session")
 def instance_run(coco_subset, shared: Path, tmp_path_factory) -> Path:
     """A run of an instance "model" whose detections are jittered ground truth, written by
-    the workers' code path (mask rows, ImageScorer, commit) over two shards."""
+    the workers' code path (mask rows, scorer_for, commit) over two shards."""
     gt_path, coco = coco_subset
     out = tmp_path_factory.mktemp("instance") / "out"
     store = RunStore(str(out), "inst")
@@ -163,7 +163,7 @@ def instance_run(coco_subset, shared: Path, tmp_path_factory) -> Path:
     uris = [str(images_dir / coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
     rng = np.random.default_rng(3)
     for index, shard_uris in enumerate((uris[:6], uris[6:])):
-        scorer = ImageScorer(ground_truth, model.classes, "instance")
+        scorer = scorer_for(ground_truth, model.classes, "instance")
         masks, images = [], []
         for uri in shard_uris:
             image_id = schema.image_id_for(uri)

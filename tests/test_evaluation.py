@@ -24,7 +24,7 @@ from segflow.evaluation import EvaluationError, coco_results_of_run, evaluate_ru
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard
 from segflow.metrics.semantic import ConfusionMatrix
-from segflow.scoring import ImageScorer
+from segflow.scoring import scorer_for
 from segflow.shard import mask_rows
 from segflow.store import RunStore
 
@@ -55,6 +55,9 @@ def camvid_run(shared: Path, tmp_path_factory) -> Path:
         "11",
         "--shard-size",
         "32",
+        "--soft-metrics",
+        "--trimap-width",
+        "5",
         "--out",
         str(out),
         log=log,
@@ -63,9 +66,22 @@ def camvid_run(shared: Path, tmp_path_factory) -> Path:
     return out
 
 
+def trimap_from_scratch(run: Path, labels_dir: Path, uris: list[str]) -> np.ndarray:
+    """(2, 11): Trimap IoU's summed intersections and unions at r = 5 over ``uris``, from
+    the masks decoded by pycocotools and the label files, by tests/test_metrics_trimap.py's
+    reference."""
+    from tests.test_metrics_trimap import reference_counts
+
+    counts = np.zeros((2, 11), np.int64)
+    for uri, prediction in predictions_from_masks(run, uris).items():
+        truth = np.array(Image.open(labels_dir / Path(uri).name), dtype=np.int64)
+        counts += reference_counts(np.where(truth == 11, -1, truth), prediction, 5, 11)
+    return counts
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_segment_then_evaluate_reproduces_the_model_card(camvid_run: Path):
+def test_segment_then_evaluate_reproduces_the_model_card(camvid_run: Path, shared: Path):
     printed = subprocess.run(
         [SEGFLOW, "evaluate", str(camvid_run), "--json"],
         capture_output=True,
@@ -80,6 +96,19 @@ def test_segment_then_evaluate_reproduces_the_model_card(camvid_run: Path):
     assert semantic["pixel_accuracy"] == pytest.approx(CARD_PIXEL_ACCURACY, abs=1e-4)
     assert len(semantic["per_class_iou"]) == 11
     assert 0 < semantic["boundary_iou"] < semantic["miou"]  # boundaries are the hard part
+
+    # Trimap IoU, as the command printed it, equals the reference's over the 101 frames.
+    [run] = camvid_run.glob("run=*")
+    assert json.loads((run / "run.json").read_text())["trimap_width"] == 5
+    uris = [uri for (uri,) in duckdb.sql(f"SELECT uri FROM '{run}/images/*.parquet'").fetchall()]
+    labels_dir = shared / "data" / "camvid_val" / "labels"
+    intersection, union = trimap_from_scratch(run, labels_dir, uris)
+    assert union.all()  # every class has a band
+    assert semantic["per_class_trimap_iou"] == (intersection / union).tolist()
+    assert semantic["trimap_miou"] == pytest.approx(np.mean(intersection / union), abs=1e-15)
+    assert 0 < semantic["trimap_miou"] < semantic["miou"]
+    for name in ("soft_miou", "soft_mdice", "soft_miou_squared", "soft_mdice_squared"):
+        assert 0 < semantic[name] < 1, name
 
 
 def predictions_from_masks(run: Path, uris: list[str]) -> dict[str, np.ndarray]:
@@ -125,6 +154,10 @@ def test_a_slice_equals_evaluating_its_images_from_scratch(camvid_run: Path, sha
     np.testing.assert_array_equal(
         np.array(result["per_class_iou"], dtype=float), expected.per_class_iou
     )
+    intersection, union = trimap_from_scratch(run, labels_dir, uris)
+    assert result["per_class_trimap_iou"] == [
+        i / u if u else None for i, u in zip(intersection.tolist(), union.tolist(), strict=True)
+    ]
 
 
 def test_a_bad_slice_or_a_run_without_ground_truth_is_a_clear_error(camvid_run: Path, tmp_path):
@@ -253,7 +286,7 @@ def test_soft_metrics_equal_the_softmax_of_the_graph(shared: Path, tmp_path: Pat
 
     # From scratch: the exported graph's logits (480x360 needs no padding), softmax, sums.
     graph = torch.export.load(model_path).module()
-    intersection, union = np.zeros(11), np.zeros(11)
+    intersection, union, squared_union = np.zeros(11), np.zeros(11), np.zeros(11)
     for uri in uris:
         pixels = torch.from_numpy(np.array(Image.open(uri).convert("RGB"))).permute(2, 0, 1)
         with torch.inference_mode():
@@ -264,10 +297,15 @@ def test_soft_metrics_equal_the_softmax_of_the_graph(shared: Path, tmp_path: Pat
         onehot = np.eye(11)[truth[valid]].T
         intersection += (p * onehot).sum(1)
         union += p.sum(1) + onehot.sum(1) - (p * onehot).sum(1)
-    expected = intersection / union
-    np.testing.assert_allclose(semantic["per_class_soft_iou"], expected, rtol=1e-6)
-    assert semantic["soft_miou"] == pytest.approx(expected.mean(), rel=1e-6)
+        squared_union += (p**2).sum(1) + (onehot**2).sum(1) - (p * onehot).sum(1)
+    for suffix, denominator in (("", union), ("_squared", squared_union)):
+        expected = intersection / denominator
+        dice = 2 * intersection / (denominator + intersection)
+        np.testing.assert_allclose(semantic[f"per_class_soft_iou{suffix}"], expected, rtol=1e-6)
+        assert semantic[f"soft_miou{suffix}"] == pytest.approx(expected.mean(), rel=1e-6)
+        assert semantic[f"soft_mdice{suffix}"] == pytest.approx(dice.mean(), rel=1e-6)
     assert semantic["soft_miou"] < semantic["miou"]  # probabilities below 1 cost soft IoU
+    assert semantic["soft_miou"] < semantic["soft_miou_squared"]  # ... squared, less
 
 
 def test_an_annotation_one_iou_type_cannot_use_leaves_the_shard_state_whole(coco_subset):
@@ -282,7 +320,7 @@ def test_an_annotation_one_iou_type_cannot_use_leaves_the_shard_state_whole(coco
     for category_id, category in coco.cats.items():
         names[category_id] = category["name"]
     model = SimpleNamespace(name="jitter", classes=tuple(names), task="instance")
-    scorer = ImageScorer(ground_truth, model.classes, "instance")
+    scorer = scorer_for(ground_truth, model.classes, "instance")
     rng = np.random.default_rng(0)
     uris = [f"/x/{coco.imgs[i]['file_name']}" for i in sorted(coco.imgs)[:2]]
     targets = [ground_truth.target(uri) for uri in uris]

@@ -392,3 +392,54 @@ def test_report_of_what_is_not_a_run_is_a_clear_error(tmp_path: Path):
     assert not (tmp_path / "r.html").exists()
     with pytest.raises(ValueError, match="worst must be"):
         render_report(str(tmp_path), worst=-1)
+
+
+def test_the_semantic_report_shows_every_per_class_figure(shared: Path, tmp_path: Path):
+    """Trimap IoU and the soft IoUs of both forms, per class, as ``evaluate`` has them (a
+    run written by the workers' code path on two CamVid frames, without Ray)."""
+    from segflow.evaluation import evaluate_run
+    from segflow.groundtruth import open_ground_truth
+    from segflow.manifest import Shard
+    from segflow.models import load_model
+    from segflow.shard import segment_images
+
+    labels = shared / "data" / "camvid_val" / "labels"
+    uris = sorted(str(p) for p in (shared / "data" / "camvid_val" / "images").glob("*.png"))[:2]
+    model = load_model(shared / "models" / "espnet_camvid.pt2", return_probabilities=True)
+    gt = f"masks:{labels}"
+    result = segment_images(
+        model,
+        uris,
+        run_id="r",
+        ground_truth=open_ground_truth(gt, ignore_index=11),
+        trimap_width=3,
+    )
+    store = RunStore(str(tmp_path), "r")
+    store.prepare({"input": "frames", "model": "espnet"})
+    summary = {
+        "shard": 0,
+        "images": result.num_images,
+        "failed": result.num_failed,
+        "not_evaluated": result.num_not_evaluated,
+        "masks": result.tables["masks"].num_rows,
+    }
+    store.commit_shard(Shard(0, 0, len(uris)), result.tables, summary)
+    store.write_json(
+        "evaluation.json",
+        {
+            "task": "semantic",
+            "classes": list(model.classes),
+            "gt": gt,
+            "ignore_index": 11,
+            "trimap_width": 3,
+        },
+    )
+    semantic = evaluate_run(str(tmp_path))["semantic"]
+    dom = parse(render_report(str(tmp_path), worst=1))
+    assert figure(dom, "trimap_miou") == round(semantic["trimap_miou"], 3)
+    assert "within 3 pixels" in dom.text()
+    for key in ("per_class_trimap_iou", "per_class_soft_iou", "per_class_soft_iou_squared"):
+        cells = [td for td in dom.find_all("td") if td.attrs.get("data-class-figure") == key]
+        shown = [None if c.text() == "undefined" else float(c.text()) for c in cells]
+        assert shown == [None if v is None else round(v, 3) for v in semantic[key]], key
+    assert any(v is not None for v in semantic["per_class_trimap_iou"])

@@ -45,6 +45,7 @@ class SegmentActor:
         self.max_pixels = job.max_pixels
         self.read_timeout = job.read_timeout
         self.stall_timeout = job.stall_timeout
+        self.trimap_width = job.trimap_width
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> ShardFiles:
         with StallWatchdog(shard, self.stall_timeout) as watchdog:
@@ -63,6 +64,7 @@ class SegmentActor:
             max_pixels=self.max_pixels,
             read_timeout=self.read_timeout,
             ground_truth=self.ground_truth,
+            trimap_width=self.trimap_width,
             on_progress=watchdog.progress,
         )
         watchdog.progress()  # the writes get a stall timeout of their own

@@ -2,12 +2,12 @@
 
 mIoU is computed from the summed matrix (as torchvision's reference ``ConfusionMatrix`` and
 the Cityscapes/VOC benchmarks do), never as a mean of per-image IoUs: the two differ whenever
-images differ in size or class frequency.
+images differ in size or class frequency. Its margins reduce to figures in
+:class:`~segflow.metrics.figures.SemanticScores`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,46 +15,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-
-@dataclass(frozen=True)
-class SemanticScores:
-    """Dataset figures. A class absent from both ground truth and predictions has IoU NaN
-    (undefined) and is left out of the means."""
-
-    miou: float
-    pixel_accuracy: float
-    mean_accuracy: float
-    fwiou: float
-    mdice: float
-    per_class_iou: np.ndarray  # (C,) float64, NaN where undefined
-
-    @classmethod
-    def from_counts(
-        cls, gt_pixels: np.ndarray, predicted_pixels: np.ndarray, true_positive: np.ndarray
-    ) -> SemanticScores:
-        """The figures from per-class integer sums (ground-truth pixels, predicted pixels and
-        their intersection), which is all a confusion matrix contributes to them."""
-        gt_pixels, predicted_pixels, true_positive = (
-            np.asarray(a, dtype=np.int64) for a in (gt_pixels, predicted_pixels, true_positive)
-        )
-        union = gt_pixels + predicted_pixels - true_positive
-        total = gt_pixels.sum()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iou = np.where(union > 0, true_positive / union, np.nan)
-            dice = np.where(union > 0, 2 * true_positive / (gt_pixels + predicted_pixels), np.nan)
-            class_accuracy = np.where(gt_pixels > 0, true_positive / gt_pixels, np.nan)
-            frequency = gt_pixels / total if total else np.zeros_like(iou)
-        defined = ~np.isnan(iou)
-        return cls(
-            miou=float(np.nanmean(iou)) if defined.any() else float("nan"),
-            pixel_accuracy=float(true_positive.sum() / total) if total else float("nan"),
-            mean_accuracy=float(np.nanmean(class_accuracy))
-            if (gt_pixels > 0).any()
-            else float("nan"),
-            fwiou=float((frequency[defined] * iou[defined]).sum()) if total else float("nan"),
-            mdice=float(np.nanmean(dice)) if defined.any() else float("nan"),
-            per_class_iou=iou,
-        )
+from segflow.metrics.figures import SemanticScores
 
 
 class ConfusionMatrix:
