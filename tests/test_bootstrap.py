@@ -25,14 +25,9 @@ from segflow.bootstrap import (
     image_weights,
     intervals,
 )
-from segflow.evaluation import (
-    COUNT_COLUMNS,
-    EvaluationError,
-    evaluate_run,
-    headline_figures,
-    semantic_figures,
-)
+from segflow.evaluation import EvaluationError, evaluate_run, headline_figures
 from segflow.manifest import Shard
+from segflow.metrics.figures import INTEGER_SUMS, ClassSums
 from segflow.store import RunStore
 from tests.test_metrics_instance import (
     assert_same_as_coco,
@@ -76,6 +71,8 @@ def population_counts(rng: np.random.Generator, n_images: int) -> dict[str, np.n
         "union": union,
         "boundary_intersection": intersection // 4,
         "boundary_union": union // 3,
+        "trimap_intersection": intersection // 2,
+        "trimap_union": union // 2,
     }
 
 
@@ -93,7 +90,7 @@ def class_stats(run_id: str, counts: dict[str, np.ndarray]) -> pa.Table:
         "image_id": image_ids[image],
         "class_id": klass.astype(np.int32),
         "class_name": np.array(CLASSES)[klass],
-        **{name: counts[name][image, klass] for name in COUNT_COLUMNS},
+        **{name: counts[name][image, klass] for name in schema.CLASS_COUNTS},
     }
     return table_of("class_stats", columns, len(image))
 
@@ -233,7 +230,7 @@ def test_the_replicates_are_evaluations_of_the_resampled_images():
     for b in range(6):
         repeated = {name: np.repeat(values, weights[b], axis=0) for name, values in counts.items()}
         expected = headline_figures(
-            {"semantic": semantic_figures({n: v.sum(axis=0) for n, v in repeated.items()})}
+            {"semantic": ClassSums(**{n: repeated[n].sum(axis=0) for n in INTEGER_SUMS}).figures()}
         )
         for name, value in expected.items():
             assert replicates[name][b] == value, name
