@@ -25,6 +25,7 @@ from segflow.decode import DEFAULT_MAX_PIXELS
 from segflow.errors import RunIncompleteError, SegflowError
 from segflow.manifest import Shard, build_manifest, shards
 from segflow.preflight import CheckedJob, check_segment_job, recorded_sha256
+from segflow.raster import RasterOptions
 from segflow.shard import DEFAULT_READ_TIMEOUT
 from segflow.store import RunStore
 from workers.cluster import connect
@@ -195,6 +196,7 @@ def segment(
     checked: CheckedJob | None = None,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+    raster: RasterOptions | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -207,7 +209,8 @@ def segment(
     hash. A read that takes longer than ``read_timeout`` seconds fails its image; a shard
     with no image done for ``stall_timeout`` seconds is retried, and fails the run after its
     last attempt (``None``: no limit). ``on_plan`` and ``on_shard`` let a caller (the CLI's
-    progress bar) follow the run.
+    progress bar) follow the run. ``raster``: how georeferenced rasters feed the model
+    (:mod:`segflow.raster`).
     """
     started = time.perf_counter()
     model_options = model_options or {}
@@ -223,6 +226,7 @@ def segment(
         gt=gt,
         ignore_index=ignore_index,
         model_sha256=model_sha256,
+        raster=raster,
     )
     # The actors load the file of the hash the run records.
     model_sha256 = checked.config["model_sha256"]

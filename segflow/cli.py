@@ -131,6 +131,20 @@ def segment(
             "default: the file's hash when the run starts, which every worker checks."
         ),
     ] = None,
+    bands: Annotated[
+        str | None,
+        typer.Option(
+            help="GeoTIFF inputs: the 1-based bands that feed the model's RGB, e.g. 1,2,3 or "
+            "1,1,1 (default: the model card's input.bands, else 1,2,3)."
+        ),
+    ] = None,
+    rescale: Annotated[
+        str | None,
+        typer.Option(
+            help="GeoTIFF inputs that are not 8-bit: LOW,HIGH values or pLOW,pHIGH "
+            "percentiles per image (e.g. p2,p98) mapped to 0..255."
+        ),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -169,6 +183,7 @@ def segment(
         # A job that cannot run fails here, before Ray and Prefect take seconds to start.
         from segflow.preflight import check_segment_job
 
+        run["raster"] = _raster_options(bands, rescale)
         checked = check_segment_job(
             input,
             model,
@@ -179,6 +194,7 @@ def segment(
             gt=gt,
             ignore_index=ignore_index,
             model_sha256=model_sha256,
+            raster=run["raster"],
         )
         run["model_sha256"] = checked.config["model_sha256"]  # what the actors check
         # Registered before Ray and Prefect are imported, so it runs after their exit handlers:
@@ -257,6 +273,18 @@ def segment(
         described = "; ".join(p for p in problems if p)
         console.print(f"[red]{described}[/]: see {summary['output']}/errors/")
         raise typer.Exit(code=IMAGES_FAILED)
+
+
+def _raster_options(bands: str | None, rescale: str | None):
+    """``--bands`` and ``--rescale`` as segflow.raster options, None when neither is given."""
+    if bands is None and rescale is None:
+        return None
+    from segflow.raster import RasterOptions, Rescale, parse_bands
+
+    return RasterOptions(
+        bands=None if bands is None else parse_bands(bands),
+        rescale=None if rescale is None else Rescale.parse(rescale),
+    )
 
 
 def _set_environment_defaults() -> None:
@@ -445,6 +473,34 @@ def export_coco(
         with fsspec.open(out, "w") as f:
             json.dump(results, f)
     console.print(f"{len(results)} detections written to {out}")
+
+
+@app.command("export-vector")
+def export_vector(
+    run: Annotated[str, typer.Argument(help="A run over georeferenced rasters (GeoTIFF).")],
+    out: Annotated[str, typer.Argument(help="Where to write the polygons (.parquet, .geojson).")],
+    crs: Annotated[
+        str | None,
+        typer.Option(help="Reproject to this CRS, e.g. EPSG:4326 (default: the rasters' own)."),
+    ] = None,
+    simplify: Annotated[
+        float, typer.Option(min=0, help="Simplify polygons to this tolerance, CRS units.")
+    ] = 0.0,
+    min_area: Annotated[
+        float, typer.Option(min=0, help="Drop polygons smaller than this, CRS units².")
+    ] = 0.0,
+    format: Annotated[str, typer.Option(help="geoparquet or geojson.")] = "geoparquet",
+) -> None:
+    """Write a run's masks as polygons in the rasters' CRS: GeoParquet 1.1 or GeoJSON."""
+    with _reported():
+        from segflow.vector import VectorExport, export_vector
+
+        options = VectorExport(crs=crs, simplify=simplify, min_area=min_area, format=format)
+        summary = export_vector(run, out, options)
+    console.print(
+        f"{summary.polygons} polygons of {summary.masks} masks ({summary.images} rasters, "
+        f"{summary.crs}) written to {out}"
+    )
 
 
 @app.command()

@@ -33,6 +33,7 @@ from segflow.groundtruth import GroundTruthError, open_ground_truth
 from segflow.manifest import check_input
 from segflow.models import load_model, model_file
 from segflow.models.integrity import checked_sha256
+from segflow.raster import RasterOptions, require_rasterio
 from segflow.scoring import ImageScorer
 from segflow.store import RunStore
 
@@ -66,9 +67,11 @@ def check_segment_job(
     gt: str | None,
     ignore_index: int | None,
     model_sha256: str | None = None,
+    raster: RasterOptions | None = None,
 ) -> CheckedJob:
     """Check the job (see the module docstring); raises a SegflowError naming what is wrong.
-    ``model_sha256`` pins the model file (``--model-sha256``)."""
+    ``model_sha256`` pins the model file (``--model-sha256``); ``raster``: how georeferenced
+    rasters feed the model (recorded only when given, so other runs keep their ids)."""
     if "://" not in out:
         out = os.path.abspath(out)
     model = os.path.abspath(model) if os.path.exists(model) else model
@@ -79,6 +82,9 @@ def check_segment_job(
     config = run_config(
         input, model, shard_size, dict(model_options), gt, ignore_index, model_sha256
     )
+    if raster is not None:
+        require_rasterio("--bands and --rescale (GeoTIFF inputs)")
+        config["raster"] = raster.as_config()
     run_id = run_id or default_run_id(config)
     RunStore(out, run_id).check(config)
     return CheckedJob(out=out, run_id=run_id, config=config, evaluation=evaluation)

@@ -23,6 +23,7 @@ from ray.exceptions import RayActorError
 
 from segflow.errors import RunIncompleteError
 from segflow.manifest import ManifestReader, Shard
+from segflow.raster import RasterOptions
 from segflow.store import RunStore
 from workers.cluster import ActorPlan, connect, plan_actors
 from workers.segment_actor import SegmentActor
@@ -49,6 +50,7 @@ class WorkerConfig:
     cpus_per_actor: float | None
     read_timeout: float | None
     stall_timeout: float | None
+    raster: RasterOptions | None = None
 
 
 @dataclass
@@ -90,6 +92,7 @@ def start_workers(config: WorkerConfig, max_actors: int | None = None) -> Worker
             ignore_index=config.ignore_index,
             read_timeout=config.read_timeout,
             stall_timeout=config.stall_timeout,
+            raster=config.raster,
         )
         for _ in range(plan.actors)
     ]

@@ -21,6 +21,7 @@ from segflow.allocator import retain_freed_memory
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard
 from segflow.models import load_model
+from segflow.raster import RasterOptions
 from segflow.shard import segment_images
 from segflow.store import RunStore
 
@@ -47,6 +48,7 @@ class SegmentActor:
         ignore_index: int | None,
         read_timeout: float | None,
         stall_timeout: float | None,
+        raster: RasterOptions | None = None,
     ) -> None:
         retain_freed_memory()
         # A model file replaced since the run recorded its hash fails here, naming both.
@@ -57,6 +59,7 @@ class SegmentActor:
         self.max_pixels = max_pixels
         self.read_timeout = read_timeout
         self.stall_timeout = stall_timeout
+        self.raster = raster
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> dict[str, Any]:
         with StallWatchdog(shard, self.stall_timeout) as watchdog:
@@ -76,6 +79,7 @@ class SegmentActor:
             read_timeout=self.read_timeout,
             ground_truth=self.ground_truth,
             on_progress=watchdog.progress,
+            raster_options=self.raster,
         )
         watchdog.progress()  # the commit gets a stall timeout of its own
         summary = {
