@@ -99,7 +99,9 @@ def export_vector(run: str, out: str, options: VectorExport) -> ExportSummary:
     )
     grids = {
         image_id: (crs, tuple(transform))
-        for image_id, crs, transform in zip(*(images[c].to_pylist() for c in images.column_names))
+        for image_id, crs, transform in zip(
+            *(images[c].to_pylist() for c in images.column_names), strict=True
+        )
     }
     crs_values = sorted({crs for crs, _ in grids.values()})
     if not crs_values:
@@ -188,14 +190,14 @@ def _polygons(
     reprojectors: _Reprojectors,
     options: VectorExport,
 ) -> Iterator[dict[str, Any]]:
-    from shapely.ops import transform as reproject
+    import shapely
 
     crs, transform = grid
     mask = rle.decode({"size": [row["height"], row["width"]], "counts": row["counts"]})
     to_target = reprojectors(crs)
     for polygon in mask_polygons(mask, transform):
         if to_target is not None:
-            polygon = reproject(to_target, polygon)
+            polygon = shapely.transform(polygon, to_target, interleaved=False)
         if options.simplify:
             polygon = polygon.simplify(options.simplify, preserve_topology=True)
         if polygon.is_empty or polygon.area < options.min_area:
