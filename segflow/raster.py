@@ -78,6 +78,26 @@ def rasterio_available() -> bool:
     return True
 
 
+# TIFF tags that make a TIFF a GeoTIFF: ModelPixelScale, ModelTiepoint, ModelTransformation,
+# GeoKeyDirectory.
+_GEOTIFF_TAGS = frozenset({33550, 33922, 34264, 34735})
+
+
+def refuse_geotiff_without_rasterio(data: bytes, uri: str) -> None:
+    """Without rasterio a GeoTIFF would be decoded as a picture, its georeferencing and
+    nodata lost: refuse it, with the install hint. A plain TIFF passes."""
+    import io
+
+    from PIL import Image
+
+    try:
+        tags = set(Image.open(io.BytesIO(data)).tag_v2)
+    except Exception:
+        return  # not a readable TIFF: the decoder names the problem
+    if tags & _GEOTIFF_TAGS:
+        require_rasterio(f"{uri}: a GeoTIFF (georeferenced)")
+
+
 def is_raster_uri(uri: str) -> bool:
     """Whether ``uri`` names a TIFF, the one format that may carry georeferencing."""
     return uri.split("?", 1)[0].lower().endswith(RASTER_SUFFIXES)

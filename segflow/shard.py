@@ -151,6 +151,8 @@ def segment_images(
         t1 = time.perf_counter()
         item.read_ms = (t1 - t0) * 1e3
         try:
+            if not geo_rasters and raster.is_raster_uri(uri):
+                raster.refuse_geotiff_without_rasterio(data, uri)
             item.image = decode_image(data, name=uri, max_pixels=max_pixels)
         except Exception as exc:
             item.error = ("decode", exc)

@@ -267,3 +267,13 @@ def test_export_vector_command(geo_run, tmp_path):
     assert "polygons of" in done.output and out.stat().st_size > 0
     refused = CliRunner().invoke(app, ["export-vector", str(run), str(out), "--format", "shp"])
     assert refused.exit_code == 2 and "--format 'shp'" in refused.output
+
+
+def test_without_rasterio_a_geotiff_fails_with_the_install_hint(geotiff, shared, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(raster, "rasterio_available", lambda: False)
+    model = SimpleNamespace(name="unused", classes=("a",), task="semantic")
+    result = segment_images(model, [str(geotiff / "RGB.byte.tif")], run_id="r")
+    (error,) = result.tables["errors"].to_pylist()
+    assert error["stage"] == "decode" and "pip install 'segflow[geo]'" in error["message"]
