@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,10 +200,9 @@ class RasterSource:
 
     Windows are ``(top, bottom, left, right)`` in pixels."""
 
-    def __init__(self, uri: str, dataset: Any, handle: Any, options: RasterOptions, card_bands):
+    def __init__(self, uri: str, dataset: Any, options: RasterOptions, card_bands):
         self.uri = uri
         self.dataset = dataset
-        self._handle = handle  # the fsspec file GDAL reads through, if any
         self.height, self.width = int(dataset.height), int(dataset.width)
         transform = dataset.transform
         self.georeference = Georeference(
@@ -270,8 +270,6 @@ class RasterSource:
 
     def close(self) -> None:
         self.dataset.close()
-        if self._handle is not None:
-            self._handle.close()
 
 
 def open_raster(
@@ -285,10 +283,7 @@ def open_raster(
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
     fs, path = fsspec.core.url_to_fs(uri)
-    handle = None
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             if isinstance(fs, LocalFileSystem):
@@ -296,23 +291,18 @@ def open_raster(
                     raise OSError(f"not a regular file: {path}")
                 dataset = rasterio.open(path)
             else:
-                handle = fs.open(path, "rb")
-                dataset = rasterio.open(handle)
+                # Through the opener GDAL reads byte ranges of the object (and finds its .msk
+                # beside it); a file object would be read into memory whole.
+                dataset = rasterio.open(path, opener=fs)
     except RasterioIOError as error:
-        if handle is not None:
-            handle.close()
         raise RasterError(f"{uri}: not a readable TIFF ({error})") from error
     if dataset.crs is None and dataset.transform.is_identity and not dataset.gcps[0]:
         dataset.close()
-        if handle is not None:
-            handle.close()
         return None
     try:
-        return RasterSource(uri, dataset, handle, options, card_bands)
+        return RasterSource(uri, dataset, options, card_bands)
     except BaseException:
         dataset.close()
-        if handle is not None:
-            handle.close()
         raise
 
 
