@@ -9,6 +9,11 @@ the argmax, so neighbouring windows blend instead of meeting at a seam.
 Memory stays bounded by one band of rows: windows are processed one row of windows at a
 time, and the rows that no later window touches are finalised (argmax) and dropped, so a
 C-class, W-wide image needs about ``C x (tile + stride) x W`` floats, not ``C x H x W``.
+
+The windows come from a ``read`` callable, so the image need not be in memory at all: a
+georeferenced raster's windows are read from its file (:mod:`segflow.raster`), and a window
+``read`` declines (all nodata) costs nothing. :func:`blended_column_bands` finishes bands
+of columns instead of rows, whose pixels flatten to COCO RLE's column-major order.
 """
 
 from __future__ import annotations
