@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,9 +334,12 @@ class _RunStream:
         return np.concatenate(self._starts), np.concatenate(self._values)
 
 
-def segment_raster(model: Any, source: RasterSource) -> tuple[np.ndarray, rle.Measured]:
+def segment_raster(
+    model: Any, source: RasterSource, on_band: Callable[[], None] | None = None
+) -> tuple[np.ndarray, rle.Measured]:
     """The class ids a semantic ``model`` finds in the raster and their RLEs (with areas and
-    boxes), window by window; invalid pixels are in no mask."""
+    boxes), window by window; invalid pixels are in no mask. ``on_band`` is called after
+    each band of columns."""
     if model.task != "semantic":
         raise RasterError(
             f"{source.uri}: GeoTIFF inputs take semantic models for now; {model.name} is an "
@@ -351,5 +355,7 @@ def segment_raster(model: Any, source: RasterSource) -> tuple[np.ndarray, rle.Me
             band = labels.numpy().astype(np.int32)
             band[~valid] = NO_CLASS
         runs.add(band.reshape(-1))
+        if on_band is not None:
+            on_band()
     starts, values = runs.runs()
     return rle.encode_label_runs_measured(starts, values, height, width, NO_CLASS)

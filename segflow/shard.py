@@ -172,7 +172,7 @@ def segment_images(
                 if item.error is not None:
                     _record_failure(rows, run_id, model_name, item, *item.error)
                 elif item.raster is not None:
-                    _segment_raster(model, model_name, run_id, item, rows, scorer)
+                    _segment_raster(model, model_name, run_id, item, rows, scorer, on_progress)
                 else:
                     good.append(item)
             _predict_batch(model, model_name, run_id, good, rows, scorer)
@@ -321,20 +321,30 @@ def _rows(model, run_id, uri, size, instance_ids, class_ids, scores, boxes, enco
 
 
 def _segment_raster(
-    model: Any, model_name: str, run_id: str, item: _Decoded, rows: _Rows, scorer
+    model: Any,
+    model_name: str,
+    run_id: str,
+    item: _Decoded,
+    rows: _Rows,
+    scorer: ImageScorer | None,
+    on_progress: Callable[[], None] | None,
 ) -> None:
-    """One georeferenced raster, window by window, into its rows."""
+    """One georeferenced raster, window by window, into its rows; ``on_progress`` is
+    called after each band of windows (a large raster is hours of them on a CPU, and the
+    stall watchdog must see them)."""
     source = item.raster
     t0 = time.perf_counter()
     try:
-        class_ids, encoded = raster.segment_raster(model, source)
+        class_ids, encoded = raster.segment_raster(model, source, on_progress)
+        masks = _semantic_rows(
+            class_ids, encoded, model, run_id, item.uri, source.height, source.width
+        )
     except Exception as exc:
         _record_failure(rows, run_id, model_name, item, "infer", exc)
         return
     finally:
         source.close()
     infer_ms = (time.perf_counter() - t0) * 1e3
-    masks = _semantic_rows(class_ids, encoded, model, run_id, item.uri, source.height, source.width)
     rows.masks.extend(masks)
     if scorer is not None:
         _record_error(
