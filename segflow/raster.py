@@ -10,8 +10,9 @@ Windows, not images. A raster is never decoded whole: the tiled inference
 (:func:`segflow.tiling.blended_column_bands`) asks for one ``tile x tile`` window at a time
 and this module reads exactly that window's pixels. Bands of finished columns come back as
 labels and are run-length encoded on the fly in COCO's column-major order, so a run holds the
-pixels of a window, the blended logits of a band of ``tile + stride`` columns and the runs of
-the label map, never an H x W plane. Windows whose pixels are all invalid are not read and
+pixels of a window, the blended logits of a band of ``tile + stride`` columns (C x (tile +
+stride) x H floats: it grows with the height, not the area) and the runs of the label map,
+never an H x W plane. Windows whose pixels are all invalid are not read and
 not run through the model.
 
 Bands: the model takes 3 channels (RGB). ``bands`` (1-based) picks which raster bands feed
