@@ -98,7 +98,10 @@ def refuse_geotiff_without_rasterio(data: bytes, uri: str) -> None:
     except Exception:
         return  # not a readable TIFF: the decoder names the problem
     if tags & _GEOTIFF_TAGS:
-        require_rasterio(f"{uri}: a GeoTIFF (georeferenced)")
+        raise RasterError(
+            f"{uri}: a GeoTIFF (georeferenced) needs rasterio, which is not installed: "
+            f"{INSTALL_HINT}"
+        )
 
 
 def is_raster_uri(uri: str) -> bool:
