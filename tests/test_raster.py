@@ -277,3 +277,17 @@ def test_without_rasterio_a_geotiff_fails_with_the_install_hint(geotiff, shared,
     result = segment_images(model, [str(geotiff / "RGB.byte.tif")], run_id="r")
     (error,) = result.tables["errors"].to_pylist()
     assert error["stage"] == "decode" and "pip install 'segflow[geo]'" in error["message"]
+
+
+def test_segment_refuses_bands_that_cannot_feed_the_model_before_any_work(geotiff, tmp_path):
+    from typer.testing import CliRunner
+
+    from segflow.cli import app
+
+    out = tmp_path / "out"
+    arguments = ["segment", str(geotiff), "--model", "unused", "--out", str(out)]
+    refused = CliRunner().invoke(app, [*arguments, "--bands", "1,2"])
+    assert refused.exit_code == 2 and "cannot feed the model's 3 channels" in refused.output
+    refused = CliRunner().invoke(app, [*arguments, "--rescale", "p98,p2"])
+    assert refused.exit_code == 2 and "LOW must be below HIGH" in refused.output
+    assert not out.exists()
