@@ -194,6 +194,8 @@ def segment(
     mask_threshold: float | None = None,
     max_detections: int | None = None,
     trimap_width: int = TRIMAP_WIDTH,
+    bands: list[int] | None = None,
+    rescale: str | None = None,
     model_options: dict[str, Any] | None = None,
     ray_address: str | None = None,
     device: str = "auto",

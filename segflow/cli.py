@@ -188,6 +188,20 @@ def segment(
             "--compact", help="Once every shard is committed, compact the run (segflow compact)."
         ),
     ] = False,
+    bands: Annotated[
+        str | None,
+        typer.Option(
+            help="GeoTIFF inputs: the 1-based bands that feed the model's RGB, e.g. 1,2,3 or "
+            "1,1,1 (default: the model card's input.bands, else 1,2,3)."
+        ),
+    ] = None,
+    rescale: Annotated[
+        str | None,
+        typer.Option(
+            help="GeoTIFF inputs that are not 8-bit: LOW,HIGH values or pLOW,pHIGH "
+            "percentiles per image (e.g. p2,p98) mapped to 0..255."
+        ),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -220,6 +234,8 @@ def segment(
             mask_threshold=mask_threshold,
             max_detections=max_detections,
             trimap_width=trimap_width,
+            bands=None if bands is None else _bands(bands),
+            rescale=rescale,
             model_options=tuple(parsed_option(o) for o in model_option or ()),
             ray_address=ray_address,
             device=device,
@@ -311,6 +327,12 @@ def segment(
         described = "; ".join(p for p in problems if p)
         console.print(f"[red]{described}[/]: see {summary['output']}/errors/")
         raise typer.Exit(code=IMAGES_FAILED)
+
+
+def _bands(text: str) -> tuple[int, ...]:
+    from segflow.raster import parse_bands  # torch: only for a job that reads rasters
+
+    return parse_bands(text)
 
 
 def _set_environment_defaults() -> None:
@@ -552,6 +574,34 @@ def export_coco(
         with fsspec.open(out, "w") as f:
             json.dump(results, f)
     console.print(f"{len(results)} detections written to {out}")
+
+
+@app.command("export-vector")
+def export_vector(
+    run: Annotated[str, typer.Argument(help="A run over georeferenced rasters (GeoTIFF).")],
+    out: Annotated[str, typer.Argument(help="Where to write the polygons (.parquet, .geojson).")],
+    crs: Annotated[
+        str | None,
+        typer.Option(help="Reproject to this CRS, e.g. EPSG:4326 (default: the rasters' own)."),
+    ] = None,
+    simplify: Annotated[
+        float, typer.Option(min=0, help="Simplify polygons to this tolerance, CRS units.")
+    ] = 0.0,
+    min_area: Annotated[
+        float, typer.Option(min=0, help="Drop polygons smaller than this, CRS units².")
+    ] = 0.0,
+    format: Annotated[str, typer.Option(help="geoparquet or geojson.")] = "geoparquet",
+) -> None:
+    """Write a run's masks as polygons in the rasters' CRS: GeoParquet 1.1 or GeoJSON."""
+    with _reported():
+        from segflow.vector import VectorExport, export_vector
+
+        options = VectorExport(crs=crs, simplify=simplify, min_area=min_area, format=format)
+        summary = export_vector(run, out, options)
+    console.print(
+        f"{summary.polygons} polygons of {summary.masks} masks ({summary.images} rasters, "
+        f"{summary.crs}) written to {out}"
+    )
 
 
 @app.command()

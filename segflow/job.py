@@ -40,7 +40,7 @@ import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segflow.decode import DEFAULT_MAX_PIXELS
 from segflow.errors import SegflowError
@@ -55,6 +55,9 @@ DEFAULT_STALL_TIMEOUT = 600.0
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+
+if TYPE_CHECKING:
+    from segflow.raster import RasterOptions
 
 JSONValue = str | int | float | bool | None | list | dict
 
@@ -111,6 +114,10 @@ class Job:
     max_detections: int | None = _setting(
         None, flag="--max-detections", loader="max_detections", task="instance", output=True
     )
+    # How GeoTIFF inputs feed the model (segflow.raster): 1-based bands, and LOW,HIGH or
+    # pLOW,pHIGH for data that is not 8-bit.
+    bands: tuple[int, ...] | None = _setting(None, flag="--bands")
+    rescale: str | None = _setting(None, flag="--rescale")
     # The scorer's, not the model's: Trimap IoU's band, pixels (runs with ground truth).
     trimap_width: int = _setting(TRIMAP_WIDTH, flag="--trimap-width", task="semantic")
     model_options: tuple[tuple[str, JSONValue], ...] = _setting(
@@ -133,6 +140,9 @@ class Job:
                 # An object (JSON's, a dict) or KEY, VALUE pairs: sorted, values hashable.
                 value = _model_options(value)
                 object.__setattr__(self, setting.name, value)
+            if setting.name == "bands" and isinstance(value, list):  # a deployment's JSON
+                value = tuple(value)
+                object.__setattr__(self, setting.name, value)
             _check_type(setting, hints[setting.name], value)
         for name in ("shard_size", "batch_size", "prefetch_threads", "max_pixels", "tile_size"):
             self._check(name, lambda v: v is None or v >= 1, "must be at least 1")
@@ -151,6 +161,7 @@ class Job:
             raise JobError(
                 "--precision fp16 needs a GPU (--device is cpu): on the CPU use fp32 or bf16"
             )
+        self.raster_options()
         dedicated = {
             s.metadata["loader"]: s for s in dataclasses.fields(self) if s.metadata.get("loader")
         }
@@ -161,6 +172,18 @@ class Job:
                 raise JobError(
                     f"--model-option {key}: set it with {dedicated[key].metadata['flag']}"
                 )
+
+    def raster_options(self) -> RasterOptions | None:
+        """``bands`` and ``rescale`` as :mod:`segflow.raster`'s options; None when neither
+        is set (checked: a wrong one raises a SegflowError naming the option)."""
+        if self.bands is None and self.rescale is None:
+            return None
+        from segflow.raster import RasterOptions, Rescale, checked_bands
+
+        return RasterOptions(
+            bands=None if self.bands is None else checked_bands(self.bands, "--bands"),
+            rescale=None if self.rescale is None else Rescale.parse(self.rescale),
+        )
 
     def _check(self, name: str, holds: typing.Callable[[Any], bool], problem: str) -> None:
         value = getattr(self, name)

@@ -42,6 +42,7 @@ from segflow.metrics.boundary import TRIMAP_WIDTH
 from segflow.models import model_file
 from segflow.models.integrity import checked_sha256
 from segflow.models.registry import is_user_model, load_job_model, model_task
+from segflow.raster import require_rasterio
 from segflow.scoring import scorer_for
 from segflow.store import RunStore
 
@@ -71,6 +72,8 @@ class CheckedJob:
 def check_job(job: Job) -> CheckedJob:
     """Check the job (see the module docstring); raises a SegflowError naming what is wrong."""
     job = resolve_job(job)
+    if job.raster_options() is not None:
+        require_rasterio("--bands and --rescale (GeoTIFF inputs)")
     user_model = is_user_model(job.model)
     # Before the model loads: an option of another task is the user's error, not the model's.
     job.check_task(None if user_model else model_task(job.model), user_model=user_model)
@@ -100,6 +103,7 @@ def run_config(job: Job) -> dict:
     model reads no file), which every actor checks the file it loads against; with ground
     truth, Trimap IoU's band width (its counts are part of the output)."""
     evaluated = {} if job.gt is None else {"trimap_width": job.trimap_width}
+    raster = job.raster_options()
     return {
         "input": job.input,
         "model": job.model,
@@ -109,6 +113,8 @@ def run_config(job: Job) -> dict:
         "gt": job.gt,
         "ignore_index": job.ignore_index,
         **evaluated,
+        # Only when given, so that other runs keep their ids.
+        **({} if raster is None else {"raster": raster.as_config()}),
     }
 
 

@@ -504,6 +504,12 @@ def _label_map_counts(
     starts, values = _fortran_runs(labels[None])
     if values.dtype == bool:
         values = values.astype(np.uint8)
+    return _runs_counts(starts, values, h, w, ignore_index)
+
+
+def _runs_counts(
+    starts: np.ndarray, values: np.ndarray, h: int, w: int, ignore_index: int | None
+) -> tuple[np.ndarray, _Counts]:
     ends = np.append(starts[1:], h * w)
     if ignore_index is not None:
         kept = values != ignore_index
@@ -519,6 +525,19 @@ def _label_map_counts(
         starts[order], ends[order], np.cumsum(new_class) - 1, len(classes), h * w
     )
     return classes, _Counts(counts, offsets, np.tile([h, w], (len(classes), 1)))
+
+
+def encode_label_runs_measured(
+    starts: np.ndarray, values: np.ndarray, height: int, width: int, ignore_index: int | None
+) -> tuple[np.ndarray, Measured]:
+    """:func:`encode_label_map_measured` of a label map given as its runs in Fortran (column-
+    major) order: run ``i`` starts at flat position ``starts[i]`` (the first at 0) and holds
+    ``values[i]`` up to the next run's start; adjacent runs hold different values. What a
+    map too large to hold is encoded from, a band of columns at a time."""
+    classes, batch = _runs_counts(
+        np.asarray(starts, np.int64), np.asarray(values), height, width, ignore_index
+    )
+    return classes, _measured(batch)
 
 
 def encode_label_map(

@@ -60,6 +60,12 @@ mdice          float64, null       semantic: the same mean of Dice (2|G∩P| / (
 boundary_iou   float64, null       semantic: the same mean of Boundary IoU (Cheng et al.
                                    2021; boundary width 2% of the image diagonal), over the
                                    classes with boundary pixels
+crs            string, null        georeferenced rasters (:mod:`segflow.raster`): the CRS,
+                                   ``EPSG:n`` where it has a code, else WKT2; null for
+                                   plain images
+transform      list<double>, null  georeferenced rasters: the affine pixel-to-CRS transform
+                                   ``[a, b, c, d, e, f]`` (rasterio's order: x = a·col +
+                                   b·row + c, y = d·col + e·row + f); null for plain images
 =============  ==================  =========================================================
 
 The per-image figures above are for looking at single images (worst images, slices by
@@ -214,6 +220,8 @@ IMAGES = pa.schema(
         pa.field("miou", pa.float64()),
         pa.field("mdice", pa.float64()),
         pa.field("boundary_iou", pa.float64()),
+        pa.field("crs", pa.string()),
+        pa.field("transform", pa.list_(pa.float64())),
     ]
 )
 

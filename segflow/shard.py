@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from segflow import rle, schema
+from segflow import raster, rle, schema
 from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
 from segflow.groundtruth import GroundTruth, InstanceTarget, SemanticTarget
 from segflow.metrics.boundary import TRIMAP_WIDTH
@@ -75,6 +75,7 @@ class _Decoded:
     error: tuple[str, BaseException] | None = None
     target: SemanticTarget | InstanceTarget | None = None
     target_error: BaseException | None = None
+    raster: raster.RasterSource | None = None  # a georeferenced raster, read window by window
 
 
 @dataclass
@@ -116,12 +117,15 @@ def segment_images(
     ground_truth: GroundTruth | None = None,
     trimap_width: int = TRIMAP_WIDTH,
     on_progress: Callable[[], None] | None = None,
+    raster_options: raster.RasterOptions | None = None,
 ) -> ShardResult:
     """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
     reads one URI's bytes, and one that takes longer than ``read_timeout`` seconds (``None``:
     no limit) fails that image. With ``ground_truth``, every segmented image is also
     evaluated (Trimap IoU's band ``trimap_width`` pixels wide). ``on_progress`` is called
-    each time images are done (a batch, or images that failed before the model)."""
+    each time images are done (a batch, or images that failed before the model).
+    Georeferenced TIFFs are read window by window (:mod:`segflow.raster`, with
+    ``raster_options``) instead of fetched and decoded."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if read_timeout is not None and not read_timeout > 0:
@@ -135,9 +139,23 @@ def segment_images(
         else scorer_for(ground_truth, model.classes, model.task, trimap_width=trimap_width)
     )
 
+    card_bands = getattr(getattr(model, "card", None), "bands", None)
+    geo_rasters = raster.rasterio_available()
+
     def load(uri: str) -> _Decoded:
         item = _Decoded(uri)
         t0 = time.perf_counter()
+        if geo_rasters and raster.is_raster_uri(uri):
+            try:
+                item.raster = raster.open_raster(
+                    uri, raster_options or raster.RasterOptions(), card_bands
+                )
+            except Exception as exc:
+                item.error = ("read", exc)
+                return item
+            if item.raster is not None:
+                item.read_ms = (time.perf_counter() - t0) * 1e3
+                return item
         try:
             data = _fetch_within(fetch, uri, read_timeout)
         except Exception as exc:  # any fetch failure is this image's error, not the shard's
@@ -146,6 +164,8 @@ def segment_images(
         t1 = time.perf_counter()
         item.read_ms = (t1 - t0) * 1e3
         try:
+            if not geo_rasters and raster.is_raster_uri(uri):
+                raster.refuse_geotiff_without_rasterio(data, uri)
             item.image = decode_image(data, name=uri, max_pixels=max_pixels)
         except Exception as exc:
             item.error = ("decode", exc)
@@ -162,10 +182,12 @@ def segment_images(
         for batch in _batched(_prefetched(pool, load, uris, batch_size * 2), batch_size):
             good = []
             for item in batch:
-                if item.error is None:
-                    good.append(item)
-                else:
+                if item.error is not None:
                     _record_failure(rows, run_id, model_name, item, *item.error)
+                elif item.raster is not None:
+                    _segment_raster(model, model_name, run_id, item, rows, scorer, on_progress)
+                else:
+                    good.append(item)
             _predict_batch(model, model_name, run_id, good, rows, scorer)
             if on_progress is not None:
                 on_progress()
@@ -251,28 +273,46 @@ def _evaluate(
 
 def mask_rows(prediction: Prediction, model: Any, *, run_id: str, uri: str) -> list[dict]:
     """The ``masks`` rows of one prediction."""
+    if isinstance(prediction, SemanticPrediction):
+        class_ids, encoded = rle.encode_label_map_measured(prediction.labels)
+        return _semantic_rows(
+            class_ids, encoded, model, run_id, uri, prediction.height, prediction.width
+        )
+    if isinstance(prediction, InstancePrediction):
+        encoded = rle.encode_masks_measured(prediction.masks)
+        class_ids = prediction.labels.tolist()
+        boxes = prediction.boxes.to(torch.float64).cpu().numpy()
+        return _rows(
+            model,
+            run_id,
+            uri,
+            (prediction.height, prediction.width),
+            list(range(len(class_ids))),
+            class_ids,
+            prediction.scores.tolist(),
+            boxes,
+            encoded,
+        )
+    raise TypeError(f"unknown prediction type {type(prediction).__name__}")
+
+
+def _semantic_rows(class_ids, encoded: rle.Measured, model, run_id, uri, height, width):
+    nulls = [None] * len(class_ids)
+    return _rows(
+        model, run_id, uri, (height, width), nulls, class_ids, nulls, encoded.boxes, encoded
+    )
+
+
+def _rows(model, run_id, uri, size, instance_ids, class_ids, scores, boxes, encoded) -> list[dict]:
     classes: Sequence[str] = model.classes
     common = {
         "run_id": run_id,
         "image_id": schema.image_id_for(uri),
         "uri": uri,
-        "height": prediction.height,
-        "width": prediction.width,
+        "height": size[0],
+        "width": size[1],
         "model": str(model.name),
     }
-    if isinstance(prediction, SemanticPrediction):
-        class_ids, encoded = rle.encode_label_map_measured(prediction.labels)
-        boxes = encoded.boxes
-        instance_ids: list[int | None] = [None] * len(class_ids)
-        scores: list[float | None] = [None] * len(class_ids)
-    elif isinstance(prediction, InstancePrediction):
-        encoded = rle.encode_masks_measured(prediction.masks)
-        class_ids = prediction.labels.tolist()
-        boxes = prediction.boxes.to(torch.float64).cpu().numpy()
-        instance_ids = list(range(len(class_ids)))
-        scores = prediction.scores.tolist()
-    else:
-        raise TypeError(f"unknown prediction type {type(prediction).__name__}")
     return [
         {
             **common,
@@ -294,6 +334,58 @@ def mask_rows(prediction: Prediction, model: Any, *, run_id: str, uri: str) -> l
             strict=True,
         )
     ]
+
+
+def _segment_raster(
+    model: Any,
+    model_name: str,
+    run_id: str,
+    item: _Decoded,
+    rows: _Rows,
+    scorer: SemanticScorer | InstanceScorer | None,
+    on_progress: Callable[[], None] | None,
+) -> None:
+    """One georeferenced raster, window by window, into its rows; ``on_progress`` is
+    called after each band of windows (a large raster is hours of them on a CPU, and the
+    stall watchdog must see them)."""
+    source = item.raster
+    t0 = time.perf_counter()
+    try:
+        class_ids, encoded = raster.segment_raster(model, source, on_progress)
+        masks = _semantic_rows(
+            class_ids, encoded, model, run_id, item.uri, source.height, source.width
+        )
+    except Exception as exc:
+        _record_failure(rows, run_id, model_name, item, "infer", exc)
+        return
+    finally:
+        source.close()
+    infer_ms = (time.perf_counter() - t0) * 1e3
+    rows.masks.extend(masks)
+    if scorer is not None:
+        _record_error(
+            rows,
+            run_id,
+            item,
+            "gt",
+            raster.RasterError(f"{item.uri}: evaluating GeoTIFF inputs is not supported yet"),
+        )
+    rows.images.append(
+        _image_row(
+            run_id,
+            model_name,
+            item,
+            status="ok",
+            num_masks=len(masks),
+            height=source.height,
+            width=source.width,
+            infer_ms=infer_ms,
+            crs=source.georeference.crs,
+            transform=None
+            if source.georeference.transform is None
+            else list(source.georeference.transform),
+        )
+    )
 
 
 def _class_name(classes: Sequence[str], class_id: int) -> str:
@@ -337,6 +429,8 @@ def _image_row(run_id: str, model_name: str, item: _Decoded, **values: Any) -> d
         "encode_ms": None,
         "model": model_name,
         "processed_at": datetime.now(UTC),
+        "crs": None,
+        "transform": None,
         **dict.fromkeys(IMAGE_COLUMNS),
     }
     row.update(values)

@@ -9,11 +9,16 @@ the argmax, so neighbouring windows blend instead of meeting at a seam.
 Memory stays bounded by one band of rows: windows are processed one row of windows at a
 time, and the rows that no later window touches are finalised (argmax) and dropped, so a
 C-class, W-wide image needs about ``C x (tile + stride) x W`` floats, not ``C x H x W``.
+
+The windows come from a ``read`` callable, so the image need not be in memory at all: a
+georeferenced raster's windows are read from its file (:mod:`segflow.raster`), and a window
+``read`` declines (all nodata) costs nothing. :func:`blended_column_bands` finishes bands
+of columns instead of rows, whose pixels flatten to COCO RLE's column-major order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -46,6 +51,98 @@ def ramp(size: int, overlap: int, *, fade_start: bool, fade_end: bool, device) -
     return (distance / (overlap + 1)) ** 3
 
 
+Window = tuple[int, int, int, int]  # top, bottom, left, right
+
+
+def blended_bands(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    read: Callable[[Window], torch.Tensor | None],
+    height: int,
+    width: int,
+    *,
+    tile: int,
+    overlap: int,
+    device,
+) -> Iterator[tuple[int, int, torch.Tensor | None]]:
+    """The blended logits of a ``height x width`` image, one finished band of rows at a time:
+    ``(top, bottom, logits)`` with logits (C, bottom - top, width), in order, covering every
+    row once. ``read(window)`` gives the window's pixels (1, 3, h, w), or None for a window
+    to skip (one with nothing to segment): it adds no logits, so rows that only skipped
+    windows cover have weight 0, and a band before any window ran comes as None."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
+    rows = tile_starts(height, tile, overlap)
+    columns = tile_starts(width, tile, overlap)
+    band_top = 0  # first image row held in the accumulators
+    accumulated: torch.Tensor | None = None  # (C, rows held, W)
+    weights = torch.zeros((0, width), device=device)
+    for row_index, top in enumerate(rows):
+        bottom = min(top + tile, height)
+        needed = bottom - band_top
+        if weights.shape[0] < needed:
+            grow = needed - weights.shape[0]
+            weights = torch.cat([weights, weights.new_zeros((grow, width))], 0)
+            if accumulated is not None:
+                accumulated = torch.cat(
+                    [accumulated, accumulated.new_zeros((accumulated.shape[0], grow, width))], 1
+                )
+        row_weight = ramp(
+            bottom - top, overlap, fade_start=top > 0, fade_end=bottom < height, device=device
+        )
+        for left in columns:
+            right = min(left + tile, width)
+            pixels = read((top, bottom, left, right))
+            if pixels is None:
+                continue
+            window = logits_fn(pixels)[0].float()
+            if accumulated is None:
+                accumulated = window.new_zeros((window.shape[0], weights.shape[0], width))
+            column_weight = ramp(
+                right - left, overlap, fade_start=left > 0, fade_end=right < width, device=device
+            )
+            weight = row_weight[:, None] * column_weight[None, :]
+            accumulated[:, top - band_top : bottom - band_top, left:right] += window * weight
+            weights[top - band_top : bottom - band_top, left:right] += weight
+        # Rows above the next window's top are final: no later window reaches them.
+        done = rows[row_index + 1] if row_index + 1 < len(rows) else height
+        finished = done - band_top
+        if accumulated is None:
+            yield band_top, done, None
+        else:
+            yield band_top, done, accumulated[:, :finished] / weights[:finished]
+            accumulated = accumulated[:, finished:]
+        weights = weights[finished:]
+        band_top = done
+
+
+def blended_column_bands(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    read: Callable[[Window], torch.Tensor | None],
+    height: int,
+    width: int,
+    *,
+    tile: int,
+    overlap: int,
+    device,
+) -> Iterator[tuple[int, int, torch.Tensor | None]]:
+    """:func:`blended_bands` a band of finished columns at a time: ``(left, right, logits)``
+    with logits (C, right - left, height), columns first, so that flattening a band gives
+    its pixels in column-major order (COCO RLE's). The windows are the same; the model sees
+    each in its own orientation."""
+
+    def read_transposed(window: Window) -> torch.Tensor | None:
+        top, bottom, left, right = window
+        pixels = read((left, right, top, bottom))
+        return None if pixels is None else pixels.transpose(-1, -2)
+
+    def logits_transposed(pixels: torch.Tensor) -> torch.Tensor:
+        return logits_fn(pixels.transpose(-1, -2).contiguous()).transpose(-1, -2)
+
+    return blended_bands(
+        logits_transposed, read_transposed, width, height, tile=tile, overlap=overlap, device=device
+    )
+
+
 def tiled_prediction(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
@@ -58,13 +155,9 @@ def tiled_prediction(
     """The label map (H, W) int64 of one image (1, 3, H, W), and optionally the winning softmax
     probability (H, W) and every class's (C, H, W), running ``logits_fn`` on windows of at
     most ``tile x tile``. The probabilities are the one output as large as the logits."""
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"tiled inference takes one image (1, 3, H, W), got {tuple(image.shape)}")
     height, width = int(image.shape[-2]), int(image.shape[-1])
-    rows = tile_starts(height, tile, overlap)
-    columns = tile_starts(width, tile, overlap)
     device = image.device
     labels = torch.empty((height, width), dtype=torch.int64, device=device)
     scores = (
@@ -72,50 +165,22 @@ def tiled_prediction(
     )
     probabilities: torch.Tensor | None = None  # (C, H, W), allocated once C is known
 
-    band_top = 0  # first image row held in the accumulators
-    accumulated: torch.Tensor | None = None  # (C, rows held, W)
-    weights = torch.zeros((0, width), device=device)
-    for row_index, top in enumerate(rows):
-        bottom = min(top + tile, height)
-        needed = bottom - band_top
-        if accumulated is not None and accumulated.shape[1] < needed:
-            grow = needed - accumulated.shape[1]
-            accumulated = torch.cat(
-                [accumulated, accumulated.new_zeros((accumulated.shape[0], grow, width))], 1
-            )
-            weights = torch.cat([weights, weights.new_zeros((grow, width))], 0)
-        row_weight = ramp(
-            bottom - top, overlap, fade_start=top > 0, fade_end=bottom < height, device=device
-        )
-        for left in columns:
-            right = min(left + tile, width)
-            window = logits_fn(image[..., top:bottom, left:right])[0].float()
-            if accumulated is None:
-                accumulated = window.new_zeros((window.shape[0], needed, width))
-                weights = window.new_zeros((needed, width))
-            column_weight = ramp(
-                right - left, overlap, fade_start=left > 0, fade_end=right < width, device=device
-            )
-            weight = row_weight[:, None] * column_weight[None, :]
-            accumulated[:, top - band_top : bottom - band_top, left:right] += window * weight
-            weights[top - band_top : bottom - band_top, left:right] += weight
-        # Rows above the next window's top are final: no later window reaches them.
-        done = rows[row_index + 1] if row_index + 1 < len(rows) else height
-        finished = done - band_top
-        blended = accumulated[:, :finished] / weights[:finished]
+    def read(window: Window) -> torch.Tensor:
+        top, bottom, left, right = window
+        return image[..., top:bottom, left:right]
+
+    bands = blended_bands(logits_fn, read, height, width, tile=tile, overlap=overlap, device=device)
+    for top, bottom, blended in bands:
         if return_scores or return_probabilities:
             softmax = torch.softmax(blended, dim=0)
             best, winner = softmax.max(dim=0)
-            labels[band_top:done] = winner
+            labels[top:bottom] = winner
             if scores is not None:
-                scores[band_top:done] = best
+                scores[top:bottom] = best
             if return_probabilities:
                 if probabilities is None:
                     probabilities = softmax.new_empty((softmax.shape[0], height, width))
-                probabilities[:, band_top:done] = softmax
+                probabilities[:, top:bottom] = softmax
         else:
-            labels[band_top:done] = blended.max(dim=0).indices
-        accumulated = accumulated[:, finished:]
-        weights = weights[finished:]
-        band_top = done
+            labels[top:bottom] = blended.max(dim=0).indices
     return SemanticPrediction(labels=labels, scores=scores, probabilities=probabilities)

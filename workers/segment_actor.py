@@ -46,6 +46,7 @@ class SegmentActor:
         self.read_timeout = job.read_timeout
         self.stall_timeout = job.stall_timeout
         self.trimap_width = job.trimap_width
+        self.raster_options = job.raster_options()
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> ShardFiles:
         with StallWatchdog(shard, self.stall_timeout) as watchdog:
@@ -66,6 +67,7 @@ class SegmentActor:
             ground_truth=self.ground_truth,
             trimap_width=self.trimap_width,
             on_progress=watchdog.progress,
+            raster_options=self.raster_options,
         )
         watchdog.progress()  # the writes get a stall timeout of their own
         summary = {

@@ -10,6 +10,9 @@ checked when it is loaded (:func:`segflow.models.exported.check_against_card`).
 height and width the graph accepts; smaller images are padded up to it and the logits
 cropped back. A ``.pt2`` states its own minimum too (its range constraints), and the larger
 of the two applies.
+
+``input.bands`` (optional): the 1-based bands of a georeferenced raster that feed the R, G
+and B channels (:mod:`segflow.raster`); ``--bands`` overrides it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class ModelCard:
     batch: int | None  # None: any batch size; N: the graph only accepts batches of N
     instances: InstanceSpec | None = None  # instance models only
     min_size: int | None = None  # smallest height and width the graph accepts
+    bands: tuple[int, ...] | None = None  # 1-based raster bands that feed the channels
 
 
 def card_fields(
@@ -143,6 +147,15 @@ def _parse(raw: Any, path: Path, default_name: str) -> ModelCard:
             "input.batch", f"must be 'dynamic' or an integer from 1 to {MAX_BATCH}, got {batch!r}"
         )
 
+    bands = contract.get("bands")
+    if bands is not None and not (
+        isinstance(bands, list) and len(bands) == 3 and all(_is_count(band) for band in bands)
+    ):
+        raise fields.error(
+            "input.bands",
+            f"must be null or 3 band numbers from 1 (one per RGB channel), got {bands!r}",
+        )
+
     output = fields.section(raw, "output")
     fields.expect(output, "output.kind", "logits")
     fields.expect(output, "output.layout", "NCHW")
@@ -156,6 +169,7 @@ def _parse(raw: Any, path: Path, default_name: str) -> ModelCard:
         batch=None if batch == "dynamic" else batch,
         instances=_instances(fields, raw, classes) if task == "instance" else None,
         min_size=min_size,
+        bands=tuple(bands) if bands else None,
     )
 
 
