@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segflow import rle
@@ -92,18 +91,12 @@ def export_vector(run: str, out: str, options: VectorExport) -> ExportSummary:
 
     from segflow.evaluation import open_run
 
-    opened = open_run(run)
-    shards = opened.store.committed()
-    images = opened.dataset("images", shards).to_table(
-        columns=["image_id", "crs", "transform"], filter=pc.field("crs").is_valid()
-    )
-    grids = {
-        image_id: (crs, tuple(transform))
-        for image_id, crs, transform in zip(
-            *(images[c].to_pylist() for c in images.column_names), strict=True
-        )
-    }
-    crs_values = sorted({crs for crs, _ in grids.values()})
+    db = open_run(run).connect()
+    georeferenced = "SELECT image_id, crs, transform FROM images WHERE crs IS NOT NULL"
+    crs_values = [
+        crs
+        for (crs,) in db.sql(f"SELECT DISTINCT crs FROM ({georeferenced}) ORDER BY 1").fetchall()
+    ]
     if not crs_values:
         raise RasterError(f"{run}: no georeferenced raster in the run (no image has a crs)")
     if options.crs is None and len(crs_values) > 1:
@@ -117,20 +110,21 @@ def export_vector(run: str, out: str, options: VectorExport) -> ExportSummary:
     except Exception as error:
         raise RasterError(f"--crs {target!r} is not a CRS pyproj knows: {error}") from error
     reprojectors = _Reprojectors(target_crs)
-    masks = opened.dataset("masks", shards).to_batches(
-        columns=["image_id", "uri", "class_id", "class_name", "score", "counts", "height", "width"],
-        batch_size=BATCH_ROWS,
-    )
-    counted = {"masks": 0, "polygons": 0, "images": set()}
+    # Each mask with its raster's grid, streamed in batches: nothing per image is held here.
+    [(images,)] = db.sql(
+        f"SELECT count(*) FROM ({georeferenced}) SEMI JOIN masks USING (image_id)"
+    ).fetchall()
+    masks = db.sql(
+        "SELECT image_id, uri, class_id, class_name, score, counts, height, width, crs, "
+        f"transform FROM masks JOIN ({georeferenced}) USING (image_id)"
+    ).to_arrow_reader(BATCH_ROWS)
+    counted = {"masks": 0, "polygons": 0}
 
     def features() -> Iterator[dict[str, Any]]:
         for batch in masks:
             for row in batch.to_pylist():
-                grid = grids.get(row["image_id"])
-                if grid is None:
-                    continue
                 counted["masks"] += 1
-                counted["images"].add(row["image_id"])
+                grid = (row["crs"], tuple(row["transform"]))
                 for feature in _polygons(row, grid, reprojectors, options):
                     counted["polygons"] += 1
                     yield feature
@@ -140,9 +134,8 @@ def export_vector(run: str, out: str, options: VectorExport) -> ExportSummary:
             _write_geoparquet(f, features(), target_crs)
         else:
             _write_geojson(f, features(), target_crs)
-    return ExportSummary(
-        len(counted["images"]), counted["masks"], counted["polygons"], _crs_name(target_crs)
-    )
+    db.close()
+    return ExportSummary(images, counted["masks"], counted["polygons"], _crs_name(target_crs))
 
 
 def _crs_name(crs: Any) -> str:
