@@ -6,6 +6,15 @@ decoding (and reading the ground truth, when the run has one) run in a thread po
 the model (the decoders and fsspec release the GIL), so the forward pass does not wait on
 I/O. A failure of one image becomes an ``errors`` row and the shard goes on.
 
+The model and the host work after it are pipelined: while one thread runs the forward pass of
+batch k+1, another turns batch k's predictions into rows (RLE, areas, boxes, scores), so the
+device never waits on the host for more than one batch. Rows keep the order of the serial
+path: each batch's host work runs whole, one batch after another. A batch holding a
+georeferenced raster runs in the first thread (the raster runs the model itself, window by
+window, which must not run beside another forward pass). On CUDA the host work reads the
+predictions on a stream of its own, ordered after the forward pass that made them, so its
+device-side run finding does not queue behind the next batch's kernels.
+
 A read never holds up the shard for longer than its timeout: each fetch runs in a thread of
 its own, and one that has not returned after ``read_timeout`` seconds becomes a ``read`` error
 ("timed out after N s") while the shard goes on without it (a thread blocked in a read
@@ -16,6 +25,7 @@ once, unread (:mod:`segflow.reading`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -178,19 +188,36 @@ def segment_images(
                 item.target_error = exc
         return item
 
-    with ThreadPoolExecutor(max_workers=max(1, prefetch_threads)) as pool:
+    def host_work(batch: list[_Decoded], outcomes: list[_Outcome], ready: Any) -> None:
+        for item in batch:
+            if item.error is not None:
+                _record_failure(rows, run_id, model_name, item, *item.error)
+            elif item.raster is not None:
+                _segment_raster(model, model_name, run_id, item, rows, scorer, on_progress)
+        with _after(ready):
+            for outcome in outcomes:
+                _rows_of(model, model_name, run_id, outcome, rows, scorer)
+        if on_progress is not None:
+            on_progress()
+
+    with (
+        ThreadPoolExecutor(max_workers=max(1, prefetch_threads)) as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="segflow-host") as host,
+    ):
+        pending: Future[None] | None = None
         for batch in _batched(_prefetched(pool, load, uris, batch_size * 2), batch_size):
-            good = []
-            for item in batch:
-                if item.error is not None:
-                    _record_failure(rows, run_id, model_name, item, *item.error)
-                elif item.raster is not None:
-                    _segment_raster(model, model_name, run_id, item, rows, scorer, on_progress)
-                else:
-                    good.append(item)
-            _predict_batch(model, model_name, run_id, good, rows, scorer)
-            if on_progress is not None:
-                on_progress()
+            good = [item for item in batch if item.error is None and item.raster is None]
+            outcomes = _forward(model, good)
+            ready = _forward_done(model)
+            if pending is not None:
+                pending.result()  # at most one batch's host work behind the model
+                pending = None
+            if any(item.raster is not None for item in batch):
+                host_work(batch, outcomes, ready)
+            else:
+                pending = host.submit(host_work, batch, outcomes, ready)
+        if pending is not None:
+            pending.result()
 
     tables = {name: schema.table_from_rows(name, getattr(rows, name)) for name in _ROW_TABLES}
     if scorer is None:
@@ -203,55 +230,102 @@ def segment_images(
 _ROW_TABLES = ("masks", "images", "errors")
 
 
-def _predict_batch(
-    model: Any,
-    model_name: str,
-    run_id: str,
-    batch: list[_Decoded],
-    rows: _Rows,
-    scorer: SemanticScorer | InstanceScorer | None,
-):
+@dataclass
+class _Outcome:
+    """An image after the forward pass: its prediction, or why the model gave none."""
+
+    item: _Decoded
+    prediction: Prediction | None = None
+    error: BaseException | None = None
+    infer_ms: float | None = None
+
+
+def _forward(model: Any, batch: list[_Decoded]) -> list[_Outcome]:
+    """The model's predictions of ``batch``, in order; a batch the model fails on is retried
+    image by image, so that one bad image does not fail its batch-mates."""
     if not batch:
-        return
+        return []
     t0 = time.perf_counter()
     try:
         predictions = model.predict([item.image for item in batch])
     except Exception as exc:
         if len(batch) == 1:
-            _record_failure(rows, run_id, model_name, batch[0], "infer", exc)
-            return
-        # One bad image must not fail its batch-mates: retry them one by one.
-        for item in batch:
-            _predict_batch(model, model_name, run_id, [item], rows, scorer)
-        return
+            return [_Outcome(batch[0], error=exc)]
+        return [outcome for item in batch for outcome in _forward(model, [item])]
     infer_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
-    for item, prediction in zip(batch, predictions, strict=True):
-        t1 = time.perf_counter()
-        try:
-            masks = mask_rows(prediction, model, run_id=run_id, uri=item.uri)
-        except Exception as exc:
-            _record_failure(rows, run_id, model_name, item, "encode", exc)
-            continue
-        encode_ms = (time.perf_counter() - t1) * 1e3
-        rows.masks.extend(masks)
-        figures = _evaluate(scorer, item, prediction, masks)
-        if isinstance(figures, BaseException):
-            _record_error(rows, run_id, item, "gt", figures)
-            figures = {}
-        rows.images.append(
-            _image_row(
-                run_id,
-                model_name,
-                item,
-                status="ok",
-                num_masks=len(masks),
-                height=prediction.height,
-                width=prediction.width,
-                infer_ms=infer_ms,
-                encode_ms=encode_ms,
-                **figures,
-            )
+    return [
+        _Outcome(item, prediction, infer_ms=infer_ms)
+        for item, prediction in zip(batch, predictions, strict=True)
+    ]
+
+
+def _forward_done(model: Any) -> Any:
+    """On CUDA, an event marking the end of the forward pass just queued; else None."""
+    device = getattr(model, "device", None)
+    if not isinstance(device, torch.device) or device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+@contextlib.contextmanager
+def _after(ready: Any) -> Iterator[None]:
+    """Run the block's device work on this thread's own CUDA stream, after ``ready``."""
+    if ready is None:
+        yield
+        return
+    stream = getattr(_host_streams, "stream", None)
+    if stream is None:
+        stream = _host_streams.stream = torch.cuda.Stream()
+    stream.wait_event(ready)
+    with torch.cuda.stream(stream):
+        yield
+
+
+_host_streams = threading.local()
+
+
+def _rows_of(
+    model: Any,
+    model_name: str,
+    run_id: str,
+    outcome: _Outcome,
+    rows: _Rows,
+    scorer: SemanticScorer | InstanceScorer | None,
+) -> None:
+    """One image's rows from its outcome: masks, evaluation and its ``images`` row, or the
+    error that stopped it."""
+    item, prediction = outcome.item, outcome.prediction
+    if prediction is None:
+        _record_failure(rows, run_id, model_name, item, "infer", outcome.error)
+        return
+    t1 = time.perf_counter()
+    try:
+        masks = mask_rows(prediction, model, run_id=run_id, uri=item.uri)
+    except Exception as exc:
+        _record_failure(rows, run_id, model_name, item, "encode", exc)
+        return
+    encode_ms = (time.perf_counter() - t1) * 1e3
+    rows.masks.extend(masks)
+    figures = _evaluate(scorer, item, prediction, masks)
+    if isinstance(figures, BaseException):
+        _record_error(rows, run_id, item, "gt", figures)
+        figures = {}
+    rows.images.append(
+        _image_row(
+            run_id,
+            model_name,
+            item,
+            status="ok",
+            num_masks=len(masks),
+            height=prediction.height,
+            width=prediction.width,
+            infer_ms=outcome.infer_ms,
+            encode_ms=encode_ms,
+            **figures,
         )
+    )
 
 
 def _evaluate(

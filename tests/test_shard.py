@@ -242,3 +242,34 @@ def test_a_read_that_never_returns_times_out_into_a_read_error(espnet, corpus: P
 def test_a_read_timeout_must_be_positive(espnet):
     with pytest.raises(ValueError, match="read_timeout must be positive"):
         segment_images(espnet, [], run_id="r1", read_timeout=0)
+
+
+def test_host_work_of_a_batch_runs_beside_the_next_forward_pass(espnet, frames):
+    """Batch 1's host work ends by calling on_progress, which here waits (up to 60 s) to see
+    batch 2's forward pass begin: beside the model it does at once; in a serial shard it
+    cannot, and the wait runs out."""
+    forwards, second_forward = [], threading.Event()
+
+    class Recorder:  # segflow's model protocol, over ESPNet
+        name, task, classes = espnet.name, espnet.task, espnet.classes
+
+        def predict(self, images):
+            forwards.append(len(images))
+            if len(forwards) == 2:
+                second_forward.set()
+            return espnet.predict(images)
+
+    seen = []
+
+    def on_progress() -> None:
+        if not seen:
+            seen.append(second_forward.wait(timeout=60))
+
+    uris = [str(frame) for frame in frames[:4]]
+    result = segment_images(Recorder(), uris, run_id="r1", batch_size=2, on_progress=on_progress)
+    assert seen == [True], "batch 1's rows were made only after batch 2's forward pass"
+    assert forwards == [2, 2]
+    # The rows of the serial path, in its order.
+    images = result.tables["images"].to_pylist()
+    assert [row["uri"] for row in images] == uris
+    assert all(row["status"] == "ok" for row in images)
