@@ -214,5 +214,7 @@ def image_row(uri: str, prediction, num_masks: int, figures: dict) -> dict:
         "encode_ms": None,
         "model": "jitter",
         "processed_at": datetime.now(UTC),
+        "crs": None,  # plain images: not georeferenced
+        "transform": None,
         **figures,
     }

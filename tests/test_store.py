@@ -65,6 +65,8 @@ def _tables(uri: str, area: int = 0) -> dict[str, pa.Table]:
         "encode_ms": 1.0,
         "model": "m",
         "processed_at": datetime.now(UTC),
+        "crs": None,
+        "transform": None,
         "gt_uri": None,
         "pixel_accuracy": None,
         "miou": None,
