@@ -16,7 +16,7 @@ SIZE = (128, 256)  # height, width
 
 @dataclass(frozen=True)
 class Frame:
-    image: Path  # leftImg8bit/val/CITY/X_leftImg8bit.png
+    image: Path  # leftImg8bit/val/CITY/X_leftImg8bit.png, the prediction's train ids in red
     label_ids: Path  # gtFine/val/CITY/X_gtFine_labelIds.png
     instance_ids: Path  # gtFine/val/CITY/X_gtFine_instanceIds.png
     prediction: Path  # pred/X.png: label ids, as cityscapesScripts reads predictions
@@ -51,9 +51,8 @@ def write_dataset(root: Path, frames: int = 5, seed: int = 0) -> list[Frame]:
             _blobs(rng, labels, lambda _, v=value: v, 1)
         instances = labels.copy()
         for label_id, count in ((26, 3), (24, 4), (29, 1)):
-            for mask, k in zip(
-                _blobs(rng, instances, lambda k, b=label_id: b * 1000 + k, count), range(count)
-            ):
+            masks = _blobs(rng, instances, lambda k, b=label_id: b * 1000 + k, count)
+            for k, mask in enumerate(masks):
                 labels[mask & (instances == label_id * 1000 + k)] = label_id
         # A crowd region: the label id alone in the instance file.
         _blobs(rng, instances, lambda _: 26, 1)
@@ -62,9 +61,10 @@ def write_dataset(root: Path, frames: int = 5, seed: int = 0) -> list[Frame]:
         noise = rng.random(SIZE) < 0.2
         train = np.where(noise, rng.integers(0, 19, SIZE), train)
         predicted = np.vectorize(to_label.get)(train)
+        pixels = rng.integers(0, 255, SIZE)
         paths = []
         for folder, suffix, array, mode in (
-            ("leftImg8bit", "_leftImg8bit.png", rng.integers(0, 255, (*SIZE, 3)), np.uint8),
+            ("leftImg8bit", "_leftImg8bit.png", np.dstack([train, pixels, pixels]), np.uint8),
             ("gtFine", "_gtFine_labelIds.png", labels, np.uint8),
             ("gtFine", "_gtFine_instanceIds.png", instances, np.uint16),
         ):

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from cityscapesscripts.helpers import labels as reference
 from PIL import Image
 
 from segflow import cityscapes
+from segflow.evaluation import evaluate_run
 from segflow.groundtruth import IGNORE, GroundTruthError, open_ground_truth
+from segflow.manifest import Shard
+from segflow.prediction import SemanticPrediction
+from segflow.shard import segment_images
+from segflow.store import RunStore
 from tests.cityscapes_layout import write_dataset
 
 SPEC = "?image_suffix=_leftImg8bit.png&suffix=_gtFine_labelIds.png&id_map=cityscapes"
@@ -81,3 +87,100 @@ def test_cityscapes_matching_errors_name_the_image(dataset, tmp_path):
     stray = tmp_path / "leftImg8bit" / "val" / "bonn" / "x_leftImg8bit.png"
     with pytest.raises(GroundTruthError, match=r"no label file x_gtFine_labelIds.png under"):
         ground_truth.target(str(stray))
+
+
+class RedTrainIds:
+    """A model predicting each pixel's red value as its train id: the generated images carry
+    their prediction."""
+
+    task = "semantic"
+    name = "red-train-ids"
+    classes = tuple(
+        label.name
+        for label in sorted(
+            (label for label in cityscapes.LABELS if label.train_id is not None),
+            key=lambda label: label.train_id,
+        )
+    )
+
+    def predict(self, images):
+        return [
+            SemanticPrediction(labels=torch.as_tensor(np.asarray(image))[..., 0].to(torch.int64))
+            for image in images
+        ]
+
+
+def cityscapes_scripts_result(frames, monkeypatch) -> dict:
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as evaluation
+
+    # cityscapesScripts 2.3 calls np.in1d, which NumPy 2.4 removed; np.isin of the flattened
+    # array is what it was.
+    monkeypatch.setattr(
+        np,
+        "in1d",
+        lambda values, test, invert=False: np.isin(np.ravel(values), test, invert=invert),
+        raising=False,
+    )
+
+    args = evaluation.args
+    args.evalInstLevelScore = True
+    args.quiet = True
+    args.JSONOutput = False
+    args.colorized = False
+    args.evalPixelAccuracy = False
+    return evaluation.evaluateImgLists(
+        [str(frame.prediction) for frame in frames],
+        [str(frame.label_ids) for frame in frames],
+        args,
+    )
+
+
+def test_figures_equal_cityscapes_scripts(dataset, tmp_path, monkeypatch):
+    root, frames = dataset
+    gt = f"masks:{root / 'gtFine'}{SPEC}{INSTANCES}"
+    model = RedTrainIds()
+    result = segment_images(
+        model,
+        [str(frame.image) for frame in frames],
+        run_id="cs",
+        ground_truth=open_ground_truth(gt),
+    )
+    assert not result.tables["errors"].num_rows
+    store = RunStore(str(tmp_path), "cs")
+    store.prepare({"input": "cs"})
+    store.commit_shard(Shard(0, 0, len(frames)), result.tables, {"shard": 0})
+    store.write_json(
+        "evaluation.json", {"task": "semantic", "classes": list(model.classes), "gt": gt}
+    )
+    semantic = evaluate_run(str(tmp_path))["semantic"]
+    reference = cityscapes_scripts_result(frames, monkeypatch)
+
+    def close(ours, theirs):
+        if theirs != theirs:  # NaN: undefined
+            return ours is None
+        return ours is not None and abs(ours - theirs) < 1e-6
+
+    names = model.classes
+    for figure, ours, theirs in (
+        ("IoU", semantic["per_class_iou"], reference["classScores"]),
+        ("iIoU", semantic["per_class_iiou"], reference["classInstScores"]),
+    ):
+        for name, value in zip(names, ours, strict=True):
+            assert close(value, theirs[name]), (figure, name, value, theirs[name])
+    for figure, ours, theirs in (
+        ("category IoU", semantic["category_iou"], reference["categoryScores"]),
+        ("category iIoU", semantic["category_iiou"], reference["categoryInstScores"]),
+    ):
+        assert {k: v for k, v in theirs.items() if v == v} == pytest.approx(
+            {k: v for k, v in ours.items() if v is not None}, abs=1e-6
+        ), figure
+    for ours, theirs in (
+        ("miou", "averageScoreClasses"),
+        ("iiou", "averageScoreInstClasses"),
+        ("category_miou", "averageScoreCategories"),
+        ("category_miiou", "averageScoreInstCategories"),
+    ):
+        assert close(semantic[ours], reference[theirs]), (ours, semantic[ours], reference[theirs])
+    # The data exercise what is being compared: instances of both kinds, misses, categories.
+    assert 0 < semantic["iiou"] < 1 and semantic["iiou"] != semantic["miou"]
+    print({name: semantic[name] for name in ("miou", "iiou", "category_miou", "category_miiou")})
