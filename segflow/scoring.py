@@ -11,7 +11,9 @@ image, returning its ``images`` figures) and :meth:`~SemanticScorer.tables` for 
 - :class:`SemanticScorer`: per image and class present in the ground truth or the prediction
   (every class, with probabilities), the counts of the ``class_stats`` table — its confusion
   matrix's margins (:class:`~segflow.metrics.semantic.ConfusionMatrix`), Boundary IoU's and
-  Trimap IoU's regions (:mod:`segflow.metrics.boundary`), the soft sums — and the non-zero
+  Trimap IoU's regions (:mod:`segflow.metrics.boundary`), the soft sums, Cityscapes'
+  weighted instance sums and category intersections where the ground truth has instance
+  files (:mod:`segflow.cityscapes`, as cityscapesScripts' ``evaluatePair``) — and the non-zero
   cells of its confusion matrix (``confusion``). Its figures, per image and over its images,
   are :meth:`~segflow.metrics.figures.ClassSums.figures` of those counts, the reduction
   ``evaluate`` applies to a run;

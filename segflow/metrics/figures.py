@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from segflow import cityscapes
+from segflow import cityscapes, schema
 
 
 @dataclass(frozen=True)
@@ -261,14 +261,8 @@ class ClassSums:
         }
 
 
-SOFT_SUMS = ("soft_intersection", "soft_union", "soft_squared_union")
-INSTANCE_SUMS = (
-    "instance_tp_weighted",
-    "instance_fn_weighted",
-    "category_intersection",
-    "category_tp_weighted",
-    "category_fn_weighted",
-)
+SOFT_SUMS = schema.CLASS_SOFT_SUMS
+INSTANCE_SUMS = schema.CLASS_INSTANCE_SUMS
 INTEGER_SUMS = tuple(
     field for field in ClassSums.__dataclass_fields__ if field not in SOFT_SUMS + INSTANCE_SUMS
 )
