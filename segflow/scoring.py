@@ -294,19 +294,24 @@ def _instance_sums(
     for name in weighted:
         sums[name] = np.full(n, np.nan)
         sums[name][list(cityscapes.AVERAGE_INSTANCE_SIZE)] = 0.0
-    ids = target.instances.ids
-    for instance, class_id in target.instances.classes.items():
-        predicted = labels[ids == instance]
-        size = len(predicted)
-        if class_id not in cityscapes.AVERAGE_INSTANCE_SIZE or not size:
-            continue
-        weight = cityscapes.AVERAGE_INSTANCE_SIZE[class_id] / size
-        hits = int((predicted == class_id).sum())
-        category_hits = int((category[predicted] == category[class_id]).sum())
-        for name, pixels in zip(
-            weighted, (hits, size - hits, category_hits, size - category_hits), strict=True
-        ):
-            sums[name][class_id] += pixels * weight
+    # One pass over the instance pixels, not one per instance (Cityscapes frames hold dozens).
+    inside = target.instances.ids > 0
+    instances, pixel_instance = np.unique(target.instances.ids[inside], return_inverse=True)
+    classes = np.array([target.instances.classes[i] for i in instances.tolist()], np.int64)
+    predicted, pixel_class = labels[inside], classes[pixel_instance]
+    count = len(instances)
+    size = np.bincount(pixel_instance, minlength=count)
+    hits = np.bincount(pixel_instance, predicted == pixel_class, count)
+    category_hits = np.bincount(pixel_instance, category[predicted] == category[pixel_class], count)
+    # Every instance has a pixel; its class has an average size unless the instance file
+    # names an instance of a class that has none in Cityscapes' table, which is not scored.
+    sizes = np.array([cityscapes.AVERAGE_INSTANCE_SIZE.get(c, np.nan) for c in classes.tolist()])
+    weight = sizes / size
+    scored = ~np.isnan(weight)
+    for name, pixels in zip(
+        weighted, (hits, size - hits, category_hits, size - category_hits), strict=True
+    ):
+        np.add.at(sums[name], classes[scored], (pixels * weight)[scored])
     return sums
 
 

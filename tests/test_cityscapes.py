@@ -11,9 +11,16 @@ from PIL import Image
 
 from segflow import cityscapes
 from segflow.evaluation import evaluate_run
-from segflow.groundtruth import IGNORE, GroundTruthError, open_ground_truth
+from segflow.groundtruth import (
+    IGNORE,
+    GroundTruthError,
+    Instances,
+    SemanticTarget,
+    open_ground_truth,
+)
 from segflow.manifest import Shard
 from segflow.prediction import SemanticPrediction
+from segflow.scoring import SemanticScorer
 from segflow.shard import segment_images
 from segflow.store import RunStore
 from tests.cityscapes_layout import write_dataset
@@ -184,3 +191,23 @@ def test_figures_equal_cityscapes_scripts(dataset, tmp_path, monkeypatch):
     # The data exercise what is being compared: instances of both kinds, misses, categories.
     assert 0 < semantic["iiou"] < 1 and semantic["iiou"] != semantic["miou"]
     print({name: semantic[name] for name in ("miou", "iiou", "category_miou", "category_miiou")})
+
+
+def test_an_image_without_instances_scores_zero_for_the_classes_with_instances():
+    labels = np.zeros((4, 6), np.int64)
+    labels[:, 3:] = 13  # car pixels, but a crowd: no instance
+    target = SemanticTarget(labels, "frame", Instances(np.zeros_like(labels), {}))
+    prediction = SemanticPrediction(labels=torch.from_numpy(labels.copy()))
+    state = SemanticScorer(RedTrainIds.classes).update(0, prediction, target).state()
+    rows = state["class_stats"]
+    with_instances = sorted(cityscapes.AVERAGE_INSTANCE_SIZE)
+    assert sorted(rows["class_id"].tolist()) == sorted({0, 13, *with_instances})
+    for name in ("instance_tp_weighted", "category_fn_weighted"):
+        by_class = dict(zip(rows["class_id"].tolist(), rows[name].tolist(), strict=True))
+        assert all(by_class[c] == 0.0 for c in with_instances)
+        assert np.isnan(by_class[0])
+    assert dict(
+        zip(rows["class_id"].tolist(), rows["category_intersection"].tolist(), strict=True)
+    ) == {c: {0: 12.0, 13: 12.0}.get(c, 0.0) for c in rows["class_id"].tolist()}
+    with pytest.raises(GroundTruthError, match="Cityscapes instances are scored for a model of"):
+        SemanticScorer([f"c{i}" for i in range(20)]).update(0, prediction, target)
