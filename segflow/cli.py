@@ -95,8 +95,8 @@ def segment(
     gt: Annotated[
         str | None,
         typer.Option(
-            help="Ground truth to evaluate against: coco:FILE, masks:DIR[?id_map=F|palette=F] "
-            "or coco-semantic:FILE?categories=voc."
+            help="Ground truth to evaluate against: coco:FILE, masks:DIR[?id_map=F|cityscapes"
+            "&palette=F&suffix=S&image_suffix=S&instances=S] or coco-semantic:FILE?categories=voc."
         ),
     ] = None,
     ignore_index: Annotated[int | None, typer.Option(help="Ground-truth label to ignore.")] = None,

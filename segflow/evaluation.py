@@ -8,7 +8,8 @@ evaluating the same images from scratch, to the last bit:
 
 - semantic: the figures of :mod:`segflow.metrics.figures` (mIoU, pixel accuracy, mean class
   accuracy, fwIoU, mDice, Boundary IoU, Trimap IoU; soft IoU and Dice in both forms where the
-  run computed them) from the summed counts (a dataset confusion matrix's margins, the
+  run computed them; Cityscapes' iIoU and category IoU/iIoU where the run had its instance
+  files) from the summed counts (a dataset confusion matrix's margins, the
   regions' counts), never a mean of per-image figures; a class absent from both ground truth
   and predictions is undefined (``None``), not 0;
 - instance: COCO mAP for ``segm`` and ``bbox`` with
@@ -31,7 +32,13 @@ import numpy as np
 
 from segflow import schema
 from segflow.errors import SegflowError
-from segflow.metrics.figures import INTEGER_SUMS, SOFT_SUMS, ClassSums, figures_in
+from segflow.metrics.figures import (
+    INSTANCE_SUMS,
+    INTEGER_SUMS,
+    SOFT_SUMS,
+    ClassSums,
+    figures_in,
+)
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.sql import expose_files, lock_down, predicate_problem, select_where, sql_string
 from segflow.store import RunStore
@@ -267,12 +274,12 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         "SELECT class_id, "
         + ", ".join(f"coalesce(sum({c}), 0)::BIGINT AS {c}" for c in INTEGER_SUMS)
         + ", "
-        + ", ".join(f"sum({c}) AS {c}" for c in SOFT_SUMS)
+        + ", ".join(f"sum({c}) AS {c}" for c in SOFT_SUMS + INSTANCE_SUMS)
         + " FROM class_stats SEMI JOIN evaluated USING (image_id) GROUP BY class_id"
     ).fetchnumpy()
     rows = {
         name: np.ma.filled(np.ma.asarray(values, dtype=np.float64), np.nan)
-        if name in SOFT_SUMS
+        if name in SOFT_SUMS + INSTANCE_SUMS
         else values
         for name, values in sums.items()
     }

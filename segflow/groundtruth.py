@@ -7,15 +7,24 @@ options start after the last ``?`` (URIs may hold spaces, and ``:`` after the ki
     A COCO instances JSON; instance targets. An image URI matches the JSON image whose
     ``file_name`` has the URI's basename, else (a re-encoded copy) the same stem.
 ``masks:DIR``
-    Index PNG label maps (VOC, CamVid) anywhere under DIR, found by one listing when the spec
-    is opened; semantic targets. An image matches the PNG of its stem (Cityscapes' label
-    files, ``*_gtFine_labelIds.png``, match once named like their images); where
-    several share it (``Tile 1/masks/x.png`` and ``Tile 2/masks/x.png``), the one whose folders
-    share the most names with the image's folders. Options: ``id_map=URI``, a JSON object
-    ``{"stored id": class id, or null to ignore}`` (e.g. Cityscapes labelIds to trainIds;
-    unmapped ids are ignored); ``palette=URI``, for colour-coded masks (RGB, or palette PNGs
-    whose colours are meant): ``{"classes": [{"id", "rgb"}...], "ignore_rgb": [[r, g, b]...]}``,
-    where a colour outside the palette is an error. With both, the palette applies first.
+    Index PNG label maps (VOC, CamVid, Cityscapes) anywhere under DIR, found by one listing
+    when the spec is opened; semantic targets. An image's *key* is its file name less
+    ``image_suffix`` (default: its extension, so its stem); a label file's key is its name less
+    ``suffix`` (default ``.png``, any case), and only files ending with it are label files. An
+    image matches the label file of its key; where several share it (``Tile 1/masks/x.png``
+    and ``Tile 2/masks/x.png``), the one whose folders share the most names with the image's
+    folders. Cityscapes' parallel trees (``leftImg8bit/val/bonn/X_leftImg8bit.png``,
+    ``gtFine/val/bonn/X_gtFine_labelIds.png``) match with
+    ``?image_suffix=_leftImg8bit.png&suffix=_gtFine_labelIds.png``. Options: ``id_map=URI``, a
+    JSON object ``{"stored id": class id, or null to ignore}`` (unmapped ids are ignored), or
+    ``id_map=cityscapes``, Cityscapes' label ids to its 19 train ids
+    (:data:`segflow.cityscapes.TRAIN_IDS`); ``palette=URI``, for colour-coded masks (RGB, or
+    palette PNGs whose colours are meant): ``{"classes": [{"id", "rgb"}...], "ignore_rgb":
+    [[r, g, b]...]}``, where a colour outside the palette is an error. With both, the palette
+    applies first. ``instances=SUFFIX`` (with ``id_map=cityscapes``): each image's instance
+    file, matched as its label file is but ending with SUFFIX (``_gtFine_instanceIds.png``);
+    a value ``v > 1000`` there is an instance of label id ``v // 1000`` (Cityscapes' encoding),
+    kept where that label is an evaluated class: the target's ``instances``, for iIoU.
 ``coco-semantic:FILE?categories=voc``
     Semantic targets from COCO instances, as torchvision's segmentation reference builds
     them (``references/segmentation/coco_utils.py``): only the listed categories, each pixel
@@ -41,7 +50,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from segflow import rle
+from segflow import cityscapes, rle
 from segflow.decode import ImageDecodeError, UnsupportedModeError, decode_label_map, decode_rgb
 from segflow.errors import SegflowError
 from segflow.reading import read_bytes
@@ -53,6 +62,7 @@ __all__ = [
     "GroundTruth",
     "GroundTruthError",
     "InstanceTarget",
+    "Instances",
     "SemanticTarget",
     "coco_image_id",
     "open_ground_truth",
@@ -72,9 +82,18 @@ class GroundTruthError(SegflowError, ValueError):
 
 
 @dataclass(frozen=True)
+class Instances:
+    """The ground-truth instances of an image's evaluated classes."""
+
+    ids: np.ndarray  # (H, W) int64: an instance's pixels share an id > 0; 0 outside them
+    classes: Mapping[int, int]  # instance id -> its class id
+
+
+@dataclass(frozen=True)
 class SemanticTarget:
     labels: np.ndarray  # (H, W) int64 class ids, IGNORE where the pixel is not evaluated
     source: str  # URI of the ground-truth file used
+    instances: Instances | None = None  # with an instances= option
 
 
 @dataclass(frozen=True)
@@ -464,7 +483,7 @@ def _read_palette(uri: str) -> _Lookup:
 
 class _LabelMaps(GroundTruth):
     kind = "semantic"
-    options = frozenset({"id_map", "palette"})
+    options = frozenset({"id_map", "palette", "suffix", "image_suffix", "instances"})
 
     def __init__(self, spec: str, location: str, options: dict, ignore_index: int | None) -> None:
         super().__init__(spec)
@@ -472,11 +491,23 @@ class _LabelMaps(GroundTruth):
         self._ignore_index = ignore_index
         self._palette_uri = options.get("palette")
         self._palette = _read_palette(self._palette_uri) if self._palette_uri else None
+        id_map = options.get("id_map")
         self._id_map = (
-            _Lookup.of(_id_table(options["id_map"], "id_map", null_means_ignore=True))
-            if "id_map" in options
-            else None
+            None
+            if id_map is None
+            else _Lookup.of(
+                cityscapes.TRAIN_IDS
+                if id_map == "cityscapes"
+                else _id_table(id_map, "id_map", null_means_ignore=True)
+            )
         )
+        self._image_suffix = options.get("image_suffix")
+        self._instances_suffix = options.get("instances")
+        if self._instances_suffix is not None and id_map != "cityscapes":
+            raise GroundTruthError(
+                f"ground truth {spec!r}: instances= reads Cityscapes instance files, whose "
+                "classes are label ids: give id_map=cityscapes too"
+            )
         label = f"ground truth folder {location!r}"
         try:
             self._fs, root = fsspec.core.url_to_fs(location)
@@ -490,28 +521,55 @@ class _LabelMaps(GroundTruth):
             raise GroundTruthError(
                 f"{label} cannot be listed: {type(error).__name__}: {error}"
             ) from error
-        self._by_stem: dict[str, list[str]] = defaultdict(list)
-        for path in paths:
-            if path.lower().endswith(".png"):
-                self._by_stem[_stem(path)].append(path)
-        if not self._by_stem:
-            raise GroundTruthError(f"{label} holds no .png label files")
+        self._labels = _Index(paths, options.get("suffix"))
+        if not self._labels.files:
+            raise GroundTruthError(
+                f"{label} holds no label files ending with {self._labels.suffix}"
+            )
+        self._instances = (
+            None if self._instances_suffix is None else _Index(paths, self._instances_suffix)
+        )
 
     def label_values(self) -> Container[int]:
         lookup = self._id_map or self._palette
         if lookup is not None:
             return frozenset(lookup.classes[lookup.classes >= 0].tolist())
         # Label files of one dataset share a bit depth: the first file's header tells it.
-        first = self._fs.unstrip_protocol(min(p for ps in self._by_stem.values() for p in ps))
+        first = self._fs.unstrip_protocol(min(p for ps in self._labels.files.values() for p in ps))
         with self._fs.open(first, "rb") as f:
             mode = Image.open(f).mode
         return range(2**16) if mode.startswith("I") else range(2**8)
 
     def target(self, uri: str) -> SemanticTarget:
-        path = self._label_file(uri)
+        path = self._file(uri, self._labels, "label file")
         source = self._fs.unstrip_protocol(path)
         where = f"ground truth for {uri!r}"
-        data = _read_bytes(source, f"{where}: label file {source!r}")
+        labels = self._decoded(source, where)
+        if self._id_map is not None:
+            # Ids are >= 0, so IGNORE pixels (palette ignore colours) stay IGNORE.
+            labels, _ = self._id_map.apply(labels)
+        instances = None
+        if self._instances is not None:
+            instances = self._instance_ids(self._file(uri, self._instances, "instance file"), where)
+            if instances.ids.shape != labels.shape:
+                raise GroundTruthError(
+                    f"{where}: instance file is {instances.ids.shape[1]}x{instances.ids.shape[0]}"
+                    f" but label file {source!r} is {labels.shape[1]}x{labels.shape[0]}"
+                )
+        return SemanticTarget(_ignoring(labels, self._ignore_index), source, instances)
+
+    def _instance_ids(self, path: str, where: str) -> Instances:
+        source = self._fs.unstrip_protocol(path)
+        values = self._decoded(source, where)
+        found = np.unique(values[values > 1000])
+        classes, _ = self._id_map.apply(found // 1000)
+        kept = (classes != IGNORE) & (classes != self._ignore_index)
+        found, classes = found[kept], classes[kept]
+        ids = np.where(np.isin(values, found), values, 0)
+        return Instances(ids, dict(zip(found.tolist(), classes.tolist(), strict=True)))
+
+    def _decoded(self, source: str, where: str) -> np.ndarray:
+        data = _read_bytes(source, f"{where}: file {source!r}")
         try:
             if self._palette is None:
                 labels = decode_label_map(data, name=source)
@@ -524,10 +582,7 @@ class _LabelMaps(GroundTruth):
             ) from None
         except ImageDecodeError as error:
             raise GroundTruthError(f"{where}: {error}") from None
-        if self._id_map is not None:
-            # Ids are >= 0, so IGNORE pixels (palette ignore colours) stay IGNORE.
-            labels, _ = self._id_map.apply(labels)
-        return SemanticTarget(_ignoring(labels, self._ignore_index), source)
+        return labels
 
     def _colours_to_classes(self, rgb: np.ndarray, where: str) -> np.ndarray:
         labels, known = self._palette.apply(_packed(rgb))
@@ -540,14 +595,23 @@ class _LabelMaps(GroundTruth):
             )
         return labels
 
-    def _label_file(self, uri: str) -> str:
+    def _file(self, uri: str, index: _Index, what: str) -> str:
         image_path = _uri_path(uri)
-        stem = _stem(image_path)
+        name = posixpath.basename(image_path)
+        if self._image_suffix is None:
+            key = _stem(name)
+        elif name.endswith(self._image_suffix):
+            key = name[: -len(self._image_suffix)]
+        else:
+            raise GroundTruthError(
+                f"ground truth for {uri!r}: the image's name does not end with image_suffix "
+                f"{self._image_suffix!r}"
+            )
         # A PNG image under DIR is listed too, and is not its own label map.
-        candidates = [path for path in self._by_stem.get(stem, []) if path != image_path]
+        candidates = [path for path in index.files.get(key, []) if path != image_path]
         if not candidates:
             raise GroundTruthError(
-                f"ground truth for {uri!r}: no label file {stem}.png under {self._location!r}"
+                f"ground truth for {uri!r}: no {what} {key}{index.suffix} under {self._location!r}"
             )
         image_folders = set(posixpath.dirname(image_path).split("/"))
         shared = [
@@ -559,10 +623,23 @@ class _LabelMaps(GroundTruth):
         if len(best) > 1:
             names = ", ".join(repr(self._fs.unstrip_protocol(path)) for path in sorted(best))
             raise GroundTruthError(
-                f"ground truth for {uri!r}: label files {names} match it equally well (same stem, "
+                f"ground truth for {uri!r}: {what}s {names} match it equally well (same name, "
                 "as many folder names in common)"
             )
         return best[0]
+
+
+class _Index:
+    """The files of a listing ending with ``suffix`` (default ``.png``, any case), by key: the
+    name less the suffix."""
+
+    def __init__(self, paths: list[str], suffix: str | None) -> None:
+        self.suffix = suffix or ".png"
+        self.files: dict[str, list[str]] = defaultdict(list)
+        for path in paths:
+            name = posixpath.basename(path)
+            if (name if suffix else name.lower()).endswith(self.suffix):
+                self.files[name[: -len(self.suffix)]].append(path)
 
 
 _ADAPTERS: dict[str, type[GroundTruth]] = {

@@ -115,6 +115,22 @@ soft_union             double  the sum of the class's probability over all pixel
 soft_squared_union     double  the sum of the class's squared probability over all
                                pixels, plus gt_pixels, minus soft_intersection (the
                                squared-L2 form); null likewise
+instance_tp_weighted   double  with Cityscapes instance files (``masks:`` option
+                               ``instances=``): the sum over the image's instances of
+                               the class of their pixels predicted as the class, each
+                               weighted by the class's average instance size over the
+                               instance's size (iIoU, cityscapesScripts'
+                               ``tpWeighted``); 0 for a class with instances that the
+                               image has none of; null for a class without instances
+                               (:data:`segflow.cityscapes.AVERAGE_INSTANCE_SIZE`) and
+                               without instance files
+instance_fn_weighted   double  likewise, of their pixels not predicted as the class
+category_intersection  double  with instance files: pixels of the class in the ground
+                               truth predicted as a class of its category (a whole
+                               number; category IoU); null otherwise
+category_tp_weighted   double  as instance_tp_weighted, for the pixels predicted as a
+                               class of the instance's category (category iIoU)
+category_fn_weighted   double  likewise, for the pixels predicted outside the category
 =====================  ======  ==================================================
 
 ``confusion`` — semantic runs with ground truth: the image's confusion matrix, its non-zero
@@ -249,6 +265,14 @@ CLASS_COUNTS = (
     "trimap_union",
 )
 CLASS_SOFT_SUMS = ("soft_intersection", "soft_union", "soft_squared_union")
+# class_stats' Cityscapes instance and category sums (null without instance files).
+CLASS_INSTANCE_SUMS = (
+    "instance_tp_weighted",
+    "instance_fn_weighted",
+    "category_intersection",
+    "category_tp_weighted",
+    "category_fn_weighted",
+)
 
 CLASS_STATS = pa.schema(
     [
@@ -257,7 +281,7 @@ CLASS_STATS = pa.schema(
         pa.field("class_id", pa.int32(), nullable=False),
         pa.field("class_name", pa.string(), nullable=False),
         *(pa.field(name, pa.int64(), nullable=False) for name in CLASS_COUNTS),
-        *(pa.field(name, pa.float64()) for name in CLASS_SOFT_SUMS),
+        *(pa.field(name, pa.float64()) for name in CLASS_SOFT_SUMS + CLASS_INSTANCE_SUMS),
     ]
 )
 

@@ -11,7 +11,9 @@ image, returning its ``images`` figures) and :meth:`~SemanticScorer.tables` for 
 - :class:`SemanticScorer`: per image and class present in the ground truth or the prediction
   (every class, with probabilities), the counts of the ``class_stats`` table — its confusion
   matrix's margins (:class:`~segflow.metrics.semantic.ConfusionMatrix`), Boundary IoU's and
-  Trimap IoU's regions (:mod:`segflow.metrics.boundary`), the soft sums — and the non-zero
+  Trimap IoU's regions (:mod:`segflow.metrics.boundary`), the soft sums, Cityscapes'
+  weighted instance sums and category intersections where the ground truth has instance
+  files (:mod:`segflow.cityscapes`, as cityscapesScripts' ``evaluatePair``) — and the non-zero
   cells of its confusion matrix (``confusion``). Its figures, per image and over its images,
   are :meth:`~segflow.metrics.figures.ClassSums.figures` of those counts, the reduction
   ``evaluate`` applies to a run;
@@ -29,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from segflow import schema
+from segflow import cityscapes, schema
 from segflow.groundtruth import (
     GroundTruth,
     GroundTruthError,
@@ -151,9 +153,23 @@ class SemanticScorer(_Scorer):
         confusion = ConfusionMatrix(n).update(truth, labels).state()
         gt_pixels, pred_pixels = confusion.sum(1), confusion.sum(0)
         soft = prediction.probabilities
+        instance_sums = (
+            None
+            if target.instances is None
+            else _instance_sums(target, truth.cpu().numpy(), labels.cpu().numpy(), n)
+        )
         # With probabilities every class has a row: one absent from this image still holds
-        # some probability, part of its dataset soft union.
-        present = np.arange(n) if soft is not None else np.flatnonzero(gt_pixels + pred_pixels)
+        # some probability, part of its dataset soft union. A class with instances has one
+        # with instance files: its weighted sums are 0, not unknown, where it is absent.
+        present = (
+            np.arange(n)
+            if soft is not None
+            else np.flatnonzero(
+                gt_pixels
+                + pred_pixels
+                + (0 if instance_sums is None else ~np.isnan(instance_sums["instance_tp_weighted"]))
+            )
+        )
         counts = {
             "gt_pixels": gt_pixels[present],
             "pred_pixels": pred_pixels[present],
@@ -163,6 +179,8 @@ class SemanticScorer(_Scorer):
         counts["union"] = counts["gt_pixels"] + counts["pred_pixels"] - counts["intersection"]
         if soft is not None:
             counts |= _soft_sums(soft.to(labels.device, torch.float64)[:, valid], truth[valid])
+        if instance_sums is not None:
+            counts |= {name: sums[present] for name, sums in instance_sums.items()}
         self._class_stats.append(
             {"image_id": np.full(len(present), image_id), "class_id": present} | counts
         )
@@ -225,8 +243,8 @@ class SemanticScorer(_Scorer):
         class_stats = _concatenated(
             self._class_stats, ("image_id", "class_id", *schema.CLASS_COUNTS), np.int64
         )
-        for column in schema.CLASS_SOFT_SUMS:
-            # NaN marks a missing soft sum (not asked for): null in the table.
+        for column in schema.CLASS_SOFT_SUMS + schema.CLASS_INSTANCE_SUMS:
+            # NaN marks a missing sum (not asked for, no instances): null in the table.
             class_stats[column] = np.concatenate(
                 [
                     part.get(column, np.full(len(part["image_id"]), np.nan))
@@ -252,6 +270,49 @@ class SemanticScorer(_Scorer):
             "class_stats": _table("class_stats", run_id, class_stats),
             "confusion": _table("confusion", run_id, state["confusion"]),
         }
+
+
+def _instance_sums(
+    target: SemanticTarget, truth: np.ndarray, labels: np.ndarray, n: int
+) -> dict[str, np.ndarray]:
+    """Per class, the Cityscapes instance and category sums of ``class_stats`` (see
+    :mod:`segflow.schema`), as cityscapesScripts' ``evaluatePair`` counts them; NaN for the
+    classes without instances' weighted sums."""
+    if n != len(cityscapes.TRAIN_IDS):
+        raise GroundTruthError(
+            f"{target.source}: Cityscapes instances are scored for a model of its "
+            f"{len(cityscapes.TRAIN_IDS)} classes (train ids), and this one has {n}"
+        )
+    category = np.empty(n, np.int64)
+    for index, members in enumerate(cityscapes.CATEGORIES.values()):
+        category[list(members)] = index
+    valid = truth >= 0
+    same = valid & (category[np.where(valid, truth, 0)] == category[labels])
+    sums = {"category_intersection": np.bincount(truth[same], minlength=n).astype(np.float64)}
+    weighted = ("instance_tp_weighted", "instance_fn_weighted")
+    weighted += ("category_tp_weighted", "category_fn_weighted")
+    for name in weighted:
+        sums[name] = np.full(n, np.nan)
+        sums[name][list(cityscapes.AVERAGE_INSTANCE_SIZE)] = 0.0
+    # One pass over the instance pixels, not one per instance (Cityscapes frames hold dozens).
+    inside = target.instances.ids > 0
+    instances, pixel_instance = np.unique(target.instances.ids[inside], return_inverse=True)
+    classes = np.array([target.instances.classes[i] for i in instances.tolist()], np.int64)
+    predicted, pixel_class = labels[inside], classes[pixel_instance]
+    count = len(instances)
+    size = np.bincount(pixel_instance, minlength=count)
+    hits = np.bincount(pixel_instance, predicted == pixel_class, count)
+    category_hits = np.bincount(pixel_instance, category[predicted] == category[pixel_class], count)
+    # Every instance has a pixel; its class has an average size unless the instance file
+    # names an instance of a class that has none in Cityscapes' table, which is not scored.
+    sizes = np.array([cityscapes.AVERAGE_INSTANCE_SIZE.get(c, np.nan) for c in classes.tolist()])
+    weight = sizes / size
+    scored = ~np.isnan(weight)
+    for name, pixels in zip(
+        weighted, (hits, size - hits, category_hits, size - category_hits), strict=True
+    ):
+        np.add.at(sums[name], classes[scored], (pixels * weight)[scored])
+    return sums
 
 
 def _soft_sums(soft: torch.Tensor, truth: torch.Tensor) -> dict[str, np.ndarray]:

@@ -18,13 +18,24 @@ soft_mdice          2 soft_intersection / (soft_union + soft_intersection)
 soft_miou_squared   soft_intersection / soft_squared_union: squared L2 norms,
                     Σ_Y p / (‖P‖₂² + ‖Y‖₂² − Σ_Y p)
 soft_mdice_squared  2 soft_intersection / (soft_squared_union + soft_intersection)
+iiou                instance-level IoU, as cityscapesScripts computes it: per class with
+                    instances, TPw / (TPw + FP + FNw), TPw and FNw the weighted sums
+                    instance_tp_weighted and instance_fn_weighted, FP = P − I
+category_miou       the mean over the categories K of Cityscapes (the classes being its
+                    train ids) of category IoU, TP_K / (ΣG + ΣP − TP_K) over the classes
+                    of K, TP_K = Σ category_intersection
+category_miiou      the mean over the categories with instances of TPw_K / (TPw_K +
+                    FP_K + FNw_K), FP_K = ΣP − TP_K, TPw_K and FNw_K the sums of
+                    category_tp_weighted and category_fn_weighted
 ==================  ===========================================================
 
 Every mean is over the classes whose denominator is positive; a class without one is
 undefined (``None``), not 0, and a mean over no class is undefined. The soft figures exist
-only for runs asked for them (``--soft-metrics``). The integer figures are exact: the same
-images give the same floats whatever shards they were scored in and in whatever order the
-sums were taken.
+only for runs asked for them (``--soft-metrics``), the instance and category ones for runs
+with Cityscapes instance files (``masks:`` option ``instances=``); the per-category values
+are in ``category_iou`` and ``category_iiou``, by category name. The integer figures are
+exact: the same images give the same floats whatever shards they were scored in and in
+whatever order the sums were taken (the weighted instance sums, floats, to rounding).
 
 :data:`SEMANTIC_FIGURES` names the dataset figures, with the label people read and the key
 of their per-class values in ``evaluate``'s result; :data:`IMAGE_FIGURES` those that each
@@ -39,6 +50,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from segflow import cityscapes, schema
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,9 @@ SEMANTIC_FIGURES: tuple[Figure, ...] = (
         "soft IoU (squared L2)",
     ),
     Figure("soft_mdice_squared", "soft mDice (squared L2)"),
+    Figure("iiou", "iIoU", "per_class_iiou", "iIoU"),
+    Figure("category_miou", "category mIoU"),
+    Figure("category_miiou", "category iIoU"),
 )
 IMAGE_FIGURES = ("pixel_accuracy", "miou", "mdice", "boundary_iou")
 
@@ -140,11 +156,18 @@ class ClassSums:
     soft_intersection: np.ndarray | None = None
     soft_union: np.ndarray | None = None
     soft_squared_union: np.ndarray | None = None
+    # Cityscapes' instance and category sums: NaN for a class no row has them for.
+    instance_tp_weighted: np.ndarray | None = None
+    instance_fn_weighted: np.ndarray | None = None
+    category_intersection: np.ndarray | None = None
+    category_tp_weighted: np.ndarray | None = None
+    category_fn_weighted: np.ndarray | None = None
 
     @classmethod
     def of_rows(cls, rows: Mapping[str, np.ndarray], num_classes: int) -> ClassSums:
         """The sums of ``class_stats`` rows (columns by name, ``class_id`` among them; rows of
-        one class may repeat). The soft sums are kept when every row has them."""
+        one class may repeat). The soft sums are kept when every row has them; the instance
+        sums when some row has them, summed over the rows that have them."""
         class_ids = np.asarray(rows["class_id"], np.int64)
         sums: dict[str, np.ndarray | None] = {}
         for name in INTEGER_SUMS:
@@ -160,6 +183,18 @@ class ClassSums:
             total = np.zeros(num_classes, np.float64)
             np.add.at(total, class_ids, values)
             sums[name] = total
+        for name in INSTANCE_SUMS:
+            values = rows.get(name)
+            values = None if values is None else np.asarray(values, np.float64)
+            if values is None or np.isnan(values).all():
+                sums[name] = None
+                continue
+            known = ~np.isnan(values)
+            total = np.zeros(num_classes, np.float64)
+            np.add.at(total, class_ids[known], values[known])
+            had = np.zeros(num_classes, bool)
+            had[class_ids[known]] = True
+            sums[name] = np.where(had, total, np.nan)
         return cls(**sums)
 
     def figures(self) -> dict[str, Any]:
@@ -179,8 +214,8 @@ class ClassSums:
             "per_class_iou": _numbers(scores.per_class_iou),
             "per_class_boundary_iou": _numbers(boundary),
             "per_class_trimap_iou": _numbers(trimap),
-        }
-        if self.soft_intersection is None or self.soft_union is None:
+        } | self._instance_figures()
+        if self.soft_intersection is None:
             return result
         for suffix, union in (("", self.soft_union), ("_squared", self.soft_squared_union)):
             if union is None:
@@ -194,9 +229,43 @@ class ClassSums:
             }
         return result
 
+    def _instance_figures(self) -> dict[str, Any]:
+        """Cityscapes' iIoU and category figures (cityscapesScripts'
+        ``getInstanceIouScoreForLabel`` and ``get*ScoreForCategory``), where the sums exist."""
+        if self.instance_tp_weighted is None or self.category_intersection is None:
+            return {}
+        false_positive = self.pred_pixels - self.intersection
+        iiou = ratios(
+            self.instance_tp_weighted,
+            self.instance_tp_weighted + self.instance_fn_weighted + false_positive,
+        )
+        category_iou, category_iiou = {}, {}
+        for category, members in cityscapes.CATEGORIES.items():
+            ids = list(members)
+            true_positive = np.nansum(self.category_intersection[ids])
+            gt, predicted = self.gt_pixels[ids].sum(), self.pred_pixels[ids].sum()
+            category_iou[category] = ratios(true_positive, gt + predicted - true_positive)
+            if category in cityscapes.INSTANCE_CATEGORIES:
+                tp, fn = (
+                    np.nansum(sums[ids])
+                    for sums in (self.category_tp_weighted, self.category_fn_weighted)
+                )
+                category_iiou[category] = ratios(tp, tp + fn + predicted - true_positive)
+        return {
+            "iiou": _number(_mean(iiou)),
+            "per_class_iiou": _numbers(iiou),
+            "category_miou": _number(_mean(np.array(list(category_iou.values())))),
+            "category_miiou": _number(_mean(np.array(list(category_iiou.values())))),
+            "category_iou": {k: _number(v) for k, v in category_iou.items()},
+            "category_iiou": {k: _number(v) for k, v in category_iiou.items()},
+        }
 
-INTEGER_SUMS = tuple(field for field in ClassSums.__dataclass_fields__ if "soft" not in field)
-SOFT_SUMS = ("soft_intersection", "soft_union", "soft_squared_union")
+
+SOFT_SUMS = schema.CLASS_SOFT_SUMS
+INSTANCE_SUMS = schema.CLASS_INSTANCE_SUMS
+INTEGER_SUMS = tuple(
+    field for field in ClassSums.__dataclass_fields__ if field not in SOFT_SUMS + INSTANCE_SUMS
+)
 
 
 def ratios(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
