@@ -61,6 +61,7 @@ bench: venv
 	$(BIN)/python bench/query_memory.py
 	$(BIN)/python bench/segment.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/device_feed.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .hypothesis
