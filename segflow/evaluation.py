@@ -20,6 +20,7 @@ interval from the same state and the same reductions (:mod:`segflow.bootstrap`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,14 @@ import pyarrow as pa
 from segflow import schema
 from segflow.errors import SegflowError
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
-from segflow.sql import expose_files, lock_down, predicate_problem, select_where, sql_string
+from segflow.sql import (
+    RUN_PROTOCOL,
+    expose_files,
+    lock_down,
+    predicate_problem,
+    select_where,
+    sql_string,
+)
 from segflow.store import RunStore
 
 if TYPE_CHECKING:
@@ -84,6 +92,29 @@ class Run:
         if not allow_external:
             lock_down(db, [f for files in exposed.values() for f in files])
         return db
+
+
+def rows_of_images(db: duckdb.DuckDBPyConnection, table: str, image_ids: Sequence[int]) -> pa.Table:
+    """The rows of ``table`` (a view :meth:`Run.connect` made) of a few images, reading only
+    the files that hold them: a scan of the ``image_id`` column alone finds those files
+    (after a compaction the row groups whose ``image_id`` range holds none of them are
+    skipped too), then those files are read whole. A filter over the whole view would
+    decode every column of every file, and a run has thousands of shard files."""
+    ids = ", ".join(str(int(i)) for i in image_ids) or "NULL"
+    glob = f"{RUN_PROTOCOL}://{table}/*.parquet"
+    try:
+        found = db.sql(
+            f"SELECT DISTINCT filename FROM read_parquet({sql_string(glob)}, filename = true) "
+            f"WHERE image_id IN ({ids})"
+        ).fetchall()
+    except duckdb.IOException:  # a table without files: an empty Arrow table, no glob
+        return db.sql(f"SELECT * FROM {table} WHERE image_id IN ({ids})").to_arrow_table()
+    files = ", ".join(sql_string(name) for (name,) in sorted(found))
+    if not files:
+        return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
+    return db.sql(
+        f"SELECT * FROM read_parquet([{files}]) WHERE image_id IN ({ids})"
+    ).to_arrow_table()
 
 
 def open_run(location: str, *, latest: bool = False) -> Run:
@@ -228,15 +259,21 @@ def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[
     # Only COCOeval's image ids need the ground truth's URIs: a semantic run keeps ids alone.
     columns = "image_id" if run.evaluation["task"] == "semantic" else "image_id, gt_uri"
     try:
-        [(selected, evaluated)] = db.sql(
-            f"SELECT count(*), count(*) FILTER ({evaluable}) FROM ({selection})"
-        ).fetchall()
+        # One scan of images: the selection's ids and whether each is evaluated, kept.
         db.execute(
-            f"CREATE TEMP TABLE evaluated AS SELECT {columns} FROM ({selection}) "
-            f"WHERE {evaluable} ORDER BY image_id"
+            f"CREATE TEMP TABLE selected AS SELECT {columns}, ({evaluable}) AS evaluable "
+            f"FROM ({selection})"
         )
     except duckdb.Error as exc:
         raise EvaluationError(f"--where {where!r} is not a predicate over images: {exc}") from None
+    [(selected, evaluated)] = db.sql(
+        "SELECT count(*), count(*) FILTER (evaluable) FROM selected"
+    ).fetchall()
+    db.execute(
+        f"CREATE TEMP TABLE evaluated AS SELECT {columns} FROM selected WHERE evaluable "
+        "ORDER BY image_id"
+    )
+    db.execute("DROP TABLE selected")
     return selected, evaluated
 
 
