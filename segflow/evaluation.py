@@ -102,13 +102,16 @@ def rows_of_images(db: duckdb.DuckDBPyConnection, table: str, image_ids: Sequenc
     decode every column of every file, and a run has thousands of shard files."""
     ids = ", ".join(str(int(i)) for i in image_ids) or "NULL"
     glob = f"{RUN_PROTOCOL}://{table}/*.parquet"
-    try:
-        found = db.sql(
-            f"SELECT DISTINCT filename FROM read_parquet({sql_string(glob)}, filename = true) "
-            f"WHERE image_id IN ({ids})"
-        ).fetchall()
-    except duckdb.IOException:  # a table without files: an empty Arrow table, no glob
-        return db.sql(f"SELECT * FROM {table} WHERE image_id IN ({ids})").to_arrow_table()
+    [(has_files,)] = db.sql(
+        "SELECT count(*) FROM duckdb_views() WHERE view_name = $name AND contains(sql, $glob)",
+        params={"name": table, "glob": glob},
+    ).fetchall()
+    if not has_files:  # a table without files is an empty registered Arrow table
+        return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
+    found = db.sql(
+        f"SELECT DISTINCT filename FROM read_parquet({sql_string(glob)}, filename = true) "
+        f"WHERE image_id IN ({ids})"
+    ).fetchall()
     files = ", ".join(sql_string(name) for (name,) in sorted(found))
     if not files:
         return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
