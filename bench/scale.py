@@ -23,8 +23,10 @@ page of 1,000 keys at a time and arrive sorted, so they skip the sort a local fo
 
 ``--only queries``: the commands that read a finished run, on a semantic run of N images
 (``--images``, default 100 k) on local disk, each beside DuckDB reading the same committed
-files directly (``read_parquet('RUN/<table>/*.parquet')`` in a fresh ``python -c``) and
-computing the same answer, which is checked (``!=`` in the table where they differ):
+files directly (``read_parquet([...])`` of each table's Delta file list, deltalake's
+``DeltaTable(uri).file_uris()``, in a fresh ``python -c``: not a glob, which would also read
+a killed attempt's files and those a compaction replaced) and computing the same answer,
+which is checked (``!=`` in the table where they differ):
 
 =================================  ========================================================
 segflow                            DuckDB direct
@@ -38,7 +40,16 @@ segflow                            DuckDB direct
 ``report``                         the figures above, the 12 worst images and their masks
                                    (their URIs must all be in the page, every one drawn)
 ``show`` one image                 that image's URI and masks (their size must be the PNG's)
+``export-coco`` (an instance run)  the same COCO results written by ``COPY ... TO`` JSON; the
+                                   two files' counts and digests (DuckDB's ``hash`` of each
+                                   result's values, summed) must be equal
 =================================  ========================================================
+
+Then the same after ``segflow compact`` (on a copy of each run, with the default retention,
+so the files it replaced stay on disk in no table; its time and peak RSS printed), then
+``export-coco`` on an instance run of the smallest size, then, with ``--s3-images N``, the
+queries and ``evaluate`` on a semantic run of N copied to a moto server on 127.0.0.1 (DuckDB
+direct reading it through s3fs, as segflow does: DuckDB's httpfs is not installed here).
 
 The run is synthesised, not segmented: the CamVid validation frames (:data:`SEED_FRAMES`,
 all 101 of them) are segmented once, in process, with the exported ESPNet and their label
@@ -47,9 +58,12 @@ strings, class_stats, confusion cells, per-image figures), and those rows are re
 new URIs, copy ``c`` of frame ``F`` being ``frames/copy-<c>/F`` (a symbolic link to the
 frame, so that ``report`` and ``show`` read and draw real images, and the label maps, found
 by file name, still apply), and new image ids (:func:`segflow.schema.image_id_for` of the
-URI). Shards of 256 are committed with :meth:`segflow.store.RunStore.commit_shard` after
-``run.json``, ``evaluation.json`` and the manifest, as the ``segment`` flow writes them, and
-the run is finished with its ``summary.json``; it is made once under ``--work`` and reused.
+URI). Shards of 256 are written as an actor writes them
+(:meth:`segflow.store.RunStore.write_shard`) after ``run.json``, ``evaluation.json`` and the
+manifest, committed :data:`COMMIT_BATCH` shards a Delta transaction, and the run is finished
+with its ``summary.json``; it is made once under ``--work`` and reused. The instance run is
+the COCO subset's 10 images, with the tests' jittered ground truth as detections, repeated
+likewise.
 The worst images are then copies of the worst frame (ties go by URI). A frame's strings
 repeat about 2.5 times a shard, so Parquet's dictionaries make the files smaller than a
 real run's.
@@ -60,11 +74,11 @@ within 30 s. The table marks each goal met (``ok``) or not (``MISS``) at every s
 segflow's commands read the run through :meth:`segflow.evaluation.Run.connect`: DuckDB's
 ``read_parquet`` over the committed files, through a read-only file system (see
 :mod:`segflow.sql`), so the ratio is mostly that file system's Python calls and the
-interpreter's start. Not measured yet: the same after ``compact``, an instance run
-(``export-coco``), and a run on an S3 endpoint.
+interpreter's start. The machine's load average is printed beside each table: compare
+ratios measured side by side, not seconds across runs.
 
 Usage: .venv/bin/python bench/scale.py [--only planning|queries] [--work DIR]
-       [--baseline REV] [--images N [N ...]]
+       [--baseline REV] [--images N [N ...]] [--s3-images N]
 """
 
 from __future__ import annotations
