@@ -78,17 +78,15 @@ class Run:
         db.execute("SET enable_progress_bar = false")
         # A command reads a table more than once (evaluate: images, then the metric tables).
         db.execute("SET parquet_metadata_cache = true")
-        shards = self.store.committed()
-        exposed = expose_files(
-            db, self.store.fs, {name: self.store.files(name, shards) for name in schema.TABLES}
-        )
+        exposed = expose_files(db, self.store.fs, self.store.table_files())
         for name, files in exposed.items():
             if files:
                 db.execute(
                     f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_string(files[0])})"
                 )
             else:
-                db.register(name, schema.TABLES[name].empty_table())
+                # Not Schema.empty_table(): that imports pandas (a second, on every command).
+                db.register(name, pa.Table.from_batches([], schema=schema.TABLES[name]))
         if not allow_external:
             lock_down(db, [f for files in exposed.values() for f in files])
         return db
@@ -201,7 +199,10 @@ def evaluate(
         "images": {"selected": selected, "evaluated": evaluated},
     }
     if run.evaluation["task"] == "semantic":
-        result["semantic"], scores = _semantic(run, db), {}
+        # Every image of the run evaluated: the metric rows are all theirs (the views are of
+        # the same shards), so they are summed without the join that would select them.
+        every_image = where is None and selected == evaluated
+        result["semantic"], scores = _semantic(run, db, every_image), {}
     else:
         scores = _coco_scores(run, db)
         result["instance"] = instance_figures(run, scores)
@@ -332,8 +333,11 @@ def semantic_figures(totals: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
-def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False) -> dict[str, Any]:
+    """The figures of ``evaluated``'s images; of all the rows of the metric tables when
+    ``every_image`` (every image of the run is in ``evaluated``)."""
     classes = run.evaluation["classes"]
+    of_evaluated = "" if every_image else " SEMI JOIN evaluated USING (image_id)"
     # One scan of class_stats: the integer counts, and the soft sums of the rows that have
     # them (runs asked for soft metrics).
     sums = db.sql(
@@ -342,14 +346,14 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         + ", count(soft_union) AS soft_rows"
         + ", coalesce(sum(soft_intersection) FILTER (soft_union IS NOT NULL), 0) AS soft_i"
         + ", coalesce(sum(soft_union), 0) AS soft_u"
-        + " FROM class_stats SEMI JOIN evaluated USING (image_id) GROUP BY class_id"
+        + f" FROM class_stats{of_evaluated} GROUP BY class_id"
     ).fetchnumpy()
     totals = {name: np.zeros(len(classes), np.int64) for name in COUNT_COLUMNS}
     for name, values in totals.items():
         values[sums["class_id"]] = sums[name]
     cells = db.sql(
-        "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM confusion "
-        "SEMI JOIN evaluated USING (image_id) GROUP BY ALL"
+        "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels "
+        f"FROM confusion{of_evaluated} GROUP BY ALL"
     ).fetchnumpy()
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
