@@ -82,7 +82,7 @@ class _ReadOnlyFiles(fsspec.AbstractFileSystem):
             fd = os.open(path, os.O_RDONLY)
             return _PositionalFile(lambda start, n: os.pread(fd, n, start), size, fd)
         fs = self._fs
-        return _PositionalFile(lambda start, n: fs.cat_file(path, start, start + n), size)
+        return _PositionalFile(lambda start, n: fs.cat_file(path, start=start, end=start + n), size)
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         path = self._known(path)
