@@ -23,8 +23,10 @@ page of 1,000 keys at a time and arrive sorted, so they skip the sort a local fo
 
 ``--only queries``: the commands that read a finished run, on a semantic run of N images
 (``--images``, default 100 k) on local disk, each beside DuckDB reading the same committed
-files directly (``read_parquet('RUN/<table>/*.parquet')`` in a fresh ``python -c``) and
-computing the same answer, which is checked (``!=`` in the table where they differ):
+files directly (``read_parquet([...])`` of each table's Delta file list, deltalake's
+``DeltaTable(uri).file_uris()``, in a fresh ``python -c``: not a glob, which would also read
+a killed attempt's files and those a compaction replaced) and computing the same answer,
+which is checked (``!=`` in the table where they differ):
 
 =================================  ========================================================
 segflow                            DuckDB direct
@@ -38,7 +40,16 @@ segflow                            DuckDB direct
 ``report``                         the figures above, the 12 worst images and their masks
                                    (their URIs must all be in the page, every one drawn)
 ``show`` one image                 that image's URI and masks (their size must be the PNG's)
+``export-coco`` (an instance run)  the same COCO results written by ``COPY ... TO`` JSON; the
+                                   two files' counts and digests (DuckDB's ``hash`` of each
+                                   result's values, summed) must be equal
 =================================  ========================================================
+
+Then the same after ``segflow compact`` (on a copy of each run, with the default retention,
+so the files it replaced stay on disk in no table; its time and peak RSS printed), then
+``export-coco`` on an instance run of the smallest size, then, with ``--s3-images N``, the
+queries and ``evaluate`` on a semantic run of N copied to a moto server on 127.0.0.1 (DuckDB
+direct reading it through s3fs, as segflow does: DuckDB's httpfs is not installed here).
 
 The run is synthesised, not segmented: the CamVid validation frames (:data:`SEED_FRAMES`,
 all 101 of them) are segmented once, in process, with the exported ESPNet and their label
@@ -47,9 +58,12 @@ strings, class_stats, confusion cells, per-image figures), and those rows are re
 new URIs, copy ``c`` of frame ``F`` being ``frames/copy-<c>/F`` (a symbolic link to the
 frame, so that ``report`` and ``show`` read and draw real images, and the label maps, found
 by file name, still apply), and new image ids (:func:`segflow.schema.image_id_for` of the
-URI). Shards of 256 are committed with :meth:`segflow.store.RunStore.commit_shard` after
-``run.json``, ``evaluation.json`` and the manifest, as the ``segment`` flow writes them, and
-the run is finished with its ``summary.json``; it is made once under ``--work`` and reused.
+URI). Shards of 256 are written as an actor writes them
+(:meth:`segflow.store.RunStore.write_shard`) after ``run.json``, ``evaluation.json`` and the
+manifest, committed :data:`COMMIT_BATCH` shards a Delta transaction, and the run is finished
+with its ``summary.json``; it is made once under ``--work`` and reused. The instance run is
+the COCO subset's 10 images, with the tests' jittered ground truth as detections, repeated
+likewise.
 The worst images are then copies of the worst frame (ties go by URI). A frame's strings
 repeat about 2.5 times a shard, so Parquet's dictionaries make the files smaller than a
 real run's.
@@ -60,11 +74,11 @@ within 30 s. The table marks each goal met (``ok``) or not (``MISS``) at every s
 segflow's commands read the run through :meth:`segflow.evaluation.Run.connect`: DuckDB's
 ``read_parquet`` over the committed files, through a read-only file system (see
 :mod:`segflow.sql`), so the ratio is mostly that file system's Python calls and the
-interpreter's start. Not measured yet: the same after ``compact``, an instance run
-(``export-coco``), and a run on an S3 endpoint.
+interpreter's start. The machine's load average is printed beside each table: compare
+ratios measured side by side, not seconds across runs.
 
 Usage: .venv/bin/python bench/scale.py [--only planning|queries] [--work DIR]
-       [--baseline REV] [--images N [N ...]]
+       [--baseline REV] [--images N [N ...]] [--s3-images N]
 """
 
 from __future__ import annotations
@@ -230,6 +244,7 @@ def planning(work: Path, baseline: Path) -> None:
 
 SHARED = Path(os.environ.get("SEGFLOW_SHARED", REPO_ROOT.parent / "shared"))
 FRAMES = SHARED / "data" / "camvid_val" / "images"
+COCO = SHARED / "data" / "coco_val2017_10"
 MODEL = SHARED / "models" / "espnet_camvid.pt2"
 GT = f"masks:{SHARED / 'data' / 'camvid_val' / 'labels'}"
 IGNORE_INDEX = 11
@@ -253,19 +268,30 @@ sys.argv[0] = "segflow"
 app()
 """
 
-# DuckDB over the run's files (argv[1]): a view of each table of argv[3], then each statement
-# of argv[2] (JSON lists); prints the rows of each as JSON, then its VmHWM.
+# DuckDB over the run's committed files: argv[1] is the run (a folder or an s3:// URI), each
+# table's files the Delta log's (deltalake's file_uris(), what any engine given a table's
+# file list reads; a glob would also read a killed attempt's files, and after a compaction
+# the files it replaced); a view of each table of argv[3], then each statement of argv[2]
+# (JSON lists); prints the rows of each as JSON, then its VmHWM. On S3 (no httpfs here)
+# DuckDB reads through s3fs, as segflow does.
 DUCKDB = """
-import json, re, sys
+import json, os, re, sys
 import duckdb
+from deltalake import DeltaTable
+run = sys.argv[1]
+options = {"AWS_ALLOW_HTTP": "true"} if run.startswith("s3://") else None
 db = duckdb.connect()
 db.execute("SET enable_progress_bar = false")
+if run.startswith("s3://"):
+    import fsspec
+    db.register_filesystem(fsspec.filesystem("s3"))
 for name in json.loads(sys.argv[3]):
-    files = f"{sys.argv[1]}/{name}/*.parquet"
-    db.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{files}')")
+    files = DeltaTable(f"{run}/{name}", storage_options=options).file_uris()
+    source = f"read_parquet({files!r})" if files else f"(SELECT NULL AS image_id LIMIT 0)"
+    db.execute(f"CREATE VIEW {name} AS SELECT * FROM {source}")
 answers = []
 for sql in json.loads(sys.argv[2]):
-    answers.append([list(row) for row in db.sql(sql).fetchall()])
+    answers.append([list(row) for row in db.execute(sql).fetchall()])
 print(json.dumps(answers, default=str))
 hwm = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)
 print("VmHWM", hwm)
@@ -319,50 +345,166 @@ def seed_tables(work: Path) -> dict[str, pa.Table]:
 
 
 def semantic_run(work: Path, images: int) -> Path:
-    """The folder of a finished semantic run of ``images`` images made of the seed's rows
-    (see the module's docstring), made once under ``work``."""
+    """The folder of a finished semantic run of ``images`` images made of the CamVid seed's
+    rows (see the module's docstring), made once under ``work``."""
+    from segflow.job import Job
+    from segflow.models import load_model
+    from segflow.preflight import evaluation_info, run_config
+
+    out = work / f"semantic-{images}"
+    if (out / f"run={RUN_ID}" / "summary.json").exists():
+        return out / f"run={RUN_ID}"
+    seed = seed_tables(work)
+    copies = work / "frames"
+    job = Job(
+        input=str(copies),
+        model=str(MODEL),
+        out=str(out),
+        gt=GT,
+        ignore_index=IGNORE_INDEX,
+        shard_size=SHARD_SIZE,
+    )
+    evaluation = evaluation_info(load_model(MODEL, device="cpu"), GT, IGNORE_INDEX)
+    return repeated_run(out, images, seed, copies, run_config(job), evaluation, link=FRAMES)
+
+
+def instance_seed(work: Path) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Every table of an instance run of the COCO subset's images (:data:`COCO`), its
+    detections the tests' jittered ground truth (``tests/conftest.py``), scored by the
+    workers' code path; and its ``evaluation.json``. Made once under ``work``."""
+    from segflow import schema
+
+    folder = work / "seed-coco"
+    if not (folder / "done").exists():
+        import contextlib
+        import io
+
+        import numpy as np
+        from pycocotools.coco import COCO as CocoApi
+
+        from segflow.groundtruth import open_ground_truth
+        from segflow.scoring import ImageScorer
+        from segflow.shard import mask_rows
+        from tests.conftest import image_row, jittered_detections
+
+        gt_path = COCO / "annotations" / "instances_val2017_subset.json"
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = CocoApi(str(gt_path))
+        names = ["N/A"] * (max(coco.cats) + 1)
+        for category_id, category in coco.cats.items():
+            names[category_id] = category["name"]
+        ground_truth = open_ground_truth(f"coco:{gt_path}")
+        scorer = ImageScorer(ground_truth, tuple(names), "instance")
+        model = type("Jitter", (), {"name": "jitter", "classes": tuple(names), "task": "instance"})
+        rng = np.random.default_rng(3)
+        masks, images = [], []
+        for coco_id in sorted(coco.imgs):
+            uri = str(COCO / "images" / coco.imgs[coco_id]["file_name"])
+            target = ground_truth.target(uri)
+            prediction = jittered_detections(coco, coco_id, rng)
+            rows = mask_rows(prediction, model, run_id="inst", uri=uri)
+            figures = scorer.score(schema.image_id_for(uri), uri, prediction, rows, target)
+            masks += rows
+            images.append(image_row(uri, prediction, len(rows), figures))
+        tables = {
+            "masks": schema.table_from_rows("masks", masks),
+            "images": schema.table_from_rows("images", images),
+            "errors": schema.table_from_rows("errors", []),
+        } | scorer.tables("inst")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            schema.write_table(name, table, str(folder / f"{name}.parquet"))
+        evaluation = {
+            "task": "instance",
+            "classes": names,
+            "gt": f"coco:{gt_path}",
+            "ignore_index": None,
+            "categories": {str(k): v["name"] for k, v in coco.cats.items()},
+        }
+        (folder / "evaluation.json").write_text(json.dumps(evaluation))
+        (folder / "done").touch()
+    tables = {
+        name: schema.read_table(name, str(folder / f"{name}.parquet")) for name in schema.TABLES
+    }
+    return tables, json.loads((folder / "evaluation.json").read_text())
+
+
+def instance_run(work: Path, images: int) -> Path:
+    """The folder of a finished instance run of ``images`` images: the COCO seed's rows
+    repeated under new URIs (their ground truth still the seed image's), made once."""
+    out = work / f"instance-{images}"
+    if (out / f"run={RUN_ID}" / "summary.json").exists():
+        return out / f"run={RUN_ID}"
+    seed, evaluation = instance_seed(work)
+    config = {"input": "coco-copies", "model": "jitter", "shard_size": SHARD_SIZE}
+    return repeated_run(out, images, seed, work / "coco-copies", config, evaluation, link=None)
+
+
+# Shards a Delta transaction when the synthesiser commits: the segment flow's driver commits
+# one shard a transaction (with its application id); batching them makes a 1 M-image run in
+# minutes, and a reader of either reads the log from its last checkpoint (every 100 commits).
+COMMIT_BATCH = 64
+
+
+def repeated_run(
+    out: Path,
+    images: int,
+    seed: dict[str, pa.Table],
+    copies: Path,
+    config: dict[str, Any],
+    evaluation: dict[str, Any],
+    link: Path | None,
+) -> Path:
+    """A finished run of ``images`` images under ``out``: the seed's rows repeated under the
+    URIs ``copies/copy-<c>/<seed file name>`` (symbolic links to the seed's files in
+    ``link``, when given) and their image ids, in shards of :data:`SHARD_SIZE` written as an
+    actor writes them (:meth:`~segflow.store.RunStore.write_shard`) and committed in batches
+    of :data:`COMMIT_BATCH` shards, one application id per shard."""
     import numpy as np
+    from deltalake import CommitProperties, DeltaTable, Transaction
 
     from segflow import schema
     from segflow.manifest import build_manifest, shards
-    from segflow.models import load_model
-    from segflow.preflight import evaluation_info, run_config
-    from segflow.store import RunStore
+    from segflow.store import SHARDS, SHARDS_TABLE, RunStore
 
-    out = work / f"semantic-{images}"
     store = RunStore(str(out), RUN_ID)
-    if store.read_json("summary.json") is not None:
-        return Path(store.root)
-    seed = seed_tables(work)
     frames = [Path(uri).name for uri in seed["images"].column("uri").to_pylist()]
-    copies = work / "frames"
     uris = [
         str(copies / f"copy-{k // len(frames):06d}" / frames[k % len(frames)])
         for k in range(images)
     ]
-    for copy in range(-(-images // len(frames))):
+    for copy in range(-(-images // len(frames))) if link else ():
         folder = copies / f"copy-{copy:06d}"
         if not folder.exists():
             folder.mkdir(parents=True)
             for frame in frames:
-                (folder / frame).symlink_to(FRAMES / frame)
+                (folder / frame).symlink_to(link / frame)
     started = time.perf_counter()
-    config = run_config(str(copies), str(MODEL), SHARD_SIZE, {}, GT, IGNORE_INDEX, None)
     store.prepare(config)
     with tempfile.TemporaryDirectory() as tmp:
         listed, manifest = os.path.join(tmp, "uris.txt"), os.path.join(tmp, "manifest.parquet")
         Path(listed).write_text("\n".join(uris) + "\n")
         build_manifest(listed, manifest)
         store.put_manifest(manifest)
-    model = load_model(MODEL, device="cpu")
-    store.write_json("evaluation.json", evaluation_info(model, GT, IGNORE_INDEX))
+    store.write_json("evaluation.json", evaluation)
     # Each seed table's row numbers by the seed image they belong to.
     seed_ids = seed["images"].column("image_id").to_pylist()
     rows_of = {}
     for name, table in seed.items():
         ids = table.column("image_id").to_numpy()
         rows_of[name] = [np.flatnonzero(ids == image_id) for image_id in seed_ids]
-    masks = 0
+
+    def commit(batch: list) -> None:
+        apps = [Transaction(f"segflow:{RUN_ID}:shard-{w.shard:06d}", 0) for w in batch]
+        for name in [*schema.TABLES, SHARDS_TABLE]:
+            DeltaTable(store.table_uri(name)).create_write_transaction(
+                [f.add_action() for w in batch for f in w.files if f.table == name],
+                mode="append",
+                schema=SHARDS if name == SHARDS_TABLE else schema.TABLES[name],
+                commit_properties=CommitProperties(app_transactions=apps),
+            )
+
+    masks, written = 0, []
     all_shards = list(shards(images, SHARD_SIZE))
     for shard in all_shards:
         positions = [k % len(frames) for k in range(shard.start, shard.stop)]
@@ -390,7 +532,10 @@ def semantic_run(work: Path, images: int) -> Path:
             "not_evaluated": 0,
             "masks": tables["masks"].num_rows,
         }
-        store.commit_shard(shard, tables, summary)
+        written.append(store.write_shard(shard, tables, summary))
+        if len(written) == COMMIT_BATCH or shard is all_shards[-1]:
+            commit(written)
+            written = []
     seconds = time.perf_counter() - started
     store.finish(
         {
@@ -442,10 +587,10 @@ def segflow(*args: str) -> tuple[float, float, str]:
     return seconds, rss, "\n".join(line for line in lines if "\u2595" not in line)
 
 
-def duckdb_direct(run: Path, *statements: str) -> Measured:
-    """DuckDB over the run's files, each statement formatted with the answers before it."""
+def duckdb_direct(run: str, *statements: str) -> Measured:
+    """DuckDB over the run's committed files, each statement's rows its answer."""
     tables = ["masks", "images", "errors", "class_stats", "confusion"]
-    argv = [sys.executable, "-c", DUCKDB, str(run), json.dumps(statements), json.dumps(tables)]
+    argv = [sys.executable, "-c", DUCKDB, run, json.dumps(statements), json.dumps(tables)]
     seconds, rss, stdout, _ = measure(argv)
     return Measured(seconds, rss, json.loads(stdout.splitlines()[0]))
 
@@ -459,9 +604,12 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def compared(run: Path, images: int) -> list[tuple[str, Measured, Measured, bool | None]]:
+Row = tuple[str, Measured, Measured, bool | None]
+
+
+def compared(run: str, local: bool = True) -> list[Row]:
     """Each command beside DuckDB direct: (label, segflow, DuckDB, same answer), after the
-    cost of starting either (no answer to compare)."""
+    cost of starting either (no answer to compare); ``report`` and ``show`` when ``local``."""
     # What every command pays before it reads anything: the interpreter and its imports.
     seconds, rss, _ = segflow("--help")
     rows = [
@@ -481,21 +629,23 @@ def compared(run: Path, images: int) -> list[tuple[str, Measured, Measured, bool
         ),
     )
     for label, sql in queries:
-        seconds, rss, stdout = segflow("query", str(run), sql, "--format", "json")
+        seconds, rss, stdout = segflow("query", run, sql, "--format", "json")
         answer = [list(row.values()) for row in json.loads(stdout)]
         direct = duckdb_direct(run, sql)
         rows.append((label, Measured(seconds, rss, answer), direct, same(answer, direct.answer[0])))
     for label, where in (("evaluate", None), ("evaluate --where (10 %)", "image_id % 10 = 0")):
         slice_ = ["--where", where] if where else []
-        seconds, rss, stdout = segflow("evaluate", str(run), *slice_, "--json")
+        seconds, rss, stdout = segflow("evaluate", run, *slice_, "--json")
         miou = json.loads(stdout)["semantic"]["miou"]
         direct = duckdb_direct(run, MIOU.format(where=where or "true"), CONFUSION)
         rows.append(
             (label, Measured(seconds, rss, miou), direct, same(miou, direct.answer[0][0][0]))
         )
+    if not local:
+        return rows
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "report.html"
-        seconds, rss, _ = segflow("report", str(run), "--out", str(page))
+        seconds, rss, _ = segflow("report", run, "--out", str(page))
         html_page = page.read_text()
         direct = duckdb_direct(
             run,
@@ -512,10 +662,10 @@ def compared(run: Path, images: int) -> list[tuple[str, Measured, Measured, bool
         rows.append(("report", Measured(seconds, rss, None), direct, drawn))
         from segflow.store import RunStore
 
-        files = RunStore(str(run.parent), RUN_ID).files("images")
+        files = RunStore(str(Path(run).parent), RUN_ID).files("images")
         image_id = pq.read_table(files[len(files) // 2], columns=["image_id"])[0][0].as_py()
         png = Path(tmp) / "show.png"
-        seconds, rss, _ = segflow("show", str(run), str(image_id), "--out", str(png))
+        seconds, rss, _ = segflow("show", run, str(image_id), "--out", str(png))
         with Image.open(png) as picture:
             size = list(picture.size)
         direct = duckdb_direct(
@@ -529,25 +679,107 @@ def compared(run: Path, images: int) -> list[tuple[str, Measured, Measured, bool
     return rows
 
 
-def queries(work: Path, sizes: Sequence[int]) -> None:
-    print("queries: a semantic run on local disk; segflow's commands beside DuckDB direct")
+# An instance run's detections as COCO results, as `segflow export-coco` writes them: the
+# ground truth's image ids (in images.gt_uri) and category ids (by class name: {categories},
+# VALUES rows), scores as doubles (JSON's numbers).
+COCO_RESULTS = """
+COPY (
+    SELECT regexp_extract(i.gt_uri, '#image_id=(\\d+)$', 1)::BIGINT AS image_id,
+        c.id AS category_id, m.score::DOUBLE AS score, m.bbox,
+        {{'size': [m.height, m.width], 'counts': m.counts}} AS segmentation
+    FROM masks m JOIN images i USING (image_id)
+    JOIN (VALUES {categories}) c(id, name) ON c.name = m.class_name
+    WHERE i.gt_uri IS NOT NULL
+) TO '{out}' (FORMAT json, ARRAY true)
+"""
+# What two results files agree on: their count, and a digest of their results as values
+# (read back by DuckDB, so that neither writer's number formatting counts), in any order.
+COCO_DIGEST = (
+    "SELECT count(*), sum(hash(image_id, category_id, score, bbox, segmentation.size, "
+    "segmentation.counts)::HUGEINT)::VARCHAR FROM read_json('{path}', format = 'array')"
+)
+
+
+def exported(run: str) -> list[Row]:
+    """``export-coco`` beside DuckDB direct writing the same results."""
+    import duckdb
+
+    evaluation = json.loads((Path(run) / "evaluation.json").read_text())
+    categories = ", ".join(f"({int(k)}, '{name}')" for k, name in evaluation["categories"].items())
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_file, direct_file = f"{tmp}/segflow.json", f"{tmp}/duckdb.json"
+        seconds, rss, _ = segflow("export-coco", run, ours_file)
+        direct = duckdb_direct(run, COCO_RESULTS.format(categories=categories, out=direct_file))
+        with duckdb.connect() as db:
+            digests = [
+                db.sql(COCO_DIGEST.format(path=f)).fetchall() for f in (ours_file, direct_file)
+            ]
+    count = digests[0][0][0]
+    return [
+        (
+            f"export-coco ({count:,} results)",
+            Measured(seconds, rss, None),
+            direct,
+            digests[0] == digests[1],
+        )
+    ]
+
+
+def compacted_run(work: Path, images: int) -> tuple[Path, Measured]:
+    """A copy of the semantic run of ``images`` images compacted by ``segflow compact`` (its
+    default retention: the files it replaced stay on disk, in no table), and the compaction's
+    time and peak RSS; made once."""
+    import shutil
+
+    run = semantic_run(work, images)
+    out = work / f"semantic-{images}-compacted"
+    done = out / "compacted.json"
+    if not done.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(run.parent, out, symlinks=True)
+        seconds, rss, _ = segflow("compact", str(out / run.name))
+        done.write_text(json.dumps([seconds, rss]))
+    seconds, rss = json.loads(done.read_text())
+    return out / run.name, Measured(seconds, rss, None)
+
+
+def s3_run(work: Path, images: int, bucket: str) -> str:
+    """The semantic run of ``images`` images copied to ``s3://bucket`` (the moto server the
+    environment points at)."""
+    import fsspec
+
+    run = semantic_run(work, images)
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(bucket)
+    target = f"{bucket}/semantic-{images}"
+    fs.put(str(run.parent) + "/", target, recursive=True)
+    return f"s3://{target}/{run.name}"
+
+
+def committed_mib(run: str) -> float:
+    from segflow.evaluation import open_run
+
+    store = open_run(run).store
+    files = [
+        f for name in ("masks", "images", "class_stats", "confusion") for f in store.files(name)
+    ]
+    return sum(store.fs.size(f) for f in files) / 2**20
+
+
+def queries(work: Path, sizes: Sequence[int], s3_images: int | None) -> None:
+    print("queries: segflow's commands beside DuckDB direct over the tables' committed files")
+    print(f"  load average at start: {os.getloadavg()[0]:.2f} (2 cores shared)")
     header = (
-        f"  {'command':<26} {'segflow s':>9} {'MiB':>6}   {'DuckDB s':>8} {'MiB':>6}"
+        f"  {'command':<30} {'segflow s':>9} {'MiB':>6}   {'DuckDB s':>8} {'MiB':>6}"
         f"   {'ratio':>5}  same  goals"
     )
-    by_size = {}
-    for images in sizes:
-        run = semantic_run(work, images)
-        size = sum(file.stat().st_size for file in run.rglob("*.parquet"))
-        print(
-            f"\n  {images:,} images in shards of {SHARD_SIZE}, {size / 2**20:,.0f} MiB of Parquet:"
-            f" {run}",
-            flush=True,
-        )
+
+    def table(title: str, rows: list[Row]) -> dict[str, Measured]:
+        print(f"\n  {title} (load {os.getloadavg()[0]:.2f})", flush=True)
         print(header)
-        by_size[images] = {}
-        for label, ours, direct, agreed in compared(run, images):
-            by_size[images][label] = ours
+        found = {}
+        for label, ours, direct, agreed in rows:
+            found[label] = ours
             ratio = ours.seconds / direct.seconds
             goals = [ratio <= RATIO_GOAL, ours.rss_mib <= RSS_GOAL_MIB]
             if label == "report":
@@ -555,17 +787,51 @@ def queries(work: Path, sizes: Sequence[int]) -> None:
             mark = {None: "  ", True: "==", False: "!="}[agreed]
             met = "" if agreed is None else "ok" if all(goals) else "MISS"
             print(
-                f"  {label:<26} {ours.seconds:9.2f} {ours.rss_mib:6.0f}   "
+                f"  {label:<30} {ours.seconds:9.2f} {ours.rss_mib:6.0f}   "
                 f"{direct.seconds:8.2f} {direct.rss_mib:6.0f}   {ratio:5.2f}  {mark}    {met}",
                 flush=True,
             )
-    if len(sizes) > 1:
-        small, large = min(sizes), max(sizes)
-        print(f"\n  growth of peak RSS from {small:,} to {large:,} images (goal: at most 1.2x)")
+        return found
+
+    def growth(title: str, by_size: dict[int, dict[str, Measured]]) -> None:
+        if len(by_size) < 2:
+            return
+        small, large = min(by_size), max(by_size)
+        print(f"\n  {title}: growth of peak RSS from {small:,} to {large:,} (goal: at most 1.2x)")
         for label, ours in by_size[large].items():
-            growth = ours.rss_mib / by_size[small][label].rss_mib
-            print(f"  {label:<26} {growth:5.2f}x  {'ok' if growth <= 1.2 else 'MISS'}")
-    print("\n  not measured: after compact, export-coco (no instance run synthesised), S3")
+            grew = ours.rss_mib / by_size[small][label].rss_mib
+            print(f"  {label:<30} {grew:5.2f}x  {'ok' if grew <= 1.2 else 'MISS'}")
+
+    before, after = {}, {}
+    for images in sizes:
+        run = str(semantic_run(work, images))
+        title = f"{images:,} images, shards of {SHARD_SIZE}, {committed_mib(run):,.0f} MiB: {run}"
+        before[images] = table(title, compared(run))
+    growth("before compact", before)
+    for images in sizes:
+        run, compaction = compacted_run(work, images)
+        print(
+            f"\n  segflow compact, {images:,} images: {compaction.seconds:.1f} s, "
+            f"{compaction.rss_mib:.0f} MiB peak RSS"
+        )
+        after[images] = table(f"after compact, {images:,} images: {run}", compared(str(run)))
+    growth("after compact", after)
+    run = str(instance_run(work, min(sizes)))
+    table(f"instance run, {min(sizes):,} images (COCO subset repeated): {run}", exported(run))
+    if s3_images:
+        from segflow.demo.s3 import local_s3
+
+        with local_s3() as env:
+            os.environ.update(env)
+            try:
+                run = s3_run(work, s3_images, "segflow-bench")
+                table(
+                    f"{s3_images:,} images on moto S3 (127.0.0.1): {run}",
+                    compared(run, local=False),
+                )
+            finally:
+                for name in env:
+                    del os.environ[name]
 
 
 def main() -> None:
@@ -575,6 +841,9 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE_REV, help="git revision to compare")
     parser.add_argument(
         "--images", type=int, nargs="+", default=QUERY_SIZES, help="queries: run sizes"
+    )
+    parser.add_argument(
+        "--s3-images", type=int, default=None, help="queries: also a run of N on moto S3"
     )
     args = parser.parse_args()
     work = args.work or Path(tempfile.gettempdir()) / "segflow-bench-scale"
@@ -591,7 +860,7 @@ def main() -> None:
                 subprocess.run([*git, "remove", "--force", str(baseline)], check=True)
     if args.only in (None, "queries"):
         sys.path.insert(0, str(REPO_ROOT))  # the run is made with this checkout's segflow
-        queries(work, args.images)
+        queries(work, args.images, args.s3_images)
 
 
 if __name__ == "__main__":

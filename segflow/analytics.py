@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segflow import palette, rle
 from segflow.errors import SegflowError
-from segflow.evaluation import open_run
+from segflow.evaluation import open_run, rows_of_images
 
 if TYPE_CHECKING:
     import polars as pl
@@ -232,11 +232,7 @@ def overlay(
         if not uris:
             raise AnalyticsError(f"{run.uri} has no image with id {image_id} in its images table")
         [(uri,)] = uris
-        rows = (
-            db.sql("SELECT * FROM masks WHERE image_id = $id", params={"id": image_id})
-            .to_arrow_table()
-            .to_pylist()
-        )
+        rows = rows_of_images(db, "masks", [image_id]).to_pylist()
     with fsspec.open(uri, "rb") as f:
         pixels = decode_rgb(f.read(), name=uri)
     height, width = pixels.shape[:2]

@@ -23,12 +23,14 @@ interval from the same state and the same reductions (:mod:`segflow.bootstrap`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 import fsspec
 import numpy as np
+import pyarrow as pa
 
 from segflow import schema
 from segflow.errors import SegflowError
@@ -40,7 +42,14 @@ from segflow.metrics.figures import (
     figures_in,
 )
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
-from segflow.sql import expose_files, lock_down, predicate_problem, select_where, sql_string
+from segflow.sql import (
+    RUN_PROTOCOL,
+    expose_files,
+    lock_down,
+    predicate_problem,
+    select_where,
+    sql_string,
+)
 from segflow.store import RunStore
 
 if TYPE_CHECKING:
@@ -79,20 +88,44 @@ class Run:
         db.execute("SET enable_progress_bar = false")
         # A command reads a table more than once (evaluate: images, then the metric tables).
         db.execute("SET parquet_metadata_cache = true")
-        shards = self.store.committed()
-        exposed = expose_files(
-            db, self.store.fs, {name: self.store.files(name, shards) for name in schema.TABLES}
-        )
+        exposed = expose_files(db, self.store.fs, self.store.table_files())
         for name, files in exposed.items():
             if files:
                 db.execute(
                     f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_string(files[0])})"
                 )
             else:
-                db.register(name, schema.TABLES[name].empty_table())
+                # Not Schema.empty_table(): that imports pandas (a second, on every command).
+                db.register(name, pa.Table.from_batches([], schema=schema.TABLES[name]))
         if not allow_external:
             lock_down(db, [f for files in exposed.values() for f in files])
         return db
+
+
+def rows_of_images(db: duckdb.DuckDBPyConnection, table: str, image_ids: Sequence[int]) -> pa.Table:
+    """The rows of ``table`` (a view :meth:`Run.connect` made) of a few images, reading only
+    the files that hold them: a scan of the ``image_id`` column alone finds those files
+    (after a compaction the row groups whose ``image_id`` range holds none of them are
+    skipped too), then those files are read whole. A filter over the whole view would
+    decode every column of every file, and a run has thousands of shard files."""
+    ids = ", ".join(str(int(i)) for i in image_ids) or "NULL"
+    glob = f"{RUN_PROTOCOL}://{table}/*.parquet"
+    [(has_files,)] = db.sql(
+        "SELECT count(*) FROM duckdb_views() WHERE view_name = $name AND contains(sql, $glob)",
+        params={"name": table, "glob": glob},
+    ).fetchall()
+    if not has_files:  # a table without files is an empty registered Arrow table
+        return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
+    found = db.sql(
+        f"SELECT DISTINCT filename FROM read_parquet({sql_string(glob)}, filename = true) "
+        f"WHERE image_id IN ({ids})"
+    ).fetchall()
+    files = ", ".join(sql_string(name) for (name,) in sorted(found))
+    if not files:
+        return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
+    return db.sql(
+        f"SELECT * FROM read_parquet([{files}]) WHERE image_id IN ({ids})"
+    ).to_arrow_table()
 
 
 def open_run(location: str, *, latest: bool = False) -> Run:
@@ -176,7 +209,10 @@ def evaluate(
         "images": {"selected": selected, "evaluated": evaluated},
     }
     if run.evaluation["task"] == "semantic":
-        result["semantic"], scores = _semantic(run, db), {}
+        # Every image of the run evaluated: the metric rows are all theirs (the views are of
+        # the same shards), so they are summed without the join that would select them.
+        every_image = where is None and selected == evaluated
+        result["semantic"], scores = _semantic(run, db, every_image), {}
     else:
         scores = _coco_scores(run, db)
         result["instance"] = instance_figures(run, scores)
@@ -237,15 +273,21 @@ def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[
     # Only COCOeval's image ids need the ground truth's URIs: a semantic run keeps ids alone.
     columns = "image_id" if run.evaluation["task"] == "semantic" else "image_id, gt_uri"
     try:
-        [(selected, evaluated)] = db.sql(
-            f"SELECT count(*), count(*) FILTER ({evaluable}) FROM ({selection})"
-        ).fetchall()
+        # One scan of images: the selection's ids and whether each is evaluated, kept.
         db.execute(
-            f"CREATE TEMP TABLE evaluated AS SELECT {columns} FROM ({selection}) "
-            f"WHERE {evaluable} ORDER BY image_id"
+            f"CREATE TEMP TABLE selected AS SELECT {columns}, ({evaluable}) AS evaluable "
+            f"FROM ({selection})"
         )
     except duckdb.Error as exc:
         raise EvaluationError(f"--where {where!r} is not a predicate over images: {exc}") from None
+    [(selected, evaluated)] = db.sql(
+        "SELECT count(*), count(*) FILTER (evaluable) FROM selected"
+    ).fetchall()
+    db.execute(
+        f"CREATE TEMP TABLE evaluated AS SELECT {columns} FROM selected WHERE evaluable "
+        "ORDER BY image_id"
+    )
+    db.execute("DROP TABLE selected")
     return selected, evaluated
 
 
@@ -264,18 +306,20 @@ def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
     return figures
 
 
-def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False) -> dict[str, Any]:
     """The figures of :class:`~segflow.metrics.figures.ClassSums` over the selected images'
-    ``class_stats`` (summed by class in DuckDB: integers exactly; the soft sums, floats, to
+    ``class_stats`` (all of its rows when ``every_image``: every image of the run is in
+    ``evaluated``), summed by class in DuckDB (integers exactly; the soft sums, floats, to
     rounding), with the confusion matrix and the classes' pixel counts."""
     classes = run.evaluation["classes"]
+    of_evaluated = "" if every_image else " SEMI JOIN evaluated USING (image_id)"
     # A run written before a column existed reads it as null: its figure is undefined.
     sums = db.sql(
         "SELECT class_id, "
         + ", ".join(f"coalesce(sum({c}), 0)::BIGINT AS {c}" for c in INTEGER_SUMS)
         + ", "
         + ", ".join(f"sum({c}) AS {c}" for c in SOFT_SUMS + INSTANCE_SUMS)
-        + " FROM class_stats SEMI JOIN evaluated USING (image_id) GROUP BY class_id"
+        + f" FROM class_stats{of_evaluated} GROUP BY class_id"
     ).fetchnumpy()
     rows = {
         name: np.ma.filled(np.ma.asarray(values, dtype=np.float64), np.nan)
@@ -285,8 +329,8 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     }
     totals = ClassSums.of_rows(rows, len(classes))
     cells = db.sql(
-        "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM confusion "
-        "SEMI JOIN evaluated USING (image_id) GROUP BY ALL"
+        "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels "
+        f"FROM confusion{of_evaluated} GROUP BY ALL"
     ).fetchnumpy()
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]

@@ -38,7 +38,7 @@ from PIL import Image
 
 from segflow import palette, rle
 from segflow.decode import decode_rgb
-from segflow.evaluation import Run, RunEvaluation, evaluate, open_run
+from segflow.evaluation import Run, RunEvaluation, evaluate, open_run, rows_of_images
 from segflow.groundtruth import open_ground_truth
 from segflow.metrics.figures import figures_in, format_figure
 from segflow.metrics.instance import IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES, CocoScores
@@ -710,11 +710,10 @@ def _query(db: duckdb.DuckDBPyConnection, sql: str, **params: Any) -> list[dict[
 def _mask_rows(
     db: duckdb.DuckDBPyConnection, image_ids: Sequence[int]
 ) -> dict[int, list[dict[str, Any]]]:
-    """The ``masks`` rows of a few images (a scan that keeps only theirs: a run's masks need
-    not fit in memory)."""
+    """The ``masks`` rows of a few images, by image (:func:`~segflow.evaluation.
+    rows_of_images`: a run's masks need not fit in memory)."""
     found: dict[int, list[dict[str, Any]]] = {}
-    rows = _query(db, "SELECT * FROM masks WHERE list_contains($ids, image_id)", ids=image_ids)
-    for row in rows:
+    for row in rows_of_images(db, "masks", image_ids).to_pylist():
         found.setdefault(row["image_id"], []).append(row)
     return found
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import datetime
 import functools
+import io
 import json
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import duckdb
@@ -75,9 +77,12 @@ class _ReadOnlyFiles(fsspec.AbstractFileSystem):
         path = self._known(path)
         if mode != "rb":
             raise PermissionError(f"{path}: a run's tables are read-only here")
+        size = self.info(path)["size"]
         if isinstance(self._fs, LocalFileSystem):
-            return open(path, "rb")  # Arrow-free and buffered: the fastest DuckDB reads
-        return self._fs.open(path, "rb")
+            fd = os.open(path, os.O_RDONLY)
+            return _PositionalFile(lambda start, n: os.pread(fd, n, start), size, fd)
+        fs = self._fs
+        return _PositionalFile(lambda start, n: fs.cat_file(path, start=start, end=start + n), size)
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         path = self._known(path)
@@ -124,6 +129,52 @@ class _ReadOnlyFiles(fsspec.AbstractFileSystem):
         if path not in self._details:
             raise PermissionError(f"{path} is not a table file of the run")
         return path
+
+
+class _PositionalFile(io.RawIOBase):
+    """A file that DuckDB's threads read at once. DuckDB reads a row group as ``seek`` then
+    ``read`` on the one handle of its file, from whichever thread scans it: on a shared
+    position, a compacted file's row groups, scanned by several threads, read each other's
+    bytes (ZSTD fails, or worse). So each thread has its own position, and every read is
+    positional: ``pread`` on a local disk, a ranged request on an object store."""
+
+    def __init__(self, read_at: Callable[[int, int], bytes], size: int, fd: int | None = None):
+        super().__init__()
+        self._read_at, self._size, self._fd = read_at, size, fd
+        self._position = threading.local()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return getattr(self._position, "at", 0)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self._size}[whence]
+        self._position.at = base + offset
+        return self._position.at
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.tell()
+        size = self._size - start if size is None or size < 0 else min(size, self._size - start)
+        if size <= 0:
+            return b""
+        data = self._read_at(start, size)
+        self._position.at = start + len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._fd is not None and not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 def expose_files(

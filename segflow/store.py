@@ -332,10 +332,23 @@ class RunStore:
         it is read whole."""
         if name not in schema.TABLES:
             raise RunStoreError(f"unknown table {name!r}; a run has {sorted(schema.TABLES)}")
-        wanted = self.committed() if shards is None else set(shards)
+        committed = self.committed() if shards is None else None
+        return self._files(name, committed if shards is None else set(shards), committed)
+
+    def table_files(self) -> dict[str, list[str]]:
+        """Every table's :meth:`files`, of the same committed shards, listed once (the tables'
+        logs read at once: each is a few requests on an object store)."""
+        committed = self.committed()
+        with ThreadPoolExecutor(len(schema.TABLES)) as pool:
+            listed = pool.map(lambda name: self._files(name, committed, committed), schema.TABLES)
+            return dict(zip(schema.TABLES, listed, strict=True))
+
+    def _files(self, name: str, wanted: set[int], committed: set[int] | None) -> list[str]:
         uris = self._delta(name).file_uris()
         by_shard = {uri: shard_of_file(uri) for uri in uris}
-        if None in by_shard.values() and wanted != self.committed():
+        if None in by_shard.values() and wanted != (
+            self.committed() if committed is None else committed
+        ):
             raise RunStoreError(
                 f"{self.uri}: table {name!r} is compacted (its files hold every shard), so "
                 "it is read whole, not for some shards"

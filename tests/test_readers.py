@@ -84,3 +84,24 @@ def test_a_locked_connection_reads_the_table_files_and_writes_none(instance_run,
         [(counted,)] = db.sql("SELECT count(*) FROM masks").fetchall()
     assert shard.read_bytes() == before
     assert counted == sum(pq.read_metadata(p).num_rows for p in run.glob("masks/*.parquet"))
+
+
+def test_one_file_is_read_right_by_many_threads_at_once(tmp_path):
+    # DuckDB's threads scan a (compacted) file's row groups at once, by seek then read on one
+    # handle: on a shared position they read each other's bytes.
+    import fsspec
+    import numpy as np
+    import pyarrow as pa
+
+    from segflow.sql import expose_files
+
+    values = np.random.default_rng(0).integers(0, 2**40, 1_000_000)
+    path = str(tmp_path / "table.parquet")
+    table = pa.table({"v": values, "s": pa.array(values.astype(str))})
+    pq.write_table(table, path, row_group_size=20_000, compression="zstd")
+    sql = "SELECT sum(v), sum(length(s)), count(*) FROM read_parquet({})"
+    expected = duckdb.sql(sql.format(f"'{path}'")).fetchall()
+    db = duckdb.connect()
+    [glob, *_] = expose_files(db, fsspec.filesystem("file"), {"table": [path]})["table"]
+    for _ in range(3):
+        assert db.sql(sql.format(f"'{glob}'")).fetchall() == expected

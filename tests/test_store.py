@@ -327,3 +327,29 @@ def test_a_killed_compaction_leaves_the_run_readable_with_the_same_answers(tmp_p
     assert _answers(store) == before
     store.compact(retain_hours=0)
     assert _answers(store) == before
+
+
+def test_the_rows_of_a_few_images_are_theirs_before_and_after_compaction(tmp_path):
+    from segflow.evaluation import open_run, rows_of_images
+
+    store = _finished_run(str(tmp_path / "out"))
+    store.finish({"images": 36})
+    run = open_run(store.uri)
+
+    def rows(image_ids):
+        with run.connect() as db:
+            wanted = db.sql(
+                "SELECT * FROM masks WHERE list_contains($ids, image_id) ORDER BY ALL",
+                params={"ids": image_ids},
+            ).fetchall()
+            found = rows_of_images(db, "masks", image_ids)
+            assert rows_of_images(db, "errors", image_ids).num_rows == 0  # a table of no files
+            return sorted(found.to_pylist(), key=str), wanted, found.num_rows
+
+    with run.connect() as db:
+        image_ids = [i for (i,) in db.sql("SELECT image_id FROM images LIMIT 3").fetchall()]
+    before = rows([*image_ids, -1])
+    assert before[2] == len(before[1]) > 0
+    CliRunner().invoke(app, ["compact", store.uri, "--retain-hours", "0"])
+    assert rows([*image_ids, -1]) == before
+    assert rows([-1])[2] == 0
