@@ -78,8 +78,8 @@ counts of ``class_stats`` and pools the records of the ``coco_*`` tables.
 run_id         string              the run
 image_id       int64               see ``masks``
 uri            string              the input that failed
-stage          string              ``read``, ``decode``, ``infer``, ``encode``, ``write``, or
-                                   ``gt`` (the image was segmented but its ground truth is
+stage          string              ``read``, ``decode``, ``infer``, ``encode``, or ``gt``
+                                   (the image was segmented but its ground truth is
                                    missing or unusable, so it is not evaluated)
 error_type     string              the exception class, e.g. ``TruncatedImageError``
 message        string              the error message
@@ -194,7 +194,6 @@ from segflow.errors import SegflowError
 from segflow.metrics.instance import AREA_RANGES
 
 SCHEMA_VERSION = "2"
-STAGES = ("read", "decode", "infer", "encode", "write", "gt")
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
