@@ -296,6 +296,7 @@ def _semantic_section(result: Mapping[str, Any]) -> str:
         + "</div>"
         + "<h3>Figures per class</h3>"
         + _per_class_table(semantic)
+        + _per_category_table(semantic)
         + "<h3>Confusion matrix</h3>"
         + '<p class="note">Row: ground-truth class; column: predicted class. Each row is '
         "normalised to the class's ground-truth pixels (numbers in %); the shade follows the "
@@ -319,6 +320,25 @@ def _per_class_table(semantic: Mapping[str, Any]) -> str:
         for i, name in enumerate(semantic["classes"])
     )
     return f'<table class="per-class"><tr><th>class</th>{head}</tr>{rows}</table>'
+
+
+def _per_category_table(semantic: Mapping[str, Any]) -> str:
+    """Cityscapes' category IoU and iIoU, for runs evaluated with its instance files."""
+    ious = semantic.get("category_iou")
+    if not ious:
+        return ""
+    iious = semantic.get("category_iiou") or {}
+    rows = "".join(
+        f'<tr data-category="{_e(name)}"><th>{_e(name)}</th>'
+        f'<td class="number" data-category-figure="iou">{_figure(iou)}</td>'
+        f'<td class="number" data-category-figure="iiou">{_figure(iious.get(name))}</td></tr>'
+        for name, iou in ious.items()
+    )
+    return (
+        "<h3>Figures per category</h3>"
+        '<table class="per-category"><tr><th>category</th><th>IoU</th><th>iIoU</th></tr>'
+        f"{rows}</table>"
+    )
 
 
 def _iou_bars(semantic: Mapping[str, Any]) -> str:

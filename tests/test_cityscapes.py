@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from segflow.groundtruth import (
 )
 from segflow.manifest import Shard
 from segflow.prediction import SemanticPrediction
+from segflow.report import render_report
 from segflow.scoring import SemanticScorer
 from segflow.shard import segment_images
 from segflow.store import RunStore
@@ -155,7 +158,9 @@ def test_figures_equal_cityscapes_scripts(dataset, tmp_path, monkeypatch):
     assert not result.tables["errors"].num_rows
     store = RunStore(str(tmp_path), "cs")
     store.prepare({"input": "cs"})
-    store.commit_shard(Shard(0, 0, len(frames)), result.tables, {"shard": 0})
+    summary = {"shard": 0, "images": len(frames), "failed": 0, "not_evaluated": 0}
+    summary["masks"] = result.tables["masks"].num_rows
+    store.commit_shard(Shard(0, 0, len(frames)), result.tables, summary)
     store.write_json(
         "evaluation.json", {"task": "semantic", "classes": list(model.classes), "gt": gt}
     )
@@ -188,6 +193,18 @@ def test_figures_equal_cityscapes_scripts(dataset, tmp_path, monkeypatch):
         ("category_miiou", "averageScoreInstCategories"),
     ):
         assert close(semantic[ours], reference[theirs]), (ours, semantic[ours], reference[theirs])
+    # The report's table per category shows cityscapesScripts' figures, as 3 decimals.
+    page = render_report(str(tmp_path), worst=0)
+    rows = re.findall(r'<tr data-category="([^"]+)">(.*?)</tr>', page)
+    assert [category for category, _ in rows] == list(cityscapes.CATEGORIES)  # no "void"
+    for category, cells in rows:
+        for column, key in (("iou", "categoryScores"), ("iiou", "categoryInstScores")):
+            text = re.search(rf'data-category-figure="{column}">([^<]+)<', cells).group(1)
+            theirs = reference[key][category]
+            assert text == ("undefined" if theirs != theirs else f"{theirs:.3f}"), (
+                category,
+                column,
+            )
     # The data exercise what is being compared: instances of both kinds, misses, categories.
     assert 0 < semantic["iiou"] < 1 and semantic["iiou"] != semantic["miou"]
     print({name: semantic[name] for name in ("miou", "iiou", "category_miou", "category_miiou")})
