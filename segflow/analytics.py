@@ -246,18 +246,13 @@ def overlay(
     instances = any(row["instance"] is not None for row in rows)
     # Drawn last is on top: the best detection (rank 0) over the others.
     rows.sort(key=lambda row: -row["instance"] if instances else row["class_id"])
-    colours = [palette.colour(row["instance"] if instances else row["class_id"]) for row in rows]
-    tint = pixels.copy()
-    covered = np.zeros((height, width), bool)
-    for row, colour in zip(rows, colours, strict=True):
-        mask = rle.decode({"size": [height, width], "counts": row["counts"]}).astype(bool)
-        tint[mask] = colour
-        covered |= mask
-    blended = pixels.copy()
-    mixed = (1 - alpha) * pixels[covered] + alpha * tint[covered].astype(np.float64)
-    blended[covered] = np.rint(mixed).astype(np.uint8)
+    indices = [row["instance"] if instances else row["class_id"] for row in rows]
+    colours = [palette.colour(index) for index in indices]
+    painted = np.full((height, width), -1, np.int64)
+    for row, index in zip(rows, indices, strict=True):
+        painted[rle.decode({"size": [height, width], "counts": row["counts"]}).astype(bool)] = index
 
-    picture = Image.fromarray(blended)
+    picture = Image.fromarray(palette.tint(pixels, painted, alpha))
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default(size=max(10, min(height, width) // 30))
     if instances:

@@ -394,14 +394,14 @@ class _CocoSemantic(_CocoImages):
             class_id = self._classes.get(annotation["category_id"])
             if class_id is None:
                 continue
-            mask = _annotation_mask(annotation, height, width, f"{uri!r}: {source}")
+            mask = annotation_mask(annotation, height, width, f"{uri!r}: {source}")
             np.maximum(labels, np.where(mask, class_id, 0), out=labels)
             coverage += mask
         labels[coverage > 1] = IGNORE
         return SemanticTarget(_ignoring(labels, self._ignore_index), source)
 
 
-def _annotation_mask(annotation: dict, height: int, width: int, where: str) -> np.ndarray:
+def annotation_mask(annotation: dict, height: int, width: int, where: str) -> np.ndarray:
     """The annotation's pixels (H, W) as uint8, its polygons merged (pycocotools' annToMask)."""
     what = f"ground truth for {where}: annotation {annotation.get('id')!r}"
     if "segmentation" not in annotation:

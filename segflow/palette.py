@@ -1,9 +1,12 @@
 """The colour segflow draws a class or a detection in, the same in every picture it makes
-(``segflow show``, ``segflow report``)."""
+(``segflow show``, ``segflow report``), and how it is laid over an image: each painted pixel
+becomes ``(1 - alpha) * pixel + alpha * colour``, rounded to the nearest level."""
 
 from __future__ import annotations
 
 import colorsys
+
+import numpy as np
 
 
 def colour(index: int) -> tuple[int, int, int]:
@@ -12,3 +15,15 @@ def colour(index: int) -> tuple[int, int, int]:
     value = 0.95 if index % 2 == 0 else 0.75
     red, green, blue = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.8, value)
     return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def tint(pixels: np.ndarray, indices: np.ndarray, alpha: float) -> np.ndarray:
+    """``pixels`` (H, W, 3) uint8 with every pixel of ``indices`` (H, W) >= 0 blended towards
+    that index's :func:`colour`; pixels of index -1 keep theirs."""
+    out = pixels.copy()
+    painted = indices >= 0
+    if painted.any():
+        colours = np.array([colour(i) for i in range(int(indices.max()) + 1)], np.float64)
+        mixed = (1 - alpha) * pixels[painted] + alpha * colours[indices[painted]]
+        out[painted] = np.rint(mixed).astype(np.uint8)
+    return out

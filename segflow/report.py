@@ -39,7 +39,7 @@ from PIL import Image
 from segflow import palette, rle
 from segflow.decode import decode_rgb
 from segflow.evaluation import Run, RunEvaluation, evaluate, open_run, rows_of_images
-from segflow.groundtruth import open_ground_truth
+from segflow.groundtruth import annotation_mask, open_ground_truth
 from segflow.metrics.figures import figures_in, format_figure
 from segflow.metrics.instance import IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES, CocoScores
 
@@ -636,7 +636,10 @@ def _worst_instance(run: Run, db: duckdb.DuckDBPyConnection, n: int) -> list[_Dr
         predicted = _paint(shape, ((rle.decode(_rle_of(m)), m["class_id"]) for m in confident))
         target = truth.target(row["uri"])
         objects = (
-            (_annotation_mask(a, target.height, target.width), class_of_category[a["category_id"]])
+            (
+                annotation_mask(a, target.height, target.width, row["uri"]),
+                class_of_category[a["category_id"]],
+            )
             for a in target.annotations
             if a["category_id"] in class_of_category
         )
@@ -687,13 +690,6 @@ def _paint(shape: tuple[int, int], objects: Iterable[tuple[np.ndarray, int]]) ->
     return classes, ids
 
 
-def _annotation_mask(annotation: Mapping[str, Any], height: int, width: int) -> np.ndarray:
-    rles = rle.fr_py_objects(annotation["segmentation"], height, width)
-    if isinstance(rles, dict):
-        return rle.decode(rles)
-    return rle.decode(rle.merge(rles)) if rles else np.zeros((height, width), np.uint8)
-
-
 def _overlay(pixels: np.ndarray, classes: np.ndarray, objects: np.ndarray) -> str:
     """The image, shrunk to a thumbnail, with classes filled in their colours and object
     edges darkened; a JPEG data URI."""
@@ -705,15 +701,11 @@ def _overlay(pixels: np.ndarray, classes: np.ndarray, objects: np.ndarray) -> st
     scale = min(1.0, THUMBNAIL_SIDE / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image = Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
-    out = np.asarray(image, np.float64)
     # Nearest neighbour, so that a thumbnail pixel has one class.
     rows = (np.arange(size[1]) * height) // size[1]
     columns = (np.arange(size[0]) * width) // size[0]
     classes, objects = classes[np.ix_(rows, columns)], objects[np.ix_(rows, columns)]
-    painted = classes >= 0
-    if painted.any():
-        colours = np.array([palette.colour(i) for i in range(int(classes.max()) + 1)], np.float64)
-        out[painted] = (1 - _FILL_ALPHA) * out[painted] + _FILL_ALPHA * colours[classes[painted]]
+    out = palette.tint(np.asarray(image), classes, _FILL_ALPHA).astype(np.float64)
     edge = np.zeros(objects.shape, bool)
     edge[:, :-1] |= objects[:, :-1] != objects[:, 1:]
     edge[:-1, :] |= objects[:-1, :] != objects[1:, :]
