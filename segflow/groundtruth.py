@@ -31,8 +31,7 @@ options start after the last ``?`` (URIs may hold spaces, and ``:`` after the ki
     the largest class id of the instances covering it, background 0, pixels under more than
     one instance ignored. ``categories=voc`` is the reference's 21 VOC classes;
     ``categories=URI`` a JSON object ``{"coco category id": class id}``.
-
-``vector:FILE?class=NAME`` or ``vector:FILE?class_field=PROPERTY``
+``vector:FILE?class=NAME`` or ``vector:FILE?class_field=PROPERTY`` (``&background=NAME``)
     Polygons (GeoJSON, GeoPackage or GeoParquet; the first layer of a file that has several),
     rasterized onto each georeferenced raster's grid as GDAL rasterizes them: a pixel is
     inside a polygon when its centre is (``all_touched=False``). An image that is not a
@@ -865,11 +864,18 @@ class _Vector(GroundTruth):
         ignore_index: int | None,
         model: ModelClasses | None,
     ) -> None:
-        from segflow.raster import require_rasterio
-
         super().__init__(spec)
-        require_rasterio(f"ground truth {spec!r}")
-        import shapely
+        try:
+            import pyogrio  # noqa: F401
+            import pyproj  # noqa: F401
+            import rasterio  # noqa: F401
+            import shapely
+        except ImportError as error:
+            from segflow.raster import INSTALL_HINT
+
+            raise GroundTruthError(
+                f"ground truth {spec!r} needs {error.name}, which is not installed: {INSTALL_HINT}"
+            ) from error
 
         if model is None:
             raise GroundTruthError(
@@ -1071,24 +1077,19 @@ def _vector_image_id(uri: str) -> int:
 
 def _placed_rle(mask: np.ndarray, top: int, left: int, height: int, width: int) -> rle.Measured:
     """The RLE, area and box of a ``height x width`` mask that is 0 but for the window
-    ``mask`` at (``top``, ``left``), from the runs of the window's columns: a raster's plane
-    is never made."""
-    rows, columns = mask.shape
-    band = np.zeros((height, columns), np.uint8)  # the window's columns, whole
-    band[top : top + rows] = mask
-    flat = band.T.reshape(-1)
-    starts = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1])
-    values = flat[starts]
-    starts = starts + left * height
-    # The columns before and after the window are 0: the first run of zeros starts at 0, and
-    # a window ending with ones is followed by a run of zeros.
-    if values[0] == 0:
-        starts[0] = 0
-    elif left:
+    ``mask`` (with a pixel set) at (``top``, ``left``), from the window's pixels alone: a
+    raster's plane is never made."""
+    columns, rows = np.nonzero(mask.T)  # column-major, COCO's order
+    position = (left + columns) * height + top + rows
+    breaks = np.flatnonzero(np.diff(position) != 1) + 1
+    ones = position[np.concatenate([[0], breaks])]
+    zeros = position[np.concatenate([breaks - 1, [len(position) - 1]])] + 1
+    starts = np.stack([ones, zeros], 1).reshape(-1)
+    values = np.tile(np.array([1, 0], np.uint8), len(ones))
+    if starts[0] > 0:
         starts, values = np.concatenate([[0], starts]), np.concatenate([[0], values])
-    end = (left + columns) * height
-    if values[-1] != 0 and end < height * width:
-        starts, values = np.append(starts, end), np.append(values, 0)
+    if starts[-1] == height * width:
+        starts, values = starts[:-1], values[:-1]
     _, measured = rle.encode_label_runs_measured(starts, values, height, width, 0)
     return measured
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,8 @@ from segflow.groundtruth import (  # noqa: E402
 )
 from segflow.prediction import SemanticPrediction  # noqa: E402
 from segflow.scoring import SemanticScorer, scorer_for  # noqa: E402
+from tests.conftest import shared_root  # noqa: E402
+from tests.test_evaluation import SEGFLOW, segflow  # noqa: E402
 
 SAMPLE_BUILDING_PIXELS = 33_818  # the issue's figure for sample_geotiff.tif
 CAMVID = ModelClasses(
@@ -51,7 +52,6 @@ CAMVID = ModelClasses(
     ),
 )
 BUILDING = CAMVID.classes.index("building")
-SEGFLOW = str(Path(sys.executable).with_name("segflow"))
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +236,28 @@ def test_instances_one_per_polygon_with_its_pixels(geotiff, labels):
         assert annotation["category_id"] == 1 and annotation["iscrowd"] == 0
 
 
+def test_a_windows_rle_is_pycocotools_rle_of_the_whole_mask():
+    from segflow.groundtruth import _placed_rle
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        height, width = (int(v) for v in rng.integers(1, 12, 2))
+        rows, columns = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        top, left = (
+            int(rng.integers(0, height - rows + 1)),
+            int(rng.integers(0, width - columns + 1)),
+        )
+        window = (rng.random((rows, columns)) < rng.choice([0.3, 0.8, 1.0])).astype(np.uint8)
+        window[rng.integers(rows), rng.integers(columns)] = 1
+        whole = np.zeros((height, width), np.uint8)
+        whole[top : top + rows, left : left + columns] = window
+        expected = coco_mask.encode(np.asfortranarray(whole))
+        measured = _placed_rle(window, top, left, height, width)
+        assert measured.rles[0]["counts"] == expected["counts"]
+        assert measured.areas[0] == whole.sum()
+        assert measured.boxes[0].tolist() == coco_mask.toBbox(expected).tolist()
+
+
 def test_instance_objects_leave_out_invalid_pixels(geotiff, labels):
     grid = grid_of(geotiff / "sample_geotiff.tif")
     valid = np.ones((900, 900), bool)
@@ -364,29 +386,14 @@ def test_a_raster_without_a_crs_cannot_take_labels_that_name_one(geotiff, labels
         vector(labels).target("a.tif", bare)
 
 
-def test_segment_refuses_an_unknown_class_before_any_work(geotiff, labels, shared, tmp_path):
+def test_segment_refuses_an_unknown_class_before_any_work(geotiff, labels, tmp_path):
     from typer.testing import CliRunner
 
     from segflow.cli import app
 
     out = tmp_path / "out"
-    refused = CliRunner().invoke(
-        app,
-        [
-            "segment",
-            str(geotiff / "sample_geotiff.tif"),
-            "--model",
-            str(shared / "models" / "espnet_camvid.pt2"),
-            "--gt",
-            f"vector:{labels}?class=house",
-            "--bands",
-            "1,1,1",
-            "--rescale",
-            "p2,p98",
-            "--out",
-            str(out),
-        ],
-    )
+    arguments = segment_arguments(geotiff / "sample_geotiff.tif", f"vector:{labels}?class=house")
+    refused = CliRunner().invoke(app, [*arguments, "--out", str(out)])
     assert refused.exit_code == 2, refused.output
     assert "'house' is not a class of the model" in refused.output
     assert not out.exists()
@@ -394,6 +401,13 @@ def test_segment_refuses_an_unknown_class_before_any_work(geotiff, labels, share
 
 # --------------------------------------------------------------------------------------------
 # GeoTIFF runs evaluated.
+
+
+def segment_arguments(source: Path, spec: str) -> list[str]:
+    """``segflow segment`` of ESPNet (CamVid) over a single-band uint16 scene."""
+    model = shared_root() / "models" / "espnet_camvid.pt2"
+    options = ["--bands", "1,1,1", "--rescale", "p2,p98"]
+    return ["segment", str(source), "--model", str(model), "--gt", spec, *options]
 
 
 def building_iou(masks: list[dict], truth: np.ndarray, valid: np.ndarray) -> tuple[int, int]:
@@ -454,7 +468,7 @@ def test_a_raster_with_nodata_is_evaluated_on_its_valid_pixels(espnet, geotiff, 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_segment_then_evaluate_gives_the_building_iou(geotiff, labels, shared, tmp_path):
+def test_segment_then_evaluate_gives_the_building_iou(geotiff, labels, tmp_path):
     """The issue's command, on local Ray and Prefect: ESPNet (CamVid) over sample_geotiff.tif
     with its building polygons, then ``segflow evaluate --json``."""
     import duckdb
@@ -463,35 +477,11 @@ def test_segment_then_evaluate_gives_the_building_iou(geotiff, labels, shared, t
     corpus.mkdir()
     (corpus / "sample_geotiff.tif").symlink_to(geotiff / "sample_geotiff.tif")
     out, log = tmp_path / "out", tmp_path / "segment.log"
-    with log.open("w") as output:  # a file, not a pipe nobody reads while Ray and Prefect talk
-        done = subprocess.run(
-            [
-                SEGFLOW,
-                "segment",
-                str(corpus),
-                "--model",
-                str(shared / "models" / "espnet_camvid.pt2"),
-                "--gt",
-                f"vector:{labels}?class=building",
-                "--bands",
-                "1,1,1",
-                "--rescale",
-                "p2,p98",
-                "--out",
-                str(out),
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            timeout=600,
-            check=False,
-        )
+    arguments = segment_arguments(corpus, f"vector:{labels}?class=building")
+    done = segflow(*arguments, "--out", str(out), log=log)
     assert done.returncode == 0, log.read_text()[-3000:]
     printed = subprocess.run(
-        [SEGFLOW, "evaluate", str(out), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+        [SEGFLOW, "evaluate", str(out), "--json"], capture_output=True, text=True, check=True
     )
     semantic = json.loads(printed.stdout)["semantic"]
     [run] = out.glob("run=*")
