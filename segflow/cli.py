@@ -96,7 +96,9 @@ def segment(
         str | None,
         typer.Option(
             help="Ground truth to evaluate against: coco:FILE, masks:DIR[?id_map=F|cityscapes"
-            "&palette=F&suffix=S&image_suffix=S&instances=S] or coco-semantic:FILE?categories=voc."
+            "&palette=F&suffix=S&image_suffix=S&instances=S], coco-semantic:FILE?categories=voc"
+            " or vector:FILE?class=NAME|class_field=PROPERTY[&background=NAME] (polygons"
+            " rasterized onto each GeoTIFF)."
         ),
     ] = None,
     ignore_index: Annotated[int | None, typer.Option(help="Ground-truth label to ignore.")] = None,

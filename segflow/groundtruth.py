@@ -31,19 +31,52 @@ options start after the last ``?`` (URIs may hold spaces, and ``:`` after the ki
     the largest class id of the instances covering it, background 0, pixels under more than
     one instance ignored. ``categories=voc`` is the reference's 21 VOC classes;
     ``categories=URI`` a JSON object ``{"coco category id": class id}``.
+``vector:FILE?class=NAME`` or ``vector:FILE?class_field=PROPERTY`` (``&background=NAME``)
+    Polygons (GeoJSON, GeoPackage or GeoParquet; the first layer of a file that has several),
+    rasterized onto each georeferenced raster's grid as GDAL rasterizes them: a pixel is
+    inside a polygon when its centre is (``all_touched=False``). An image that is not a
+    georeferenced raster has no vector ground truth. ``class=NAME`` gives every polygon the
+    class NAME; ``class_field=PROPERTY`` gives each the class its property names. Class names
+    are the model's, matched exactly (as COCO categories are); a name the model does not have,
+    a missing property, a feature without a value, or a geometry that is not a (multi)polygon
+    is an error when the spec is opened, before any work. Null and empty geometries are
+    skipped. The vector file is read once, when the spec is opened; for each raster only the
+    polygons that meet its footprint are reprojected, into the raster's CRS, and rasterized.
+    The file's CRS is the one it names; one that names none (a GeoPackage or GeoParquet
+    without a CRS, or a GeoJSON whose coordinates cannot be longitude and latitude although
+    GeoJSON without a ``crs`` member is WGS 84 by RFC 7946) is taken to be in the raster's.
+
+    Semantic models: where polygons overlap, the later feature in the file wins (GDAL's
+    order). Pixels outside every polygon are background: the class ``?background=NAME``
+    names, else the model's class named ``background`` or ``__background__`` if it has one.
+    A model with neither (CamVid's classes, say) has no class for them: they are *unlabelled*,
+    ground truth of no class, but a prediction of an evaluated class there is a false
+    positive. Only the classes the file labels (and the background) are evaluated: the
+    figures of the others are undefined, since the file says nothing of them, and the means
+    are over the evaluated classes. So ``vector:buildings.geojson?class=building`` with a
+    CamVid model gives building's IoU, ``|predicted ∩ polygons| / |predicted ∪ polygons|``
+    over the raster's valid pixels, and pixel accuracy is the share of building pixels found.
+
+    Instance models: one ground-truth object per polygon that covers a pixel centre, its
+    mask the polygon's pixels (an RLE, with its area and box), its COCO category id the
+    model's class id; ``segflow evaluate`` gives COCO mAP. Invalid (nodata) pixels are in no
+    object.
 
 ``ignore_index``, for semantic kinds, is a class id whose pixels are ignored; it applies to
 the ids a target holds (after id_map, palette or categories), the ids a model predicts.
+A georeferenced raster's invalid (nodata) pixels are ignored whatever the kind.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
+import warnings
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Container, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import fsspec
@@ -57,20 +90,27 @@ from segflow.reading import read_bytes
 
 __all__ = [
     "IGNORE",
+    "UNLABELLED",
     "VOC_CATEGORIES",
     "CocoDataset",
     "GroundTruth",
     "GroundTruthError",
     "InstanceTarget",
     "Instances",
+    "ModelClasses",
+    "RasterGrid",
     "SemanticTarget",
     "coco_image_id",
     "open_ground_truth",
     "read_coco",
     "read_json",
+    "within_valid",
 ]
 
 IGNORE = -1
+# A pixel evaluated but ground truth of no class (vector ground truth without a background):
+# a prediction of an evaluated class there is a false positive.
+UNLABELLED = -2
 
 # torchvision's CAT_LIST: the COCO category of each VOC class, by class id (0: background,
 # which no COCO category has).
@@ -91,9 +131,12 @@ class Instances:
 
 @dataclass(frozen=True)
 class SemanticTarget:
-    labels: np.ndarray  # (H, W) int64 class ids, IGNORE where the pixel is not evaluated
+    # (H, W) int64 class ids, IGNORE where the pixel is not evaluated, UNLABELLED where it is
+    # but is no class's
+    labels: np.ndarray
     source: str  # URI of the ground-truth file used
     instances: Instances | None = None  # with an instances= option
+    classes: frozenset[int] | None = None  # the classes evaluated (None: every class)
 
 
 @dataclass(frozen=True)
@@ -104,10 +147,34 @@ class InstanceTarget:
     source: str  # "FILE#image_id=ID"
 
 
+@dataclass(frozen=True)
+class ModelClasses:
+    """What ground truth that names classes (``vector:``) needs of the model it scores."""
+
+    task: Literal["semantic", "instance"]
+    classes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: Any) -> ModelClasses:
+        """Those of a loaded model (a :class:`segflow.models.SegmentationModel`)."""
+        return cls(model.task, tuple(model.classes))
+
+
+@dataclass(frozen=True)
+class RasterGrid:
+    """A georeferenced raster's pixel grid, which vector ground truth is rasterized onto."""
+
+    height: int
+    width: int
+    crs: str | None  # EPSG:n or WKT2 (segflow.raster.Georeference)
+    transform: tuple[float, float, float, float, float, float] | None  # rasterio's a..f
+    valid: np.ndarray | None = None  # (H, W) bool: GDAL's dataset mask; None: every pixel
+
+
 class GroundTruth(ABC):
     """Opened ground truth: ``target(uri)`` gives the target of one image."""
 
-    kind: ClassVar[Literal["semantic", "instance"]]
+    kind: Literal["semantic", "instance"]  # the adapter's, or (vector:) the model's task
     options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: str) -> None:
@@ -116,9 +183,10 @@ class GroundTruth(ABC):
         self.categories: dict[int, str] | None = None
 
     @abstractmethod
-    def target(self, uri: str) -> SemanticTarget | InstanceTarget:
-        """The target of the image at ``uri``; GroundTruthError when it has none, more than
-        one, or one that cannot be read."""
+    def target(self, uri: str, grid: RasterGrid | None = None) -> SemanticTarget | InstanceTarget:
+        """The target of the image at ``uri`` (``grid``: its raster's grid, where it is a
+        georeferenced raster); GroundTruthError when it has none, more than one, or one
+        that cannot be read."""
 
     def label_values(self) -> Container[int]:
         """The class ids a semantic target can hold before ``ignore_index`` applies (what
@@ -127,9 +195,13 @@ class GroundTruth(ABC):
         return range(0)
 
 
-def open_ground_truth(spec: str, *, ignore_index: int | None = None) -> GroundTruth:
+def open_ground_truth(
+    spec: str, *, ignore_index: int | None = None, model: ModelClasses | None = None
+) -> GroundTruth:
     """Open a ground-truth spec (see the module notes), reading and checking what every image
-    needs (the COCO file, the label file listing, the id map or palette) before any work."""
+    needs (the COCO file, the label file listing, the id map or palette, the vector file)
+    before any work. ``model``: the task and classes of the model it scores, which
+    ``vector:`` ground truth needs (its class names are the model's)."""
     if not isinstance(spec, str):
         raise GroundTruthError(f"ground truth spec must be a string, got {type(spec).__name__}")
     kind, location, options = _parse_spec(spec)
@@ -140,17 +212,36 @@ def open_ground_truth(spec: str, *, ignore_index: int | None = None) -> GroundTr
         raise GroundTruthError(
             f"ground truth {spec!r}: unknown option(s) {unknown} for {kind!r} (allowed: {allowed})"
         )
-    if ignore_index is not None:
-        if adapter.kind != "semantic":
-            raise GroundTruthError(
-                f"ground truth {spec!r}: ignore_index applies to semantic ground truth only, "
-                f"and {kind!r} is {adapter.kind}"
-            )
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int | np.integer):
-            raise GroundTruthError(
-                f"ground truth {spec!r}: ignore_index must be an integer, got {ignore_index!r}"
-            )
-    return adapter(spec, location, options, None if ignore_index is None else int(ignore_index))
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int | np.integer)
+    ):
+        raise GroundTruthError(
+            f"ground truth {spec!r}: ignore_index must be an integer, got {ignore_index!r}"
+        )
+    ground_truth = adapter(
+        spec, location, options, None if ignore_index is None else int(ignore_index), model
+    )
+    if ignore_index is not None and ground_truth.kind != "semantic":
+        raise GroundTruthError(
+            f"ground truth {spec!r}: ignore_index applies to semantic ground truth only, "
+            f"and {kind!r} is {ground_truth.kind} here"
+        )
+    return ground_truth
+
+
+def within_valid(
+    target: SemanticTarget | InstanceTarget, valid: np.ndarray | None
+) -> SemanticTarget | InstanceTarget:
+    """``target`` with a raster's invalid pixels (``~valid``) ignored: they have no class and
+    are in no metric. Instance targets are left as they are (``vector:`` leaves invalid
+    pixels out of its objects itself)."""
+    if (
+        valid is None
+        or not isinstance(target, SemanticTarget)
+        or valid.shape != target.labels.shape
+    ):
+        return target  # a size mismatch is the scorer's to report
+    return replace(target, labels=np.where(valid, target.labels, IGNORE))
 
 
 def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
@@ -349,11 +440,13 @@ def coco_image_id(source: str) -> int:
 class _CocoInstances(_CocoImages):
     kind = "instance"
 
-    def __init__(self, spec: str, location: str, options: dict, ignore_index: int | None) -> None:
+    def __init__(
+        self, spec: str, location: str, options: dict, ignore_index: int | None, model: Any
+    ) -> None:
         super().__init__(spec, location)
         self.categories = dict(self.dataset.categories)
 
-    def target(self, uri: str) -> InstanceTarget:
+    def target(self, uri: str, grid: RasterGrid | None = None) -> InstanceTarget:
         image = self._image(uri)
         return InstanceTarget(
             height=image["height"],
@@ -367,7 +460,9 @@ class _CocoSemantic(_CocoImages):
     kind = "semantic"
     options = frozenset({"categories"})
 
-    def __init__(self, spec: str, location: str, options: dict, ignore_index: int | None) -> None:
+    def __init__(
+        self, spec: str, location: str, options: dict, ignore_index: int | None, model: Any
+    ) -> None:
         if "categories" not in options:
             raise GroundTruthError(
                 f"ground truth {spec!r} needs ?categories=voc or ?categories=URI of a JSON "
@@ -383,7 +478,7 @@ class _CocoSemantic(_CocoImages):
     def label_values(self) -> Container[int]:
         return frozenset(self._classes.values())
 
-    def target(self, uri: str) -> SemanticTarget:
+    def target(self, uri: str, grid: RasterGrid | None = None) -> SemanticTarget:
         image = self._image(uri)
         height, width, source = image["height"], image["width"], self._source(image)
         labels = np.zeros((height, width), np.int64)
@@ -485,7 +580,9 @@ class _LabelMaps(GroundTruth):
     kind = "semantic"
     options = frozenset({"id_map", "palette", "suffix", "image_suffix", "instances"})
 
-    def __init__(self, spec: str, location: str, options: dict, ignore_index: int | None) -> None:
+    def __init__(
+        self, spec: str, location: str, options: dict, ignore_index: int | None, model: Any
+    ) -> None:
         super().__init__(spec)
         self._location = location
         self._ignore_index = ignore_index
@@ -540,7 +637,7 @@ class _LabelMaps(GroundTruth):
             mode = Image.open(f).mode
         return range(2**16) if mode.startswith("I") else range(2**8)
 
-    def target(self, uri: str) -> SemanticTarget:
+    def target(self, uri: str, grid: RasterGrid | None = None) -> SemanticTarget:
         path = self._file(uri, self._labels, "label file")
         source = self._fs.unstrip_protocol(path)
         where = f"ground truth for {uri!r}"
@@ -642,8 +739,364 @@ class _Index:
                 self.files[name[: -len(self.suffix)]].append(path)
 
 
+# --------------------------------------------------------------------------------------------
+# Vector files.
+
+_BACKGROUND_NAMES = ("background", "__background__")
+_POLYGONAL = (3, 6)  # shapely's type ids of Polygon and MultiPolygon
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A vector file's features: geometries (shapely, None where null), the class property's
+    values, the CRS it names (None: none), its properties."""
+
+    geometries: np.ndarray
+    values: list[Any] | None
+    crs: Any  # pyproj.CRS | None
+    properties: tuple[str, ...]
+
+
+def _read_layer(data: bytes, label: str, field: str | None) -> _Layer:
+    import shapely
+
+    try:
+        if data[:4] == b"PAR1":
+            layer = _read_geoparquet(data, label, field)
+        else:
+            layer = _read_ogr(data, field)
+    except GroundTruthError:
+        raise
+    except Exception as error:  # GDAL's, Arrow's and PROJ's own error types
+        raise GroundTruthError(
+            f"{label} cannot be read as GeoJSON, GeoPackage or GeoParquet: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    if field is not None and field not in layer.properties:
+        raise GroundTruthError(
+            f"{label} has no property {field!r} (class_field); its properties: "
+            f"{', '.join(layer.properties[:20]) or 'none'}"
+            + (f", ... ({len(layer.properties)} in all)" if len(layer.properties) > 20 else "")
+        )
+    geometries = shapely.force_2d(layer.geometries)
+    return replace(layer, geometries=geometries, crs=_named_crs(layer.crs, geometries))
+
+
+def _read_ogr(data: bytes, field: str | None) -> _Layer:
+    import pyogrio
+    import shapely
+    from pyproj import CRS
+
+    with warnings.catch_warnings():
+        # GDAL reads the bytes as an unnamed file, whose extension it cannot check.
+        warnings.filterwarnings("ignore", "File /vsimem/.* non conformant file extension")
+        # Only the class property is read (a file may have hundreds, OpenStreetMap's tags).
+        meta, table = pyogrio.read_arrow(io.BytesIO(data), columns=[] if field is None else [field])
+        found = field is None or field in table.column_names
+        properties = meta["fields"] if found else pyogrio.read_info(io.BytesIO(data))["fields"]
+    column = meta["geometry_name"] or "wkb_geometry"
+    return _Layer(
+        shapely.from_wkb(table.column(column).to_numpy(zero_copy_only=False)),
+        table.column(field).to_pylist() if field is not None and found else None,
+        None if meta["crs"] is None else CRS.from_user_input(meta["crs"]),
+        tuple(str(name) for name in properties),
+    )
+
+
+def _read_geoparquet(data: bytes, label: str, field: str | None) -> _Layer:
+    import pyarrow.parquet as pq
+    import shapely
+    from pyproj import CRS
+
+    file = pq.ParquetFile(io.BytesIO(data))
+    metadata = file.schema_arrow.metadata or {}
+    if b"geo" not in metadata:
+        raise GroundTruthError(f"{label} is Parquet without GeoParquet's 'geo' metadata")
+    geo = json.loads(metadata[b"geo"])
+    column = geo["primary_column"]
+    described = geo["columns"][column]
+    if str(described.get("encoding", "")).upper() != "WKB":
+        raise GroundTruthError(
+            f"{label}: geometry column {column!r} is encoded as {described.get('encoding')!r}; "
+            "vector ground truth reads WKB"
+        )
+    properties = tuple(name for name in file.schema_arrow.names if name != column)
+    wanted = [column] + ([field] if field in properties else [])
+    table = file.read(columns=wanted)
+    # GeoParquet: an absent crs is OGC:CRS84 (longitude, latitude), a null one unknown.
+    crs = described.get("crs", "OGC:CRS84")
+    if isinstance(crs, dict):
+        crs = CRS.from_json_dict(crs)
+    elif crs is not None:
+        crs = CRS.from_user_input(crs)
+    return _Layer(
+        shapely.from_wkb(table.column(column).to_numpy(zero_copy_only=False)),
+        table.column(field).to_pylist() if field in properties else None,
+        crs,
+        properties,
+    )
+
+
+def _named_crs(crs: Any, geometries: np.ndarray) -> Any:
+    """The CRS the file names: ``crs``, unless it is longitude and latitude and the
+    coordinates cannot be (GeoJSON without a ``crs`` member reads as WGS 84 whatever its
+    coordinates), then None."""
+    import shapely
+
+    if crs is None or not crs.is_geographic:
+        return crs
+    present = geometries[~shapely.is_missing(geometries) & ~shapely.is_empty(geometries)]
+    if not len(present):
+        return crs
+    west, south, east, north = shapely.total_bounds(present)
+    lon_lat = west >= -180 and east <= 180 and south >= -90 and north <= 90
+    return crs if lon_lat else None
+
+
+class _Vector(GroundTruth):
+    options = frozenset({"class", "class_field", "background"})
+
+    def __init__(
+        self,
+        spec: str,
+        location: str,
+        options: dict,
+        ignore_index: int | None,
+        model: ModelClasses | None,
+    ) -> None:
+        super().__init__(spec)
+        try:
+            import pyogrio  # noqa: F401
+            import pyproj  # noqa: F401
+            import rasterio  # noqa: F401
+            import shapely
+        except ImportError as error:
+            from segflow.raster import INSTALL_HINT
+
+            raise GroundTruthError(
+                f"ground truth {spec!r} needs {error.name}, which is not installed: {INSTALL_HINT}"
+            ) from error
+
+        if model is None:
+            raise GroundTruthError(
+                f"ground truth {spec!r}: vector ground truth is opened for a model (its classes "
+                "name the polygons' classes)"
+            )
+        self.kind = model.task
+        self._location = location
+        self._ignore_index = ignore_index
+        classes = list(model.classes)
+        if ("class" in options) == ("class_field" in options):
+            raise GroundTruthError(
+                f"ground truth {spec!r} needs one of ?class=NAME (every polygon that class) or "
+                "?class_field=PROPERTY (each polygon's class name in that property)"
+            )
+        label = f"vector ground truth {location!r}"
+
+        def class_id(name: Any, what: str) -> int:
+            if name not in classes:
+                raise GroundTruthError(
+                    f"ground truth {spec!r}: {what} {name!r} is not a class of the model "
+                    f"(its classes: {', '.join(classes)})"
+                )
+            return classes.index(name)
+
+        fixed = None if "class" not in options else class_id(options["class"], "class")
+        background = options.get("background")
+        if background is not None and model.task != "semantic":
+            raise GroundTruthError(
+                f"ground truth {spec!r}: background= applies to semantic models; an instance "
+                "model's objects are the polygons"
+            )
+        if background is None and model.task == "semantic":
+            background = next((name for name in _BACKGROUND_NAMES if name in classes), None)
+        self._background = None if background is None else class_id(background, "background")
+
+        field = options.get("class_field")
+        layer = _read_layer(_read_bytes(location, label), label, field)
+        kept = ~shapely.is_missing(layer.geometries) & ~shapely.is_empty(layer.geometries)
+        other = np.flatnonzero(kept & ~np.isin(shapely.get_type_id(layer.geometries), _POLYGONAL))
+        if len(other):
+            raise GroundTruthError(
+                f"{label}: {len(other)} feature(s) are not polygons, the first feature "
+                f"{other[0]} a {layer.geometries[other[0]].geom_type}; vector ground truth "
+                "takes polygons and multipolygons"
+            )
+        if fixed is not None:
+            ids = np.full(len(layer.geometries), fixed, np.int64)
+        else:
+            values = layer.values
+            missing = [i for i, value in enumerate(values) if kept[i] and value in (None, "")]
+            if missing:
+                raise GroundTruthError(
+                    f"{label}: {len(missing)} feature(s) have no {field!r} value (class_field), "
+                    f"the first feature {missing[0]}"
+                )
+            by_name = {name: class_id(name, f"{field!r} value") for name in set(values) if name}
+            ids = np.array([by_name.get(value, -1) for value in values], np.int64)
+        self._geometries = layer.geometries[kept]
+        self._class_ids = ids[kept]
+        self._crs = layer.crs
+        self._tree = shapely.STRtree(self._geometries)
+        labelled = set(self._class_ids.tolist())
+        self._evaluated = frozenset(
+            labelled | (set() if self._background is None else {self._background})
+        )
+        # Instance ground truth: the model's class ids are the COCO category ids.
+        if self.kind == "instance":
+            self.categories = {i: classes[i] for i in sorted(labelled)}
+
+    def label_values(self) -> Container[int]:
+        return self._evaluated
+
+    def target(self, uri: str, grid: RasterGrid | None = None) -> SemanticTarget | InstanceTarget:
+        where = f"ground truth for {uri!r}"
+        if grid is None or grid.transform is None:
+            raise GroundTruthError(
+                f"{where}: {self.spec!r} is rasterized onto a georeferenced raster's grid, and "
+                "this image is not a georeferenced raster"
+            )
+        geometries, class_ids = self._on_grid(grid, where)
+        if self.kind == "instance":
+            return self._instances(uri, grid, geometries, class_ids)
+        from rasterio.features import rasterize
+        from rasterio.transform import Affine
+
+        shape = (grid.height, grid.width)
+        fill = UNLABELLED if self._background is None else self._background
+        if len(geometries):
+            labels = rasterize(
+                zip(geometries, class_ids.tolist(), strict=True),
+                out_shape=shape,
+                transform=Affine(*grid.transform),
+                fill=fill,
+                all_touched=False,
+                dtype="int32",
+            ).astype(np.int64)
+        else:
+            labels = np.full(shape, fill, np.int64)
+        return SemanticTarget(
+            _ignoring(labels, self._ignore_index), self._location, classes=self._evaluated
+        )
+
+    def _on_grid(self, grid: RasterGrid, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """The polygons meeting the raster's footprint, in file order, in the raster's CRS,
+        and their class ids."""
+        import shapely
+        from pyproj import CRS, Transformer
+
+        raster_crs = None if grid.crs is None else CRS.from_user_input(grid.crs)
+        file_crs = self._crs if self._crs is not None else raster_crs
+        if raster_crs is None and file_crs is not None:
+            raise GroundTruthError(
+                f"{where}: the raster has no CRS and {self._location!r} is in {file_crs.name}: "
+                "its polygons cannot be placed on the raster"
+            )
+        a, b, c, d, e, f = grid.transform
+        corners = [(0, 0), (grid.width, 0), (grid.width, grid.height), (0, grid.height)]
+        footprint = shapely.Polygon([(a * x + b * y + c, d * x + e * y + f) for x, y in corners])
+        reprojected = file_crs is not None and not file_crs.equals(raster_crs)
+        if reprojected:
+            # Densified, so that the footprint's curved image in the file's CRS is covered.
+            footprint = shapely.transform(
+                shapely.segmentize(footprint, footprint.length / 256),
+                Transformer.from_crs(raster_crs, file_crs, always_xy=True).transform,
+                interleaved=False,
+            )
+        hits = np.sort(self._tree.query(footprint, predicate="intersects"))
+        geometries = self._geometries[hits]
+        if reprojected and len(geometries):
+            geometries = shapely.transform(
+                geometries,
+                Transformer.from_crs(file_crs, raster_crs, always_xy=True).transform,
+                interleaved=False,
+            )
+        return geometries, self._class_ids[hits]
+
+    def _instances(
+        self, uri: str, grid: RasterGrid, geometries: np.ndarray, class_ids: np.ndarray
+    ) -> InstanceTarget:
+        import shapely
+        from rasterio.features import rasterize
+        from rasterio.transform import Affine
+
+        transform = Affine(*grid.transform)
+        inverse = ~transform
+        image_id = _vector_image_id(uri)
+        annotations = []
+        for geometry, class_id in zip(geometries, class_ids.tolist(), strict=True):
+            # The polygon's pixel window: its box's corners on the grid, outwards.
+            west, south, east, north = shapely.bounds(geometry).tolist()
+            corners = [inverse @ (x, y) for x in (west, east) for y in (south, north)]
+            columns, rows = np.array(corners).T
+            top = max(0, int(np.floor(rows.min())))
+            bottom = min(grid.height, int(np.ceil(rows.max())))
+            left = max(0, int(np.floor(columns.min())))
+            right = min(grid.width, int(np.ceil(columns.max())))
+            if top >= bottom or left >= right:
+                continue
+            mask = rasterize(
+                [(geometry, 1)],
+                out_shape=(bottom - top, right - left),
+                transform=transform @ Affine.translation(left, top),
+                fill=0,
+                all_touched=False,
+                dtype="uint8",
+            )
+            if grid.valid is not None:
+                mask &= grid.valid[top:bottom, left:right]
+            if not mask.any():
+                continue  # a sliver between pixel centres, or over nodata: no object
+            measured = _placed_rle(mask, top, left, grid.height, grid.width)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": class_id,
+                    "segmentation": {
+                        "size": [grid.height, grid.width],
+                        "counts": measured.rles[0]["counts"].decode("ascii"),
+                    },
+                    "area": float(measured.areas[0]),
+                    "bbox": measured.boxes[0].tolist(),
+                    "iscrowd": 0,
+                }
+            )
+        return InstanceTarget(
+            grid.height, grid.width, annotations, f"{self._location}{_IMAGE_ID_MARK}{image_id}"
+        )
+
+
+def _vector_image_id(uri: str) -> int:
+    """The COCO image id of a raster's vector ground truth: its segflow image id, unique in a
+    run (COCOeval keys images by it)."""
+    from segflow.schema import image_id_for
+
+    return image_id_for(uri)
+
+
+def _placed_rle(mask: np.ndarray, top: int, left: int, height: int, width: int) -> rle.Measured:
+    """The RLE, area and box of a ``height x width`` mask that is 0 but for the window
+    ``mask`` (with a pixel set) at (``top``, ``left``), from the window's pixels alone: a
+    raster's plane is never made."""
+    columns, rows = np.nonzero(mask.T)  # column-major, COCO's order
+    position = (left + columns) * height + top + rows
+    breaks = np.flatnonzero(np.diff(position) != 1) + 1
+    ones = position[np.concatenate([[0], breaks])]
+    zeros = position[np.concatenate([breaks - 1, [len(position) - 1]])] + 1
+    starts = np.stack([ones, zeros], 1).reshape(-1)
+    values = np.tile(np.array([1, 0], np.uint8), len(ones))
+    if starts[0] > 0:
+        starts, values = np.concatenate([[0], starts]), np.concatenate([[0], values])
+    if starts[-1] == height * width:
+        starts, values = starts[:-1], values[:-1]
+    _, measured = rle.encode_label_runs_measured(starts, values, height, width, 0)
+    return measured
+
+
 _ADAPTERS: dict[str, type[GroundTruth]] = {
     "coco": _CocoInstances,
     "masks": _LabelMaps,
     "coco-semantic": _CocoSemantic,
+    "vector": _Vector,
 }

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from segflow.errors import SegflowError
-from segflow.groundtruth import GroundTruthError, open_ground_truth
+from segflow.groundtruth import GroundTruthError, ModelClasses, open_ground_truth
 from segflow.job import Job
 from segflow.manifest import check_input
 from segflow.metrics.boundary import TRIMAP_WIDTH
@@ -133,7 +133,7 @@ def evaluation_info(
         if ignore_index is not None:
             raise GroundTruthError("--ignore-index applies to ground truth: give --gt too")
         return None
-    ground_truth = open_ground_truth(gt, ignore_index=ignore_index)
+    ground_truth = open_ground_truth(gt, ignore_index=ignore_index, model=ModelClasses.of(model))
     scorer_for(ground_truth, model.classes, model.task, trimap_width=trimap_width)
     if ignore_index is not None and not (
         0 <= ignore_index < len(model.classes) or ignore_index in ground_truth.label_values()

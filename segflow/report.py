@@ -39,7 +39,7 @@ from PIL import Image
 from segflow import palette, rle
 from segflow.decode import decode_rgb
 from segflow.evaluation import Run, RunEvaluation, evaluate, open_run, rows_of_images
-from segflow.groundtruth import annotation_mask, open_ground_truth
+from segflow.groundtruth import ModelClasses, annotation_mask, open_ground_truth
 from segflow.metrics.figures import figures_in, format_figure
 from segflow.metrics.instance import IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES, CocoScores
 
@@ -570,7 +570,11 @@ def _worst_semantic(run: Run, db: duckdb.DuckDBPyConnection, n: int) -> list[_Dr
     )
     if not ranked:
         return []
-    truth = open_ground_truth(run.evaluation["gt"], ignore_index=run.evaluation.get("ignore_index"))
+    truth = open_ground_truth(
+        run.evaluation["gt"],
+        ignore_index=run.evaluation.get("ignore_index"),
+        model=_model_classes(run),
+    )
     masks = _mask_rows(db, [row["image_id"] for row in ranked])
 
     def layers(row: Mapping[str, Any], shape: tuple[int, int]) -> tuple[_Layers, _Layers]:
@@ -625,7 +629,7 @@ def _worst_instance(run: Run, db: duckdb.DuckDBPyConnection, n: int) -> list[_Dr
         for category, name in run.evaluation["categories"].items()
         if name in classes
     }
-    truth = open_ground_truth(run.evaluation["gt"])
+    truth = open_ground_truth(run.evaluation["gt"], model=_model_classes(run))
     masks = _mask_rows(db, [row["image_id"] for row in ranked])
 
     def layers(row: Mapping[str, Any], shape: tuple[int, int]) -> tuple[_Layers, _Layers]:
@@ -654,6 +658,10 @@ def _worst_instance(run: Run, db: duckdb.DuckDBPyConnection, n: int) -> list[_Dr
         )
         for row in ranked
     ]
+
+
+def _model_classes(run: Run) -> ModelClasses:
+    return ModelClasses(run.evaluation["task"], tuple(run.evaluation["classes"]))
 
 
 def _draw(

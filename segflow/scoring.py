@@ -33,6 +33,7 @@ import torch
 
 from segflow import cityscapes, schema
 from segflow.groundtruth import (
+    UNLABELLED,
     GroundTruth,
     GroundTruthError,
     InstanceTarget,
@@ -151,7 +152,13 @@ class SemanticScorer(_Scorer):
                 "(an id_map)"
             )
         confusion = ConfusionMatrix(n).update(truth, labels).state()
-        gt_pixels, pred_pixels = confusion.sum(1), confusion.sum(0)
+        # Unlabelled pixels are no class's ground truth, but what is predicted there counts.
+        unlabelled = truth == UNLABELLED
+        counted = valid | unlabelled
+        gt_pixels = confusion.sum(1)
+        pred_pixels = (
+            confusion.sum(0) + torch.bincount(labels[unlabelled], minlength=n).cpu().numpy()
+        )
         soft = prediction.probabilities
         instance_sums = (
             None
@@ -170,15 +177,18 @@ class SemanticScorer(_Scorer):
                 + (0 if instance_sums is None else ~np.isnan(instance_sums["instance_tp_weighted"]))
             )
         )
+        if target.classes is not None:
+            present = present[np.isin(present, sorted(target.classes))]
         counts = {
             "gt_pixels": gt_pixels[present],
             "pred_pixels": pred_pixels[present],
             "intersection": confusion.diagonal()[present],
-            **self._regions(truth, labels, valid, present),
+            **self._regions(truth, labels, counted, present),
         }
         counts["union"] = counts["gt_pixels"] + counts["pred_pixels"] - counts["intersection"]
         if soft is not None:
-            counts |= _soft_sums(soft.to(labels.device, torch.float64)[:, valid], truth[valid])
+            sums = _soft_sums(soft.to(labels.device, torch.float64)[:, counted], truth[counted])
+            counts |= {name: values[present] for name, values in sums.items()}
         if instance_sums is not None:
             counts |= {name: sums[present] for name, sums in instance_sums.items()}
         self._class_stats.append(
@@ -198,7 +208,8 @@ class SemanticScorer(_Scorer):
     def _regions(
         self, truth: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, present: np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Boundary IoU's and Trimap IoU's counts of the ``present`` classes."""
+        """Boundary IoU's and Trimap IoU's counts of the ``present`` classes over the
+        ``valid`` pixels (the counted ones: unlabelled pixels are)."""
         width = boundary_width(*labels.shape)
         sums: dict[str, list[torch.Tensor]] = {
             name: []
@@ -316,11 +327,13 @@ def _instance_sums(
 
 
 def _soft_sums(soft: torch.Tensor, truth: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per class, from the probabilities ``(C, pixels)`` of the evaluated pixels and their
-    ground truth: the soft intersection and the soft unions of both forms
-    (:mod:`segflow.metrics.figures`)."""
+    """Per class, from the probabilities ``(C, pixels)`` of the counted pixels and their
+    ground truth (UNLABELLED: no class): the soft intersection and the soft unions of both
+    forms (:mod:`segflow.metrics.figures`)."""
     n = soft.shape[0]
-    on_truth = soft.gather(0, truth[None]).flatten()
+    labelled = truth >= 0
+    truth = truth[labelled]
+    on_truth = soft[:, labelled].gather(0, truth[None]).flatten()
     intersection = torch.zeros(n, dtype=torch.float64, device=soft.device).index_add_(
         0, truth, on_truth
     )

@@ -41,7 +41,13 @@ import torch
 
 from segflow import raster, rle, schema
 from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
-from segflow.groundtruth import GroundTruth, InstanceTarget, SemanticTarget
+from segflow.groundtruth import (
+    GroundTruth,
+    InstanceTarget,
+    RasterGrid,
+    SemanticTarget,
+    within_valid,
+)
 from segflow.metrics.boundary import TRIMAP_WIDTH
 from segflow.prediction import InstancePrediction, Prediction, SemanticPrediction
 from segflow.reading import read_bytes
@@ -193,7 +199,9 @@ def segment_images(
             if item.error is not None:
                 _record_failure(rows, run_id, model_name, item, *item.error)
             elif item.raster is not None:
-                _segment_raster(model, model_name, run_id, item, rows, scorer, on_progress)
+                _segment_raster(
+                    model, model_name, run_id, item, rows, ground_truth, scorer, on_progress
+                )
         with _after(ready):
             for outcome in outcomes:
                 _rows_of(model, model_name, run_id, outcome, rows, scorer)
@@ -416,12 +424,15 @@ def _segment_raster(
     run_id: str,
     item: _Decoded,
     rows: _Rows,
+    ground_truth: GroundTruth | None,
     scorer: SemanticScorer | InstanceScorer | None,
     on_progress: Callable[[], None] | None,
 ) -> None:
     """One georeferenced raster, window by window, into its rows; ``on_progress`` is
     called after each band of windows (a large raster is hours of them on a CPU, and the
-    stall watchdog must see them)."""
+    stall watchdog must see them). With ground truth, the raster is then evaluated whole:
+    its label map is decoded from the masks, and its target made on its grid, invalid
+    pixels ignored (one raster's planes at a time, after its inference)."""
     source = item.raster
     t0 = time.perf_counter()
     try:
@@ -429,21 +440,21 @@ def _segment_raster(
         masks = _semantic_rows(
             class_ids, encoded, model, run_id, item.uri, source.height, source.width
         )
+        infer_ms = (time.perf_counter() - t0) * 1e3
+        figures = (
+            {}
+            if scorer is None or ground_truth is None
+            else _evaluate_raster(ground_truth, scorer, item, class_ids, encoded, masks)
+        )
     except Exception as exc:
         _record_failure(rows, run_id, model_name, item, "infer", exc)
         return
     finally:
         source.close()
-    infer_ms = (time.perf_counter() - t0) * 1e3
     rows.masks.extend(masks)
-    if scorer is not None:
-        _record_error(
-            rows,
-            run_id,
-            item,
-            "gt",
-            raster.RasterError(f"{item.uri}: evaluating GeoTIFF inputs is not supported yet"),
-        )
+    if isinstance(figures, BaseException):
+        _record_error(rows, run_id, item, "gt", figures)
+        figures = {}
     rows.images.append(
         _image_row(
             run_id,
@@ -458,8 +469,47 @@ def _segment_raster(
             transform=None
             if source.georeference.transform is None
             else list(source.georeference.transform),
+            **figures,
         )
     )
+
+
+def _evaluate_raster(
+    ground_truth: GroundTruth,
+    scorer: SemanticScorer | InstanceScorer,
+    item: _Decoded,
+    class_ids: Sequence[int],
+    encoded: rle.Measured,
+    masks: list[dict],
+) -> dict[str, Any] | BaseException:
+    """:func:`_evaluate` of a raster: its target made on its grid, invalid pixels ignored,
+    against the label map its masks hold."""
+    source = item.raster
+    try:
+        valid = source.valid((0, source.height, 0, source.width))
+        grid = RasterGrid(
+            source.height,
+            source.width,
+            source.georeference.crs,
+            source.georeference.transform,
+            valid,
+        )
+        item.target = within_valid(ground_truth.target(item.uri, grid), valid)
+    except Exception as exc:  # the raster is still segmented, just not evaluated
+        item.target_error = exc
+    prediction = _label_map(class_ids, encoded, source.height, source.width)
+    return _evaluate(scorer, item, prediction, masks)
+
+
+def _label_map(
+    class_ids: Sequence[int], encoded: rle.Measured, height: int, width: int
+) -> SemanticPrediction:
+    """The prediction a raster's masks hold, as one label map; pixels in no mask (invalid)
+    are 0 there, and are ignored in its ground truth."""
+    labels = torch.zeros((height, width), dtype=torch.int64)
+    for class_id, mask in zip(class_ids, encoded.rles, strict=True):
+        labels[torch.from_numpy(rle.decode(mask).astype(bool))] = int(class_id)
+    return SemanticPrediction(labels=labels)
 
 
 def _class_name(classes: Sequence[str], class_id: int) -> str:

@@ -17,7 +17,7 @@ import time
 import ray
 
 from segflow.allocator import retain_freed_memory
-from segflow.groundtruth import open_ground_truth
+from segflow.groundtruth import ModelClasses, open_ground_truth
 from segflow.job import Job
 from segflow.manifest import Shard
 from segflow.models.registry import load_job_model
@@ -38,7 +38,11 @@ class SegmentActor:
         # A model file replaced since the run recorded its hash fails here, naming both.
         self.model = load_job_model(job, device=device)
         self.ground_truth = (
-            None if job.gt is None else open_ground_truth(job.gt, ignore_index=job.ignore_index)
+            None
+            if job.gt is None
+            else open_ground_truth(
+                job.gt, ignore_index=job.ignore_index, model=ModelClasses.of(self.model)
+            )
         )
         self.batch_size = job.batch_size
         self.prefetch_threads = job.prefetch_threads
