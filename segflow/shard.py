@@ -60,6 +60,7 @@ from segflow.scoring import (
 )
 
 DEFAULT_READ_TIMEOUT = 60.0
+_NO_LOCK = contextlib.nullcontext()  # reusable: it holds nothing
 
 
 @dataclass
@@ -134,6 +135,7 @@ def segment_images(
     trimap_width: int = TRIMAP_WIDTH,
     on_progress: Callable[[], None] | None = None,
     raster_options: raster.RasterOptions | None = None,
+    forward_lock: contextlib.AbstractContextManager = _NO_LOCK,
 ) -> ShardResult:
     """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
     reads one URI's bytes, and one that takes longer than ``read_timeout`` seconds (``None``:
@@ -141,7 +143,9 @@ def segment_images(
     evaluated (Trimap IoU's band ``trimap_width`` pixels wide). ``on_progress`` is called
     each time images are done (a batch, or images that failed before the model).
     Georeferenced TIFFs are read window by window (:mod:`segflow.raster`, with
-    ``raster_options``) instead of fetched and decoded."""
+    ``raster_options``) instead of fetched and decoded. ``forward_lock`` is held around each
+    forward pass (a raster's windows included), so that calls sharing a model in threads
+    (an actor's shards) take turns on the device while their other work overlaps."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if read_timeout is not None and not read_timeout > 0:
@@ -199,9 +203,10 @@ def segment_images(
             if item.error is not None:
                 _record_failure(rows, run_id, model_name, item, *item.error)
             elif item.raster is not None:
-                _segment_raster(
-                    model, model_name, run_id, item, rows, ground_truth, scorer, on_progress
-                )
+                with forward_lock:
+                    _segment_raster(
+                        model, model_name, run_id, item, rows, ground_truth, scorer, on_progress
+                    )
         with _after(ready):
             for outcome in outcomes:
                 _rows_of(model, model_name, run_id, outcome, rows, scorer)
@@ -215,8 +220,9 @@ def segment_images(
         pending: Future[None] | None = None
         for batch in _batched(_prefetched(pool, load, uris, batch_size * 2), batch_size):
             good = [item for item in batch if item.error is None and item.raster is None]
-            outcomes = _forward(model, good)
-            ready = _forward_done(model)
+            with forward_lock:
+                outcomes = _forward(model, good)
+                ready = _forward_done(model)
             if pending is not None:
                 pending.result()  # at most one batch's host work behind the model
                 pending = None

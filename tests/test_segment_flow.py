@@ -4,6 +4,7 @@ two-node ``ray start`` cluster with token auth), a moto S3 endpoint, DuckDB on t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -381,6 +382,34 @@ def test_a_shard_that_stalls_every_time_is_retried_then_stops_the_run(shared, tm
     assert returncode == 3, output  # the run started and could not finish
     assert "shard-000000 (images 0 to 0, from s3://corpus/frame.png) did not finish" in output
     assert "its actor died on each of 3 attempts" in output
-    assert "no image of its shard is done for 5 s" in output
+    assert "no image of its shards is done for 5 s" in output
     assert len(stalls) == 3, stalls  # each attempt stalled, and the watchdog ended it
     assert RunStore(str(tmp_path / "out"), "s").committed() == set()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_actor_runs_its_next_shard_beside_the_last_taking_turns_on_the_model(frames, tmp_path):
+    corpus = make_corpus(tmp_path / "in", frames, good=8, bad=False)
+    log, out = tmp_path / "forward.log", tmp_path / "out"
+    args = [str(corpus), "--model", "tests.user_models:make_turn_taking_model"]
+    args += ["--model-option", f"log={log}", "--out", str(out), "--run-id", "t"]
+    args += ["--batch-size", "1", "--shard-size", "2", "--cpus-per-actor", "2"]
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    returncode, output = Cli(*args, log=tmp_path / "cli.log", env=env).wait()
+    assert returncode == 0, output
+    assert_exactly_once(out / "run=t", 8)
+    passes = [line.split() for line in log.read_text().splitlines()]
+    assert len({pid for pid, _, _ in passes}) == 1  # one actor ran every shard
+    intervals = sorted((float(start), float(end)) for _, start, end in passes)
+    assert len(intervals) == 8
+    # One forward pass at a time...
+    for (_, end), (next_start, _) in itertools.pairwise(intervals):
+        assert end <= next_start
+    # ... while the actor's shards overlap: the next began before the last was done.
+    summaries = store_of(out / "run=t").shard_summaries()
+    assert len(summaries) == 4
+    assert any(
+        later["started_at"] < earlier["finished_at"]
+        for earlier, later in itertools.pairwise(summaries)
+    )

@@ -3,6 +3,8 @@ imports on the driver and on every actor (the repository root is on PYTHONPATH).
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,3 +58,27 @@ def make_wrong_task(*, device: torch.device) -> BrightnessModel:
 
 
 NOT_CALLABLE = 42
+
+
+class TurnTakingModel(BrightnessModel):
+    """:class:`BrightnessModel` whose forward pass holds the device ``seconds`` (the GIL
+    released, as a GPU's synchronisation does) and appends ``pid start end`` of each pass to
+    the file ``log``."""
+
+    def __init__(self, device: torch.device, log: str, seconds: float) -> None:
+        super().__init__(device, 100)
+        self.log, self.seconds = log, seconds
+
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[SemanticPrediction]:
+        start = time.time()
+        time.sleep(self.seconds)
+        predictions = super().predict(images)
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {start!r} {time.time()!r}\n")
+        return predictions
+
+
+def make_turn_taking_model(
+    *, device: torch.device, log: str, seconds: float = 0.05
+) -> TurnTakingModel:
+    return TurnTakingModel(device, log, seconds)

@@ -26,7 +26,7 @@ from segflow.job import Job, JobError
 from segflow.manifest import ManifestReader, Shard
 from segflow.store import RunStore
 from workers.cluster import ActorPlan, connect, plan_actors
-from workers.segment_actor import SegmentActor
+from workers.segment_actor import CONCURRENT_SHARDS, SegmentActor
 
 # Attempts at a shard whose actor dies under it (a stall, see workers.segment_actor, or a
 # crash): one that fails every time would fail again, and must not hold the run forever.
@@ -63,6 +63,7 @@ def start_workers(job: Job, max_actors: int | None = None) -> Workers:
         # many times as segment_shards allows).
         max_restarts=-1,
         max_task_retries=-1,
+        max_concurrency=CONCURRENT_SHARDS,
     )
     actors = [remote_actor.remote(job, device=plan.device) for _ in range(plan.actors)]
     return Workers(plan, actors)
@@ -75,24 +76,31 @@ def segment_shards(
     shards: list[Shard],
     job: Job,
 ) -> Iterator[dict[str, Any]]:
-    """Run ``shards`` on the pool's actors, one at a time each, commit each shard's files
-    here, in the driver (the run's tables' single writer), and yield its summary. A shard
-    whose actor died on each of its :data:`SHARD_ATTEMPTS` attempts fails the run
-    (:class:`RunIncompleteError`); shards committed so far stay."""
-    idle = list(workers.actors)
+    """Run ``shards`` on the pool's actors, up to :data:`CONCURRENT_SHARDS` at a time each,
+    commit each shard's files here, in the driver (the run's tables' single writer), and
+    yield its summary. A shard whose actor died on each of its :data:`SHARD_ATTEMPTS`
+    attempts fails the run (:class:`RunIncompleteError`); shards committed so far stay."""
+    actors = workers.actors
+    load = [0] * len(actors)  # shards running on each actor
     waiting = deque(shards)
-    running: dict[ray.ObjectRef, tuple[ActorHandle, Shard]] = {}
+    running: dict[ray.ObjectRef, tuple[int, Shard]] = {}
 
     def dispatch() -> None:
-        while idle and waiting:
-            actor, shard = idle.pop(), waiting.popleft()
-            call = actor.__call__.options(max_task_retries=SHARD_ATTEMPTS - 1)
-            running[call.remote(store, shard, manifest.uris(shard))] = (actor, shard)
+        while waiting:
+            i = min(range(len(actors)), key=load.__getitem__)
+            # An actor's second shard only while no actor would go without one: at the end
+            # of the run a shard queued behind another must not wait while an actor idles.
+            if load[i] >= CONCURRENT_SHARDS or (load[i] and len(waiting) < len(actors)):
+                return
+            shard = waiting.popleft()
+            load[i] += 1
+            call = actors[i].__call__.options(max_task_retries=SHARD_ATTEMPTS - 1)
+            running[call.remote(store, shard, manifest.uris(shard))] = (i, shard)
 
     while waiting or running:
         dispatch()
         [done], _ = ray.wait(list(running), num_returns=1)
-        actor, shard = running.pop(done)
+        i, shard = running.pop(done)
         try:
             written = ray.get(done)
         except RayActorError as exc:
@@ -103,7 +111,7 @@ def segment_shards(
                 raise RunIncompleteError(f"{shard.name} did not run: {cause}") from exc
             first = manifest.uris(shard)[0]
             raise RunIncompleteError(_died_every_time(shard, first, job)) from exc
-        idle.append(actor)
+        load[i] -= 1
         dispatch()  # the actor's next shard runs while the driver commits this one
         store.commit(written)
         yield dict(written.summary)
@@ -111,7 +119,7 @@ def segment_shards(
 
 def _died_every_time(shard: Shard, first_uri: str, job: Job) -> str:
     stall = (
-        f"an actor ends itself when no image of its shard is done for {job.stall_timeout:g} s"
+        f"an actor ends itself when no image of its shards is done for {job.stall_timeout:g} s"
         " (the stall timeout), or it crashed"
         if job.stall_timeout is not None
         else "it crashed"

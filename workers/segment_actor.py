@@ -1,18 +1,28 @@
 """The Ray actor that segments shards: one model per actor, loaded once.
 
-A shard that makes no progress (no image done) for ``stall_timeout`` seconds ends its
-actor's process: whatever blocks it (a read past its timeout's reach, a forward pass that
-never returns) cannot be interrupted from inside. Ray then restarts the actor and retries
-the shard on it, a bounded number of times (:func:`workers.pool.segment_shards`).
+An actor runs up to :data:`CONCURRENT_SHARDS` shards at once, in threads, taking turns on
+the model (one forward pass at a time): while one shard's last batches are encoded and its
+files written, and its result travels to the driver, the next shard's images are already
+fetched and decoded and its forward passes begin, so the device does not idle between
+shards.
+
+An actor in which no image is done for ``stall_timeout`` seconds while it has shards ends
+its process: whatever blocks it (a read past its timeout's reach, a forward pass that never
+returns) cannot be interrupted from inside. Ray then restarts the actor and retries its
+shards on it, a bounded number of times (:func:`workers.pool.segment_shards`). Progress is
+the actor's, not a shard's: a shard waiting for its turn behind another's long forward pass
+(a large raster's) is not stalled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import ray
 
@@ -23,6 +33,10 @@ from segflow.manifest import Shard
 from segflow.models.registry import load_job_model
 from segflow.shard import segment_images
 from segflow.store import RunStore, ShardFiles
+
+# Two: the second shard fills the first's tail (its last host work, its writes, the round trip
+# to the driver); more would only hold more images in memory.
+CONCURRENT_SHARDS = 2
 
 
 class SegmentActor:
@@ -48,13 +62,14 @@ class SegmentActor:
         self.prefetch_threads = job.prefetch_threads
         self.max_pixels = job.max_pixels
         self.read_timeout = job.read_timeout
-        self.stall_timeout = job.stall_timeout
         self.trimap_width = job.trimap_width
         self.raster_options = job.raster_options()
+        self.forward_lock = threading.Lock()
+        self.watchdog = StallWatchdog(job.stall_timeout)
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> ShardFiles:
-        with StallWatchdog(shard, self.stall_timeout) as watchdog:
-            return self._segment(store, shard, uris, watchdog)
+        with self.watchdog.watching(shard):
+            return self._segment(store, shard, uris, self.watchdog)
 
     def _segment(
         self, store: RunStore, shard: Shard, uris: list[str], watchdog: StallWatchdog
@@ -72,6 +87,7 @@ class SegmentActor:
             trimap_width=self.trimap_width,
             on_progress=watchdog.progress,
             raster_options=self.raster_options,
+            forward_lock=self.forward_lock,
         )
         watchdog.progress()  # the writes get a stall timeout of their own
         summary = {
@@ -90,40 +106,51 @@ class SegmentActor:
 
 
 class StallWatchdog:
-    """While open, exits the process when :meth:`progress` has not been called for
-    ``seconds`` (``None``: never)."""
+    """Exits the process when shards are open (:meth:`watching`) and :meth:`progress` has
+    not been called for ``seconds`` (``None``: never)."""
 
-    def __init__(self, shard: Shard, seconds: float | None) -> None:
-        self.shard = shard
+    def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
         self._last = time.monotonic()
-        self._closed = threading.Event()
+        self._open: set[int] = set()  # indexes of the shards being segmented
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
     def progress(self) -> None:
         self._last = time.monotonic()
 
-    def __enter__(self) -> StallWatchdog:
-        if self.seconds is not None:
-            watch = threading.Thread(
-                target=self._watch, args=(self.seconds,), name="stall watchdog", daemon=True
-            )
-            watch.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._closed.set()
+    @contextlib.contextmanager
+    def watching(self, shard: Shard) -> Iterator[None]:
+        with self._lock:
+            if not self._open:
+                self._last = time.monotonic()  # an idle actor's wait is not a stall
+            self._open.add(shard.index)
+            if self.seconds is not None and self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, args=(self.seconds,), name="stall watchdog", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open.discard(shard.index)
 
     def _watch(self, seconds: float) -> None:
-        while not self._closed.wait(min(1.0, seconds / 4)):
-            idle = time.monotonic() - self._last
-            if idle >= seconds:
-                print(
-                    f"segflow: shard {self.shard.index}: nothing done for {idle:.0f} s (stall "
-                    f"timeout {seconds:g} s); ending this actor so that Ray retries the "
-                    "shard",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        while True:
+            time.sleep(min(1.0, seconds / 4))
+            with self._lock:
+                shards = sorted(self._open)
+                idle = time.monotonic() - self._last
+            if shards and idle >= seconds:
+                for index in shards:
+                    print(
+                        f"segflow: shard {index}: nothing done for {idle:.0f} s (stall "
+                        f"timeout {seconds:g} s); ending this actor so that Ray retries its "
+                        "shards",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 os._exit(STALLED_EXIT_STATUS)
 
 
