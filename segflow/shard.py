@@ -39,7 +39,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from segflow import raster, rle, schema
+from segflow import raster, rle, schema, slicing
 from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
 from segflow.groundtruth import GroundTruth, InstanceTarget, SemanticTarget
 from segflow.metrics.boundary import TRIMAP_WIDTH
@@ -128,6 +128,7 @@ def segment_images(
     trimap_width: int = TRIMAP_WIDTH,
     on_progress: Callable[[], None] | None = None,
     raster_options: raster.RasterOptions | None = None,
+    slicing: slicing.Slicing | None = None,
 ) -> ShardResult:
     """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
     reads one URI's bytes, and one that takes longer than ``read_timeout`` seconds (``None``:
@@ -135,7 +136,8 @@ def segment_images(
     evaluated (Trimap IoU's band ``trimap_width`` pixels wide). ``on_progress`` is called
     each time images are done (a batch, or images that failed before the model).
     Georeferenced TIFFs are read window by window (:mod:`segflow.raster`, with
-    ``raster_options``) instead of fetched and decoded."""
+    ``raster_options``) instead of fetched and decoded; an instance model sees them slice by
+    slice (:mod:`segflow.slicing`, ``slicing`` or its defaults)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if read_timeout is not None and not read_timeout > 0:
@@ -193,7 +195,7 @@ def segment_images(
             if item.error is not None:
                 _record_failure(rows, run_id, model_name, item, *item.error)
             elif item.raster is not None:
-                _segment_raster(model, model_name, run_id, item, rows, scorer, on_progress)
+                _segment_raster(model, model_name, run_id, item, rows, scorer, on_progress, slicing)
         with _after(ready):
             for outcome in outcomes:
                 _rows_of(model, model_name, run_id, outcome, rows, scorer)
@@ -353,21 +355,22 @@ def mask_rows(prediction: Prediction, model: Any, *, run_id: str, uri: str) -> l
             class_ids, encoded, model, run_id, uri, prediction.height, prediction.width
         )
     if isinstance(prediction, InstancePrediction):
-        encoded = rle.encode_masks_measured(prediction.masks)
-        class_ids = prediction.labels.tolist()
-        boxes = prediction.boxes.to(torch.float64).cpu().numpy()
-        return _rows(
+        return _instance_rows(
             model,
             run_id,
             uri,
             (prediction.height, prediction.width),
-            list(range(len(class_ids))),
-            class_ids,
+            prediction.labels.tolist(),
             prediction.scores.tolist(),
-            boxes,
-            encoded,
+            prediction.boxes.to(torch.float64).cpu().numpy(),
+            rle.encode_masks_measured(prediction.masks),
         )
     raise TypeError(f"unknown prediction type {type(prediction).__name__}")
+
+
+def _instance_rows(model, run_id, uri, size, class_ids, scores, boxes, encoded: rle.Measured):
+    instance_ids = list(range(len(class_ids)))
+    return _rows(model, run_id, uri, size, instance_ids, class_ids, scores, boxes, encoded)
 
 
 def _semantic_rows(class_ids, encoded: rle.Measured, model, run_id, uri, height, width):
@@ -418,17 +421,33 @@ def _segment_raster(
     rows: _Rows,
     scorer: SemanticScorer | InstanceScorer | None,
     on_progress: Callable[[], None] | None,
+    slices: slicing.Slicing | None,
 ) -> None:
-    """One georeferenced raster, window by window, into its rows; ``on_progress`` is
-    called after each band of windows (a large raster is hours of them on a CPU, and the
-    stall watchdog must see them)."""
+    """One georeferenced raster, window by window (an instance model's, slice by slice),
+    into its rows; ``on_progress`` is called after each band of windows or each slice (a
+    large raster is hours of them on a CPU, and the stall watchdog must see them)."""
     source = item.raster
     t0 = time.perf_counter()
+    size = (source.height, source.width)
     try:
-        class_ids, encoded = raster.segment_raster(model, source, on_progress)
-        masks = _semantic_rows(
-            class_ids, encoded, model, run_id, item.uri, source.height, source.width
-        )
+        if model.task == "instance":
+            read = slicing.raster_reader(source)
+            found = slicing.segment_sliced(
+                model, read, *size, slices or slicing.Slicing(), on_progress
+            )
+            masks = _instance_rows(
+                model,
+                run_id,
+                item.uri,
+                size,
+                found.labels,
+                found.scores.tolist(),
+                found.boxes,
+                found.encoded,
+            )
+        else:
+            class_ids, encoded = raster.segment_raster(model, source, on_progress)
+            masks = _semantic_rows(class_ids, encoded, model, run_id, item.uri, *size)
     except Exception as exc:
         _record_failure(rows, run_id, model_name, item, "infer", exc)
         return

@@ -47,6 +47,7 @@ class SegmentActor:
         self.stall_timeout = job.stall_timeout
         self.trimap_width = job.trimap_width
         self.raster_options = job.raster_options()
+        self.slicing = job.slicing()
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> ShardFiles:
         with StallWatchdog(shard, self.stall_timeout) as watchdog:
@@ -68,6 +69,7 @@ class SegmentActor:
             trimap_width=self.trimap_width,
             on_progress=watchdog.progress,
             raster_options=self.raster_options,
+            slicing=self.slicing,
         )
         watchdog.progress()  # the writes get a stall timeout of their own
         summary = {
