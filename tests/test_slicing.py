@@ -4,6 +4,8 @@ slice, with objects planted across slice edges and corners: each comes out once,
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +280,41 @@ def test_a_semantic_user_model_given_slices_is_refused_before_any_work(tmp_path)
     with pytest.raises(JobError, match="--slice-size applies to instance models only"):
         check_job(job)
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_geotiff_runs_sliced_through_the_cli_on_ray(tmp_path):
+    import duckdb
+
+    from tests.conftest import REPO_ROOT
+    from tests.test_segment_flow import Cli
+
+    objects = SMALL | LARGE
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    path = write_raster(corpus / "blobs.tif", objects)
+    out = tmp_path / "out"
+    args = [str(corpus), "--model", "tests.user_models:make_blob_model", "--out", str(out)]
+    args += ["--run-id", "s", "--slice-size", "256", "--slice-overlap", "64"]
+    args += ["--slice-merge", "mask-iou", "--cpus-per-actor", "1", "--prefetch-threads", "1"]
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    returncode, output = Cli(*args, log=tmp_path / "cli.log", env=env).wait()
+    assert returncode == 0, output
+    run = out / "run=s"
+    assert json.loads((run / "run.json").read_text())["slicing"] == SLICES.as_config()
+    con = duckdb.connect()
+    rows = con.execute(
+        f"SELECT uri, height, width, bbox, score, counts FROM '{run}/masks/*.parquet' "
+        "ORDER BY instance"
+    ).fetchall()
+    assert {(uri, height, width) for uri, height, width, *_ in rows} == {
+        (path.as_uri(), HEIGHT, WIDTH)
+    }
+    assert len(rows) == len(objects)
+    for *_, box, _, counts in rows:
+        mask = coco_mask.decode({"size": [HEIGHT, WIDTH], "counts": counts}).astype(bool)
+        expected = planted(objects[object_at(objects, *np.argwhere(mask)[0])])
+        np.testing.assert_array_equal(mask, expected)
+        assert box == bbox(expected)
+    assert [row[4] for row in rows] == sorted((row[4] for row in rows), reverse=True)
