@@ -195,7 +195,9 @@ def segment_images(
             if item.error is not None:
                 _record_failure(rows, run_id, model_name, item, *item.error)
             elif item.raster is not None:
-                _segment_raster(model, model_name, run_id, item, rows, scorer, on_progress, slicing)
+                _segment_raster(
+                    model, model_name, run_id, item, rows, scorer, on_progress, slicing, batch_size
+                )
         with _after(ready):
             for outcome in outcomes:
                 _rows_of(model, model_name, run_id, outcome, rows, scorer)
@@ -422,10 +424,12 @@ def _segment_raster(
     scorer: SemanticScorer | InstanceScorer | None,
     on_progress: Callable[[], None] | None,
     slices: slicing.Slicing | None,
+    batch_size: int,
 ) -> None:
     """One georeferenced raster, window by window (an instance model's, slice by slice),
-    into its rows; ``on_progress`` is called after each band of windows or each slice (a
-    large raster is hours of them on a CPU, and the stall watchdog must see them)."""
+    into its rows, ``batch_size`` slices to a forward pass; ``on_progress`` is called after
+    each band of windows or batch of slices (a large raster is hours of them on a CPU, and
+    the stall watchdog must see them)."""
     source = item.raster
     t0 = time.perf_counter()
     size = (source.height, source.width)
@@ -433,7 +437,7 @@ def _segment_raster(
         if model.task == "instance":
             read = slicing.raster_reader(source)
             found = slicing.segment_sliced(
-                model, read, *size, slices or slicing.Slicing(), on_progress
+                model, read, *size, slices or slicing.Slicing(), on_progress, batch_size
             )
             masks = _instance_rows(
                 model,

@@ -8,12 +8,13 @@ at the image's edge, :func:`segflow.tiling.tile_starts`), the model runs on each
 an image of its own, and the detections of all slices are merged into the image's.
 
 Slices are read one at a time (``read(window)``: a georeferenced raster's window is read from
-its file, :mod:`segflow.raster`); a slice whose pixels are all invalid is not run. A slice's
-masks are cropped to their pixels' bounding box as soon as the model returns them, and masked
-by the slice's valid pixels (an invalid pixel is in no mask), so a run holds one slice's
-prediction and, per detection, a box-sized crop: memory scales with the boxes, never with the
-image. The final RLEs are encoded from the crops on the image's grid
-(:func:`segflow.rle.encode_crops_measured`), equal to encoding the full planes.
+its file, :mod:`segflow.raster`) and given to the model ``--batch-size`` at a time; a slice
+whose pixels are all invalid is not run. A slice's masks are cropped to their pixels'
+bounding box as soon as the model returns them, and masked by the slice's valid pixels (an
+invalid pixel is in no mask), so a run holds one batch of slices' predictions and, per
+detection, a box-sized crop: memory scales with the boxes, never with the image. The final
+RLEs are encoded from the crops on the image's grid (:func:`segflow.rle.encode_crops_measured`),
+equal to encoding the full planes.
 
 Merging (``--slice-merge``). A detection is compared only with detections of the same class
 from *other* slices whose windows overlap its own (within a slice, the model's own
@@ -149,18 +150,29 @@ def detect_slices(
     read: Read,
     windows: Sequence[Window],
     on_slice: Callable[[], None] | None = None,
+    batch_size: int = 1,
 ) -> list[Detection]:
-    """Every slice's detections, cropped, in image coordinates; ``on_slice`` is called after
-    each slice."""
+    """Every slice's detections, cropped, in image coordinates, the model given up to
+    ``batch_size`` slices at a time; ``on_slice`` is called after each batch."""
     detections: list[Detection] = []
+    pending: list[tuple[int, torch.Tensor, np.ndarray]] = []
+
+    def run() -> None:
+        predictions = model.predict([image for _, image, _ in pending])
+        for (index, _, valid), prediction in zip(pending, predictions, strict=True):
+            detections.extend(_cropped(prediction, valid, windows[index], index))
+        pending.clear()
+        if on_slice is not None:
+            on_slice()
+
     for index, window in enumerate(windows):
         pixels = read(window)
         if pixels is not None:
-            image, valid = pixels
-            (prediction,) = model.predict([image])
-            detections.extend(_cropped(prediction, valid, window, index))
-        if on_slice is not None:
-            on_slice()
+            pending.append((index, *pixels))
+        if len(pending) == batch_size:
+            run()
+    if pending:
+        run()
     return detections
 
 
@@ -392,11 +404,12 @@ def segment_sliced(
     width: int,
     slicing: Slicing,
     on_slice: Callable[[], None] | None = None,
+    batch_size: int = 1,
 ) -> SlicedDetections:
-    """An instance ``model``'s detections in a ``height x width`` image read slice by slice
-    (see the module docstring)."""
+    """An instance ``model``'s detections in a ``height x width`` image read slice by slice,
+    up to ``batch_size`` slices to a forward pass (see the module docstring)."""
     windows = slicing.windows(height, width)
-    detections = detect_slices(model, read, windows, on_slice)
+    detections = detect_slices(model, read, windows, on_slice, batch_size)
     return encoded(merge_detections(detections, windows, slicing), height, width)
 
 

@@ -142,6 +142,7 @@ def test_mask_iou_merging_gives_each_object_once_whole(tmp_path):
     scores = assert_each_object_once_whole(found, objects)
     windows = SLICES.windows(HEIGHT, WIDTH)
     assert len(windows) == 20 and len(model.sizes) == 19  # the nodata slice is not run
+    assert model.batches == [1] * 19
     assert max(model.sizes) == (256, 256)
     # Whole views score 0.9, cut ones 0.6; a merged object scores its best view.
     assert scores == pytest.approx(dict.fromkeys([*SMALL, 9], 0.9) | {7: 0.6, 8: 0.6})
@@ -241,7 +242,10 @@ def test_a_shard_writes_one_row_per_object_of_a_geotiff(tmp_path):
     objects = SMALL | LARGE
     path = str(write_raster(tmp_path / "blobs.tif", objects))
     model = BlobModel(torch.device("cpu"))
-    result = segment_images(model, [path], run_id="sliced", read_timeout=None, slicing=SLICES)
+    result = segment_images(
+        model, [path], run_id="sliced", read_timeout=None, slicing=SLICES, batch_size=8
+    )
+    assert model.batches == [8, 8, 3]  # the 19 slices with valid pixels
     (image,) = result.tables["images"].to_pylist()
     assert image["status"] == "ok" and image["crs"] == "EPSG:32633", result.tables["errors"]
     assert (image["height"], image["width"], image["num_masks"]) == (HEIGHT, WIDTH, 9)

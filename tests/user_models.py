@@ -63,7 +63,7 @@ class BlobModel:
     and its id in red + 256 * green (a planted object is one id). What a detector gives: the
     mask and box of what the image shows of the object, cut at the image's edge, scored 0.9
     when whole and 0.6 when it touches the edge (a cut view is less certain). Records the
-    size of every image it is given."""
+    size of every image it is given, and of every batch."""
 
     task = "instance"
     classes = ("blob",)
@@ -72,8 +72,10 @@ class BlobModel:
         self.name = "blobs"
         self.device = device
         self.sizes: list[tuple[int, int]] = []
+        self.batches: list[int] = []
 
     def predict(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[InstancePrediction]:
+        self.batches.append(len(images))
         return [self._detect(np.asarray(image)) for image in images]
 
     def _detect(self, image: np.ndarray) -> InstancePrediction:
