@@ -322,3 +322,49 @@ def test_a_geotiff_runs_sliced_through_the_cli_on_ray(tmp_path):
         np.testing.assert_array_equal(mask, expected)
         assert box == bbox(expected)
     assert [row[4] for row in rows] == sorted((row[4] for row in rows), reverse=True)
+
+
+@pytest.mark.slow
+def test_a_registered_instance_model_runs_sliced_on_a_shared_raster(shared, tmp_path):
+    """Mask R-CNN (seeded weights: its detections are arbitrary, their bookkeeping is not)
+    over RGB.byte.tif in slices: masks on the raster's grid, inside its valid pixels, boxes
+    inside the raster, by descending score."""
+    from segflow.models import load_model
+    from tests.test_models_torchvision import DETECTION_SIZES, seeded_network
+
+    network = seeded_network("maskrcnn_resnet50_fpn", box_score_thresh=0.0, **DETECTION_SIZES)
+    state = {k: v for k, v in network.state_dict().items() if "num_batches_tracked" not in k}
+    weights = tmp_path / "maskrcnn.pth"
+    torch.save(state, weights)
+    model = load_model(
+        "maskrcnn_resnet50_fpn",
+        device="cpu",
+        weights=weights,
+        score_threshold=0.0,
+        max_detections=20,
+        mask_threshold=0.3,
+        **DETECTION_SIZES,
+    )
+    uri = str(shared / "data" / "geotiff" / "RGB.byte.tif")
+    result = segment_images(
+        model,
+        [uri],
+        run_id="rcnn",
+        read_timeout=None,
+        slicing=slicing.Slicing(384, 96),
+        batch_size=2,
+    )
+    (image,) = result.tables["images"].to_pylist()
+    assert image["status"] == "ok", result.tables["errors"].to_pylist()
+    rows = result.tables["masks"].to_pylist()
+    assert rows and image["num_masks"] == len(rows)
+    with rasterio.open(uri) as dataset:
+        valid = dataset.dataset_mask() > 0
+    masks = rle.decode_masks([{"size": [718, 791], "counts": r["counts"]} for r in rows])
+    assert not (masks.astype(bool) & ~valid).any()
+    for mask, row in zip(masks, rows, strict=True):
+        x, y, w, h = row["bbox"]
+        assert 0 <= x <= x + w <= 791 and 0 <= y <= y + h <= 718  # clipped to the raster
+        assert row["area"] == mask.sum()
+    scores = [row["score"] for row in rows]
+    assert scores == sorted(scores, reverse=True)
