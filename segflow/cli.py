@@ -204,6 +204,33 @@ def segment(
             "percentiles per image (e.g. p2,p98) mapped to 0..255."
         ),
     ] = None,
+    slice_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Instance models on GeoTIFF inputs: the model sees slices this many pixels "
+            "a side (default 1024)."
+        ),
+    ] = None,
+    slice_overlap: Annotated[
+        int | None,
+        typer.Option(help="Instance models: pixels neighbouring slices share (default 128)."),
+    ] = None,
+    slice_merge: Annotated[
+        str | None,
+        typer.Option(
+            help="Instance models: how detections of overlapping slices become one, mask-iou "
+            "(the default: matching masks are united, objects cut by slice edges come out "
+            "whole) or nms (the best-scoring box is kept)."
+        ),
+    ] = None,
+    slice_match: Annotated[
+        float | None,
+        typer.Option(
+            help="Instance models: the overlap, within the slices' common pixels, at which two "
+            "detections are one object (mask IoU, or box intersection over the smaller; "
+            "default 0.5)."
+        ),
+    ] = None,
 ) -> None:
     """Segment every image of INPUT on Ray and write masks, images and errors tables to OUT.
 
@@ -238,6 +265,10 @@ def segment(
             trimap_width=trimap_width,
             bands=None if bands is None else _bands(bands),
             rescale=rescale,
+            slice_size=slice_size,
+            slice_overlap=slice_overlap,
+            slice_merge=slice_merge,
+            slice_match=slice_match,
             model_options=tuple(parsed_option(o) for o in model_option or ()),
             ray_address=ray_address,
             device=device,

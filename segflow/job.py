@@ -58,6 +58,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 if TYPE_CHECKING:
     from segflow.raster import RasterOptions
+    from segflow.slicing import Slicing
 
 JSONValue = str | int | float | bool | None | list | dict
 
@@ -118,6 +119,11 @@ class Job:
     # pLOW,pHIGH for data that is not 8-bit.
     bands: tuple[int, ...] | None = _setting(None, flag="--bands")
     rescale: str | None = _setting(None, flag="--rescale")
+    # How instance models see GeoTIFF inputs (segflow.slicing): slices and their merging.
+    slice_size: int | None = _setting(None, flag="--slice-size", task="instance")
+    slice_overlap: int | None = _setting(None, flag="--slice-overlap", task="instance")
+    slice_merge: str | None = _setting(None, flag="--slice-merge", task="instance")
+    slice_match: float | None = _setting(None, flag="--slice-match", task="instance")
     # The scorer's, not the model's: Trimap IoU's band, pixels (runs with ground truth).
     trimap_width: int = _setting(TRIMAP_WIDTH, flag="--trimap-width", task="semantic")
     model_options: tuple[tuple[str, JSONValue], ...] = _setting(
@@ -162,6 +168,7 @@ class Job:
                 "--precision fp16 needs a GPU (--device is cpu): on the CPU use fp32 or bf16"
             )
         self.raster_options()
+        self.slicing()
         dedicated = {
             s.metadata["loader"]: s for s in dataclasses.fields(self) if s.metadata.get("loader")
         }
@@ -184,6 +191,21 @@ class Job:
             bands=None if self.bands is None else checked_bands(self.bands, "--bands"),
             rescale=None if self.rescale is None else Rescale.parse(self.rescale),
         )
+
+    def slicing(self) -> Slicing | None:
+        """The ``slice_*`` settings as :mod:`segflow.slicing`'s, the unset ones at their
+        defaults; None when none is set (checked: a wrong one raises a SegflowError naming
+        the option)."""
+        given = {
+            name: getattr(self, f"slice_{name}")
+            for name in ("size", "overlap", "merge", "match")
+            if getattr(self, f"slice_{name}") is not None
+        }
+        if not given:
+            return None
+        from segflow.slicing import Slicing
+
+        return Slicing(**given)
 
     def _check(self, name: str, holds: typing.Callable[[Any], bool], problem: str) -> None:
         value = getattr(self, name)

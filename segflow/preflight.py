@@ -78,6 +78,8 @@ def check_job(job: Job) -> CheckedJob:
     # Before the model loads: an option of another task is the user's error, not the model's.
     job.check_task(None if user_model else model_task(job.model), user_model=user_model)
     loaded = _load(job)
+    if user_model:  # its task is known now
+        job.check_task(loaded.task)
     evaluation = evaluation_info(loaded, job.gt, job.ignore_index, job.trimap_width)
     check_input(job.input)
     config = run_config(job)
@@ -103,7 +105,7 @@ def run_config(job: Job) -> dict:
     model reads no file), which every actor checks the file it loads against; with ground
     truth, Trimap IoU's band width (its counts are part of the output)."""
     evaluated = {} if job.gt is None else {"trimap_width": job.trimap_width}
-    raster = job.raster_options()
+    raster, slicing = job.raster_options(), job.slicing()
     return {
         "input": job.input,
         "model": job.model,
@@ -115,6 +117,7 @@ def run_config(job: Job) -> dict:
         **evaluated,
         # Only when given, so that other runs keep their ids.
         **({} if raster is None else {"raster": raster.as_config()}),
+        **({} if slicing is None else {"slicing": slicing.as_config()}),
     }
 
 

@@ -75,6 +75,7 @@ __all__ = [
     "decode",
     "decode_masks",
     "encode",
+    "encode_crops_measured",
     "encode_label_map",
     "encode_masks",
     "fr_py_objects",
@@ -489,6 +490,49 @@ def encode_masks(masks: np.ndarray | torch.Tensor) -> list[RLE]:
 def encode_masks_measured(masks: np.ndarray | torch.Tensor) -> Measured:
     """:func:`encode_masks`, with each mask's area and box."""
     return _measured(_masks_counts(masks))
+
+
+def encode_crops_measured(
+    crops: Sequence[tuple[int, int, np.ndarray]], height: int, width: int
+) -> Measured:
+    """:func:`encode_masks_measured` of masks held cropped: ``(top, left, mask)`` is the
+    ``height x width`` mask that is ``mask`` (a bool (h, w) array) at rows ``top:top + h``,
+    columns ``left:left + w`` and 0 elsewhere. Equal to encoding the full planes, which are
+    never built: the runs are found in the crops and moved onto the full grid."""
+    if height * width >= _UINT32_LIMIT:
+        raise RLEError(f"a {height}x{width} mask has too many pixels; COCO counts are uint32")
+    starts, ends, groups = [], [], []
+    for index, (top, left, mask) in enumerate(crops):
+        h, w = mask.shape
+        if top < 0 or left < 0 or top + h > height or left + w > width:
+            raise RLEError(
+                f"crop {index}: a {h}x{w} mask at row {top}, column {left} is outside the "
+                f"{height}x{width} grid"
+            )
+        # A zero row under each column keeps every run of ones inside its column.
+        padded = np.zeros((h + 1, w), bool)
+        padded[:h] = mask
+        edges = np.diff(padded.ravel(order="F").view(np.int8), prepend=np.int8(0))
+        first, after = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        column = first // (h + 1)
+        origin = (left + column) * height + top - column * (h + 1)
+        starts.append(origin + first)
+        ends.append(origin + after)
+        groups.append(np.full(len(first), index, np.int64))
+    n = len(crops)
+    start, end, group = (
+        np.concatenate(parts) if parts else np.empty(0, np.int64)
+        for parts in (starts, ends, groups)
+    )
+    # Runs touch across columns only when a crop spans the whole height: join them.
+    joined = np.flatnonzero((start[1:] == end[:-1]) & (group[1:] == group[:-1])) + 1
+    keep = np.ones(len(start), bool)
+    keep[joined] = False
+    last_of_run = np.append(keep[1:], True)[: len(keep)]
+    counts, offsets = _counts_from_runs(
+        start[keep], end[last_of_run], group[keep], n, height * width
+    )
+    return _measured(_Counts(counts, offsets, np.tile([height, width], (n, 1))))
 
 
 def encode(mask: np.ndarray | torch.Tensor) -> RLE:

@@ -26,6 +26,7 @@ once, unread (:mod:`segflow.reading`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections import deque
@@ -39,10 +40,11 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from segflow import raster, rle, schema
+from segflow import raster, rle, schema, slicing
 from segflow.decode import DEFAULT_MAX_PIXELS, decode_image
 from segflow.groundtruth import (
     GroundTruth,
+    GroundTruthError,
     InstanceTarget,
     RasterGrid,
     SemanticTarget,
@@ -136,6 +138,7 @@ def segment_images(
     on_progress: Callable[[], None] | None = None,
     raster_options: raster.RasterOptions | None = None,
     forward_lock: contextlib.AbstractContextManager = _NO_LOCK,
+    slicing: slicing.Slicing | None = None,
 ) -> ShardResult:
     """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
     reads one URI's bytes, and one that takes longer than ``read_timeout`` seconds (``None``:
@@ -143,9 +146,11 @@ def segment_images(
     evaluated (Trimap IoU's band ``trimap_width`` pixels wide). ``on_progress`` is called
     each time images are done (a batch, or images that failed before the model).
     Georeferenced TIFFs are read window by window (:mod:`segflow.raster`, with
-    ``raster_options``) instead of fetched and decoded. ``forward_lock`` is held around each
-    forward pass (a raster's windows included), so that calls sharing a model in threads
-    (an actor's shards) take turns on the device while their other work overlaps."""
+    ``raster_options``) instead of fetched and decoded; an instance model sees them slice by
+    slice (:mod:`segflow.slicing`, ``slicing`` or its defaults). ``forward_lock`` is held
+    around each forward pass (a raster's windows and slices included), so that calls sharing
+    a model in threads (an actor's shards) take turns on the device while their other work
+    overlaps."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if read_timeout is not None and not read_timeout > 0:
@@ -205,7 +210,16 @@ def segment_images(
             elif item.raster is not None:
                 with forward_lock:
                     _segment_raster(
-                        model, model_name, run_id, item, rows, ground_truth, scorer, on_progress
+                        model,
+                        model_name,
+                        run_id,
+                        item,
+                        rows,
+                        ground_truth,
+                        scorer,
+                        on_progress,
+                        slicing,
+                        batch_size,
                     )
         with _after(ready):
             for outcome in outcomes:
@@ -367,21 +381,22 @@ def mask_rows(prediction: Prediction, model: Any, *, run_id: str, uri: str) -> l
             class_ids, encoded, model, run_id, uri, prediction.height, prediction.width
         )
     if isinstance(prediction, InstancePrediction):
-        encoded = rle.encode_masks_measured(prediction.masks)
-        class_ids = prediction.labels.tolist()
-        boxes = prediction.boxes.to(torch.float64).cpu().numpy()
-        return _rows(
+        return _instance_rows(
             model,
             run_id,
             uri,
             (prediction.height, prediction.width),
-            list(range(len(class_ids))),
-            class_ids,
+            prediction.labels.tolist(),
             prediction.scores.tolist(),
-            boxes,
-            encoded,
+            prediction.boxes.to(torch.float64).cpu().numpy(),
+            rle.encode_masks_measured(prediction.masks),
         )
     raise TypeError(f"unknown prediction type {type(prediction).__name__}")
+
+
+def _instance_rows(model, run_id, uri, size, class_ids, scores, boxes, encoded: rle.Measured):
+    instance_ids = list(range(len(class_ids)))
+    return _rows(model, run_id, uri, size, instance_ids, class_ids, scores, boxes, encoded)
 
 
 def _semantic_rows(class_ids, encoded: rle.Measured, model, run_id, uri, height, width):
@@ -433,24 +448,45 @@ def _segment_raster(
     ground_truth: GroundTruth | None,
     scorer: SemanticScorer | InstanceScorer | None,
     on_progress: Callable[[], None] | None,
+    slices: slicing.Slicing | None,
+    batch_size: int,
 ) -> None:
-    """One georeferenced raster, window by window, into its rows; ``on_progress`` is
-    called after each band of windows (a large raster is hours of them on a CPU, and the
-    stall watchdog must see them). With ground truth, the raster is then evaluated whole:
-    its label map is decoded from the masks, and its target made on its grid, invalid
-    pixels ignored (one raster's planes at a time, after its inference)."""
+    """One georeferenced raster, window by window (an instance model's, slice by slice),
+    into its rows, ``batch_size`` slices to a forward pass; ``on_progress`` is called after
+    each band of windows or batch of slices (a large raster is hours of them on a CPU, and
+    the stall watchdog must see them). With ground truth, the raster is then evaluated:
+    its target made on its grid, invalid pixels ignored, against a semantic model's label
+    map decoded from its masks (one raster's planes at a time, after its inference) or an
+    instance model's mask rows."""
     source = item.raster
     t0 = time.perf_counter()
+    size = (source.height, source.width)
     try:
-        class_ids, encoded = raster.segment_raster(model, source, on_progress)
-        masks = _semantic_rows(
-            class_ids, encoded, model, run_id, item.uri, source.height, source.width
-        )
+        if model.task == "instance":
+            read = slicing.raster_reader(source)
+            found = slicing.segment_sliced(
+                model, read, *size, slices or slicing.Slicing(), on_progress, batch_size
+            )
+            masks = _instance_rows(
+                model,
+                run_id,
+                item.uri,
+                size,
+                found.labels,
+                found.scores.tolist(),
+                found.boxes,
+                found.encoded,
+            )
+            prediction = None
+        else:
+            class_ids, encoded = raster.segment_raster(model, source, on_progress)
+            masks = _semantic_rows(class_ids, encoded, model, run_id, item.uri, *size)
+            prediction = functools.partial(_label_map, class_ids, encoded, *size)
         infer_ms = (time.perf_counter() - t0) * 1e3
         figures = (
             {}
             if scorer is None or ground_truth is None
-            else _evaluate_raster(ground_truth, scorer, item, class_ids, encoded, masks)
+            else _evaluate_raster(ground_truth, scorer, item, prediction, masks)
         )
     except Exception as exc:
         _record_failure(rows, run_id, model_name, item, "infer", exc)
@@ -484,27 +520,36 @@ def _evaluate_raster(
     ground_truth: GroundTruth,
     scorer: SemanticScorer | InstanceScorer,
     item: _Decoded,
-    class_ids: Sequence[int],
-    encoded: rle.Measured,
+    prediction: Callable[[], SemanticPrediction] | None,
     masks: list[dict],
 ) -> dict[str, Any] | BaseException:
     """:func:`_evaluate` of a raster: its target made on its grid, invalid pixels ignored,
-    against the label map its masks hold."""
+    against the label map its masks hold (``prediction``, made only when the target is), or,
+    for an instance model (``None``), its mask rows: COCO's evaluation reads nothing else,
+    and full-size planes of its detections would not fit in memory."""
     source = item.raster
+    size = (source.height, source.width)
     try:
         valid = source.valid((0, source.height, 0, source.width))
-        grid = RasterGrid(
-            source.height,
-            source.width,
-            source.georeference.crs,
-            source.georeference.transform,
-            valid,
-        )
-        item.target = within_valid(ground_truth.target(item.uri, grid), valid)
+        grid = RasterGrid(*size, source.georeference.crs, source.georeference.transform, valid)
+        target = within_valid(ground_truth.target(item.uri, grid), valid)
     except Exception as exc:  # the raster is still segmented, just not evaluated
-        item.target_error = exc
-    prediction = _label_map(class_ids, encoded, source.height, source.width)
-    return _evaluate(scorer, item, prediction, masks)
+        return exc
+    if prediction is not None:
+        item.target = target
+        return _evaluate(scorer, item, prediction(), masks)
+    if not isinstance(scorer, InstanceScorer) or not isinstance(target, InstanceTarget):
+        return GroundTruthError(f"{item.uri}: a {type(target).__name__} cannot score detections")
+    if (target.height, target.width) != size:
+        return GroundTruthError(
+            f"{target.source} is {target.width}x{target.height} but image {item.uri} is "
+            f"{size[1]}x{size[0]}"
+        )
+    try:
+        scorer.update(schema.image_id_for(item.uri), masks, target)
+    except Exception as exc:
+        return exc
+    return dict.fromkeys(IMAGE_COLUMNS) | {"gt_uri": target.source}
 
 
 def _label_map(

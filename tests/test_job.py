@@ -135,6 +135,8 @@ def test_model_options_read_values_as_json_where_they_parse():
         ("maskrcnn_resnet50_fpn", {"soft_metrics": True}, "--soft-metrics applies to semantic"),
         (ESPNET, {"score_threshold": 0.5}, "--score-threshold applies to instance models"),
         (ESPNET, {"max_detections": 5}, "--max-detections applies to instance models"),
+        (ESPNET, {"slice_size": 512}, "--slice-size applies to instance models"),
+        (ESPNET, {"slice_merge": "nms"}, "--slice-merge applies to instance models"),
     ],
 )
 def test_an_option_of_another_task_fails_the_check_naming_it(

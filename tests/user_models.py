@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from segflow.prediction import SemanticPrediction
+from segflow.prediction import InstancePrediction, SemanticPrediction
 
 
 class BrightnessModel:
@@ -82,3 +82,52 @@ def make_turn_taking_model(
     *, device: torch.device, log: str, seconds: float = 0.05
 ) -> TurnTakingModel:
     return TurnTakingModel(device, log, seconds)
+
+
+class BlobModel:
+    """Instance: one ``blob`` per object it sees, where an object's pixels have blue 255
+    and its id in red + 256 * green (a planted object is one id). What a detector gives: the
+    mask and box of what the image shows of the object, cut at the image's edge, scored 0.9
+    when whole and 0.6 when it touches the edge (a cut view is less certain). Records the
+    size of every image it is given, and of every batch."""
+
+    task = "instance"
+    classes = ("blob",)
+
+    def __init__(self, device: torch.device) -> None:
+        self.name = "blobs"
+        self.device = device
+        self.sizes: list[tuple[int, int]] = []
+        self.batches: list[int] = []
+
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[InstancePrediction]:
+        self.batches.append(len(images))
+        return [self._detect(np.asarray(image)) for image in images]
+
+    def _detect(self, image: np.ndarray) -> InstancePrediction:
+        height, width = image.shape[:2]
+        self.sizes.append((height, width))
+        ids = np.where(
+            image[..., 2] == 255,
+            image[..., 0].astype(np.int64) + 256 * image[..., 1].astype(np.int64),
+            -1,
+        )
+        found = np.unique(ids[ids >= 0])
+        masks = torch.from_numpy(ids[None] == found[:, None, None])
+        boxes, scores = [], []
+        for mask in masks.numpy():
+            ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            boxes.append([xs[0], ys[0], xs[-1] + 1 - xs[0], ys[-1] + 1 - ys[0]])
+            cut = ys[0] == 0 or xs[0] == 0 or ys[-1] == height - 1 or xs[-1] == width - 1
+            scores.append(0.6 if cut else 0.9)
+        order = np.argsort(-np.array(scores), kind="stable")
+        return InstancePrediction(
+            boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)[order],
+            labels=torch.zeros(len(found), dtype=torch.int64),
+            scores=torch.tensor(scores, dtype=torch.float32)[order],
+            masks=masks[order],
+        )
+
+
+def make_blob_model(*, device: torch.device) -> BlobModel:
+    return BlobModel(device)

@@ -66,6 +66,7 @@ class SegmentActor:
         self.raster_options = job.raster_options()
         self.forward_lock = threading.Lock()
         self.watchdog = StallWatchdog(job.stall_timeout)
+        self.slicing = job.slicing()
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> ShardFiles:
         with self.watchdog.watching(shard):
@@ -88,6 +89,7 @@ class SegmentActor:
             on_progress=watchdog.progress,
             raster_options=self.raster_options,
             forward_lock=self.forward_lock,
+            slicing=self.slicing,
         )
         watchdog.progress()  # the writes get a stall timeout of their own
         summary = {
