@@ -604,6 +604,24 @@ def export_vector(
     )
 
 
+@app.command("export-raster")
+def export_raster(
+    run: Annotated[str, typer.Argument(help="A semantic run over georeferenced rasters.")],
+    out: Annotated[str, typer.Argument(help="The folder (or s3:// prefix) to write into.")],
+) -> None:
+    """Write a label COG per raster of a semantic run: class ids on the raster's grid,
+    nodata where the input was invalid, the class colours as its colour table."""
+    with _reported():
+        from segflow.label_raster import export_raster
+
+        summary = export_raster(run, out)
+    label = summary.format
+    console.print(
+        f"{summary.rasters} label rasters ({label.dtype}, {len(label.classes)} classes, "
+        f"nodata {label.nodata}) written to {out}"
+    )
+
+
 @app.command()
 def query(
     run: Annotated[
