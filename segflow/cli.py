@@ -591,12 +591,21 @@ def export_vector(
         float, typer.Option(min=0, help="Drop polygons smaller than this, CRS units².")
     ] = 0.0,
     format: Annotated[str, typer.Option(help="geoparquet or geojson.")] = "geoparquet",
+    classes: Annotated[
+        str | None, typer.Option(help="Only these classes, e.g. building,road (default: all).")
+    ] = None,
 ) -> None:
     """Write a run's masks as polygons in the rasters' CRS: GeoParquet 1.1 or GeoJSON."""
     with _reported():
         from segflow.vector import VectorExport, export_vector
 
-        options = VectorExport(crs=crs, simplify=simplify, min_area=min_area, format=format)
+        options = VectorExport(
+            crs=crs,
+            simplify=simplify,
+            min_area=min_area,
+            format=format,
+            classes=tuple(classes.split(",")) if classes else (),
+        )
         summary = export_vector(run, out, options)
     console.print(
         f"{summary.polygons} polygons of {summary.masks} masks ({summary.images} rasters, "

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from segflow import rle
 from segflow.raster import RasterError, require_rasterio
+from segflow.sql import sql_string
 
 FORMATS = ("geoparquet", "geojson")
 BATCH_ROWS = 256  # masks read per batch
@@ -63,12 +64,13 @@ SCHEMA = pa.schema(
 class VectorExport:
     """What ``export-vector`` writes: ``crs`` (None: the rasters' own), polygons simplified
     to ``simplify`` CRS units (0: exact pixel edges), smaller than ``min_area`` CRS units²
-    dropped."""
+    dropped; only the masks of ``classes`` (names; empty: every class)."""
 
     crs: str | None = None
     simplify: float = 0.0
     min_area: float = 0.0
     format: str = "geoparquet"
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -150,9 +152,19 @@ def export_vector(run: str, out: str, options: VectorExport) -> ExportSummary:
     [(images,)] = db.sql(
         f"SELECT count(*) FROM ({GEOREFERENCED}) SEMI JOIN masks USING (image_id)"
     ).fetchall()
+    where = ""
+    if options.classes:
+        named = {name for (name,) in db.sql("SELECT DISTINCT class_name FROM masks").fetchall()}
+        unknown = [name for name in options.classes if name not in named]
+        if unknown:
+            raise RasterError(
+                f"--classes {','.join(unknown)}: no mask of {run} has that class (its "
+                f"classes: {', '.join(sorted(named))})"
+            )
+        where = f" WHERE class_name IN ({', '.join(map(sql_string, options.classes))})"
     masks = db.sql(
         "SELECT image_id, uri, class_id, class_name, score, counts, height, width, crs, "
-        f"transform FROM masks JOIN ({GEOREFERENCED}) USING (image_id)"
+        f"transform FROM masks JOIN ({GEOREFERENCED}) USING (image_id){where}"
     ).to_arrow_reader(BATCH_ROWS)
     counted = {"masks": 0, "polygons": 0}
 

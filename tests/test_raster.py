@@ -183,6 +183,26 @@ def test_an_s3_raster_is_read_through_fsspec(geotiff, s3_env, monkeypatch):
     assert valid.sum() == RGB_BYTE_VALID
 
 
+def test_an_s3_raster_is_segmented_in_the_shards_threads(s3_env, monkeypatch):
+    """Opened in a reader thread, read and closed in the host thread: rasterio's fsspec
+    opener state lives in the opening thread's context variables."""
+    from segflow.demo.corpus import write_corpus
+    from segflow.models import load_model
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    split = write_corpus("s3://geo-tiles/corpus", images=2, size=(128, 96), geotiff=2)
+    model = load_model(str(Path(__file__).parents[1] / "models/demo/aerial_unet.pt2"))
+    uris = [f"{split.geotiff}/train-0000{i}.tif" for i in range(2)]
+    result = segment_images(model, uris, run_id="s3", read_timeout=None)
+    assert result.tables["errors"].to_pylist() == []
+    rows = result.tables["masks"].to_pylist()
+    # Both tiles are on the mosaic's bottom row and the second on its right edge.
+    expected = {uris[0]: 128 * (96 - 64), uris[1]: (128 - 64) * (96 - 64)}
+    for uri, valid in expected.items():
+        assert sum(row["area"] for row in rows if row["uri"] == uri) == valid
+
+
 def test_polygons_rasterize_back_to_the_masks_exactly(geo_run, tmp_path):
     import geopandas
     from affine import Affine
@@ -253,6 +273,20 @@ def test_geojson_is_read_by_geopandas(geo_run, tmp_path):
     frame = geopandas.read_file(out)
     assert len(frame) == summary.polygons and frame.crs.to_epsg() == 4326
     assert set(frame.columns) >= {"image_id", "class_name", "area", "geometry"}
+
+
+def test_export_vector_of_some_classes(geo_run, tmp_path):
+    import geopandas
+
+    from segflow.vector import VectorExport, export_vector
+
+    run, result = geo_run
+    names = sorted({row["class_name"] for row in result.tables["masks"].to_pylist()})
+    out = tmp_path / "some.parquet"
+    export_vector(str(run), str(out), VectorExport(crs="EPSG:32618", classes=tuple(names[:2])))
+    assert sorted(set(geopandas.read_parquet(out).class_name)) == names[:2]
+    with pytest.raises(raster.RasterError, match=r"--classes lake: no mask of .* has that class"):
+        export_vector(str(run), str(out), VectorExport(crs="EPSG:32618", classes=("lake",)))
 
 
 def test_export_vector_command(geo_run, tmp_path):
