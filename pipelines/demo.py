@@ -8,6 +8,14 @@ semantic segmentation, an instance model for buildings and cars) reading from an
 local folder (the endpoint's storage goes away with it), writes an HTML report per run and
 prints the figures and a few DuckDB queries. With ``real``, it also segments and evaluates
 the CamVid frames of ``../shared`` with the ESPNet model, whose card states its figures.
+
+Last, a GeoTIFF run: the first held-out scenes are also written as georeferenced GeoTIFF
+tiles (a mosaic over Dubai in UTM zone 40N, with nodata margins at its edges; see
+:mod:`segflow.demo.corpus`), which the U-Net segments through :mod:`segflow.raster`; its
+buildings and roads are exported as GeoParquet polygons (:mod:`segflow.vector`) and its
+labels as COGs (:mod:`segflow.label_raster`), and the demo prints how to open them. It has
+no ground truth: evaluating GeoTIFF inputs is not supported yet, so the evaluated semantic
+run reads the JPEG scenes.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import fsspec
 from rich.console import Console
 from rich.table import Table
@@ -25,15 +34,19 @@ from rich.table import Table
 from pipelines.evaluate import evaluate
 from pipelines.segment import segment_job
 from segflow import analytics
-from segflow.demo.corpus import write_corpus
+from segflow.demo.corpus import Split, write_corpus
 from segflow.job import Job
+from segflow.label_raster import export_raster
 from segflow.metrics.figures import figures_in, format_figure
 from segflow.progress import segment_progress
 from segflow.report import render_report
+from segflow.vector import VectorExport, export_vector
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODELS = REPO / "models" / "demo"
 BUCKET = "s3://segflow-demo"
+GEO_TILES = 6  # held-out scenes also written as GeoTIFF tiles: a mosaic of 3 x 2
+GEO_CLASSES = ("building", "road")  # what the GeoTIFF run exports as polygons
 
 QUERIES = {
     "semantic": [
@@ -97,11 +110,17 @@ def run_demo(
     Returns each run's evaluation, by run name."""
     console.rule("1. the corpus")
     split = write_corpus(
-        f"{BUCKET}/corpus", split="heldout", images=images, large=large, broken=broken
+        f"{BUCKET}/corpus",
+        split="heldout",
+        images=images,
+        large=large,
+        broken=broken,
+        geotiff=min(GEO_TILES, images),
     )
     console.print(
         f"{split.num_images} images ({large} larger than the tiling threshold) and "
-        f"{split.num_broken} broken files in {split.images}"
+        f"{split.num_broken} broken files in {split.images}; "
+        f"{min(GEO_TILES, images)} GeoTIFF tiles in {split.geotiff}"
     )
     plans = [(run, split.images) for run in demo_runs(split.root)]
     if shared is not None:
@@ -145,10 +164,48 @@ def run_demo(
     console.rule(f"{len(plans) + 2}. results")
     for name, result in results.items():
         _print_figures(console, name, result)
-        for title, sql in QUERIES.get("instance" if "instance" in result else "semantic", []):
-            _print_query(console, result["local"], title, sql)
+        with analytics.connect(result["local"]) as db:
+            for title, sql in QUERIES["instance" if "instance" in result else "semantic"]:
+                _print_query(console, db, title, sql)
         console.print(f"run: {result['local']}   report: {result['report']}\n")
+    console.rule(f"{len(plans) + 3}. a GeoTIFF run: polygons and label rasters")
+    _geotiff_run(out, split, shard_size, console)
     return results
+
+
+def _geotiff_run(out: Path, split: Split, shard_size: int, console: Console) -> None:
+    with segment_progress(console, "geotiff") as hooks:
+        job = Job(
+            input=str(split.geotiff),
+            model=str(DEMO_MODELS / "aerial_unet.pt2"),
+            out=f"{BUCKET}/runs/geotiff",
+            shard_size=shard_size,
+        )
+        summary = segment_job(job, **hooks)
+    local = out / "runs" / "geotiff" / f"run={summary['run_id']}"
+    _copy_run(summary["output"], local)
+    polygons = out / "geotiff" / "buildings-roads.parquet"
+    polygons.parent.mkdir(parents=True, exist_ok=True)
+    vectors = export_vector(str(local), str(polygons), VectorExport(classes=GEO_CLASSES))
+    labels = export_raster(str(local), str(out / "geotiff" / "labels"))
+    console.print(
+        f"{summary['images'] - summary['failed']} GeoTIFF tiles segmented ({vectors.crs}): "
+        f"{vectors.polygons} polygons of {' and '.join(GEO_CLASSES)} in {polygons}, "
+        f"{labels.rasters} label COGs in {out / 'geotiff' / 'labels'}"
+    )
+    sql = (
+        "SELECT class_name, count(*) AS polygons, round(sum(area)) AS m2, "
+        f"round(max(area), 1) AS largest_m2 FROM '{polygons}' GROUP BY class_name ORDER BY m2 DESC"
+    )
+    with duckdb.connect() as db:
+        _print_query(console, db, "The GeoParquet in DuckDB", sql)
+    console.print(
+        "Open the polygons in GeoPandas (docs/geotiff.md):\n"
+        f"    import geopandas\n    frame = geopandas.read_parquet({str(polygons)!r})\n"
+        "    frame.groupby('class_name').area.sum()   # m², EPSG:32640\n"
+        f"and the label COGs in QGIS or rasterio: {labels.files[0]}\n"
+        f"run: {local}\n"
+    )
 
 
 def _copy_run(uri: str, local: Path) -> None:
@@ -175,10 +232,9 @@ def _print_figures(console: Console, name: str, result: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _print_query(console: Console, run: str, title: str, sql: str) -> None:
-    with analytics.connect(run) as db:
-        relation = db.sql(sql)
-        columns, rows = relation.columns, relation.fetchall()
+def _print_query(console: Console, db: duckdb.DuckDBPyConnection, title: str, sql: str) -> None:
+    relation = db.sql(sql)
+    columns, rows = relation.columns, relation.fetchall()
     table = Table(title=title, caption=sql, caption_justify="left")
     for column in columns:
         table.add_column(column)

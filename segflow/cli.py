@@ -624,16 +624,43 @@ def export_vector(
         float, typer.Option(min=0, help="Drop polygons smaller than this, CRS units².")
     ] = 0.0,
     format: Annotated[str, typer.Option(help="geoparquet or geojson.")] = "geoparquet",
+    classes: Annotated[
+        str | None, typer.Option(help="Only these classes, e.g. building,road (default: all).")
+    ] = None,
 ) -> None:
     """Write a run's masks as polygons in the rasters' CRS: GeoParquet 1.1 or GeoJSON."""
     with _reported():
         from segflow.vector import VectorExport, export_vector
 
-        options = VectorExport(crs=crs, simplify=simplify, min_area=min_area, format=format)
+        options = VectorExport(
+            crs=crs,
+            simplify=simplify,
+            min_area=min_area,
+            format=format,
+            classes=tuple(classes.split(",")) if classes else (),
+        )
         summary = export_vector(run, out, options)
     console.print(
         f"{summary.polygons} polygons of {summary.masks} masks ({summary.images} rasters, "
         f"{summary.crs}) written to {out}"
+    )
+
+
+@app.command("export-raster")
+def export_raster(
+    run: Annotated[str, typer.Argument(help="A semantic run over georeferenced rasters.")],
+    out: Annotated[str, typer.Argument(help="The folder (or s3:// prefix) to write into.")],
+) -> None:
+    """Write a label COG per raster of a semantic run: class ids on the raster's grid,
+    nodata where the input was invalid, the class colours as its colour table."""
+    with _reported():
+        from segflow.label_raster import export_raster
+
+        summary = export_raster(run, out)
+    label = summary.format
+    console.print(
+        f"{summary.rasters} label rasters ({label.dtype}, {len(label.classes)} classes, "
+        f"nodata {label.nodata}) written to {out}"
     )
 
 

@@ -36,6 +36,7 @@ e, f)`` of rasterio (x = a·col + b·row + c, y = d·col + e·row + f, at pixel 
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import warnings
@@ -208,6 +209,9 @@ class RasterSource:
     def __init__(self, uri: str, dataset: Any, options: RasterOptions, card_bands):
         self.uri = uri
         self.dataset = dataset
+        # rasterio keeps an fsspec-opened dataset's file objects in context variables of the
+        # thread that opened it; the shard reads its windows and closes it in another.
+        self._context = contextvars.copy_context()
         self.height, self.width = int(dataset.height), int(dataset.width)
         transform = dataset.transform
         self.georeference = Georeference(
@@ -256,11 +260,11 @@ class RasterSource:
 
     def valid(self, window: tuple[int, int, int, int]) -> np.ndarray:
         """The window's valid pixels, (h, w) bool."""
-        return self.dataset.dataset_mask(window=self._window(window)) > 0
+        return self._context.run(self.dataset.dataset_mask, window=self._window(window)) > 0
 
     def pixels(self, window: tuple[int, int, int, int]) -> np.ndarray:
         """The window as the model's RGB input, (h, w, 3) uint8."""
-        values = self.dataset.read(list(self.bands), window=self._window(window))
+        values = self._context.run(self.dataset.read, list(self.bands), window=self._window(window))
         if self._scale is not None:
             low, high = self._scale
             values = np.clip((values.astype(np.float32) - low) * (255 / (high - low)), 0, 255)
@@ -274,7 +278,7 @@ class RasterSource:
         return torch.from_numpy(self.pixels(window)).permute(2, 0, 1)[None]
 
     def close(self) -> None:
-        self.dataset.close()
+        self._context.run(self.dataset.close)
 
 
 def open_raster(

@@ -37,10 +37,13 @@ import pyarrow.parquet as pq
 
 from segflow import rle
 from segflow.raster import RasterError, require_rasterio
+from segflow.sql import sql_string
 
 FORMATS = ("geoparquet", "geojson")
 BATCH_ROWS = 256  # masks read per batch
 GEOPARQUET_VERSION = "1.1.0"
+# The images a GIS can place: those with a CRS and an affine transform.
+GEOREFERENCED = "SELECT image_id, crs, transform FROM images WHERE crs IS NOT NULL"
 
 _BBOX = pa.struct([(name, pa.float64()) for name in ("xmin", "ymin", "xmax", "ymax")])
 SCHEMA = pa.schema(
@@ -61,18 +64,62 @@ SCHEMA = pa.schema(
 class VectorExport:
     """What ``export-vector`` writes: ``crs`` (None: the rasters' own), polygons simplified
     to ``simplify`` CRS units (0: exact pixel edges), smaller than ``min_area`` CRS units²
-    dropped."""
+    dropped; only the masks of ``classes`` (names; empty: every class)."""
 
     crs: str | None = None
     simplify: float = 0.0
     min_area: float = 0.0
     format: str = "geoparquet"
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise RasterError(f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
         if self.simplify < 0 or self.min_area < 0:
             raise RasterError("--simplify and --min-area must not be negative")
+
+
+@dataclass(frozen=True)
+class GeoreferencedRun:
+    """A run with georeferenced rasters: ``run`` (:func:`segflow.evaluation.open_run`),
+    ``db`` (its tables, :meth:`segflow.evaluation.Run.connect`) and ``crs``, the distinct
+    CRSs of its rasters, sorted."""
+
+    run: Any
+    db: Any
+    crs: tuple[str, ...]
+
+
+def open_georeferenced(location: str, what: str, *, semantic: bool = False) -> GeoreferencedRun:
+    """The run at ``location`` for command ``what``; a :class:`RasterError` naming it where
+    rasterio is missing, no image of the run has a ``crs``, or, with ``semantic``, the run
+    is not a semantic model's (its ``evaluation.json`` says so, or its masks are
+    detections)."""
+    require_rasterio(what)
+    from segflow.evaluation import open_run
+
+    run = open_run(location)
+    db = run.connect()
+    try:
+        if semantic:
+            task = (run.evaluation or {}).get("task", "semantic")
+            [(detections,)] = db.sql(
+                "SELECT count(*) FROM masks WHERE instance IS NOT NULL"
+            ).fetchall()
+            if task != "semantic" or detections:
+                raise RasterError(
+                    f"{location}: a run of an instance model ({detections} detections, which "
+                    f"may overlap); {what} needs a semantic run (one class per pixel)"
+                )
+        crs = db.sql(f"SELECT DISTINCT crs FROM ({GEOREFERENCED}) ORDER BY 1").fetchall()
+        if not crs:
+            raise RasterError(
+                f"{location}: no georeferenced raster in the run (no image has a crs)"
+            )
+    except BaseException:
+        db.close()
+        raise
+    return GeoreferencedRun(run, db, tuple(value for (value,) in crs))
 
 
 @dataclass(frozen=True)
@@ -85,20 +132,11 @@ class ExportSummary:
 
 def export_vector(run: str, out: str, options: VectorExport) -> ExportSummary:
     """Write the polygons of run ``run`` (see :func:`segflow.evaluation.open_run`) to ``out``."""
-    require_rasterio("export-vector")
     import fsspec
     from pyproj import CRS
 
-    from segflow.evaluation import open_run
-
-    db = open_run(run).connect()
-    georeferenced = "SELECT image_id, crs, transform FROM images WHERE crs IS NOT NULL"
-    crs_values = [
-        crs
-        for (crs,) in db.sql(f"SELECT DISTINCT crs FROM ({georeferenced}) ORDER BY 1").fetchall()
-    ]
-    if not crs_values:
-        raise RasterError(f"{run}: no georeferenced raster in the run (no image has a crs)")
+    geo = open_georeferenced(run, "export-vector")
+    db, crs_values = geo.db, geo.crs
     if options.crs is None and len(crs_values) > 1:
         raise RasterError(
             f"{run}: its rasters are in {len(crs_values)} CRSs ({', '.join(crs_values[:3])}"
@@ -112,11 +150,21 @@ def export_vector(run: str, out: str, options: VectorExport) -> ExportSummary:
     reprojectors = _Reprojectors(target_crs)
     # Each mask with its raster's grid, streamed in batches: nothing per image is held here.
     [(images,)] = db.sql(
-        f"SELECT count(*) FROM ({georeferenced}) SEMI JOIN masks USING (image_id)"
+        f"SELECT count(*) FROM ({GEOREFERENCED}) SEMI JOIN masks USING (image_id)"
     ).fetchall()
+    where = ""
+    if options.classes:
+        named = {name for (name,) in db.sql("SELECT DISTINCT class_name FROM masks").fetchall()}
+        unknown = [name for name in options.classes if name not in named]
+        if unknown:
+            raise RasterError(
+                f"--classes {','.join(unknown)}: no mask of {run} has that class (its "
+                f"classes: {', '.join(sorted(named))})"
+            )
+        where = f" WHERE class_name IN ({', '.join(map(sql_string, options.classes))})"
     masks = db.sql(
         "SELECT image_id, uri, class_id, class_name, score, counts, height, width, crs, "
-        f"transform FROM masks JOIN ({georeferenced}) USING (image_id)"
+        f"transform FROM masks JOIN ({GEOREFERENCED}) USING (image_id){where}"
     ).to_arrow_reader(BATCH_ROWS)
     counted = {"masks": 0, "polygons": 0}
 

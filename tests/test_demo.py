@@ -23,7 +23,17 @@ from segflow.decode import (
     decode_image,
     decode_label_map,
 )
-from segflow.demo.corpus import CLASSES, THINGS, write_corpus
+from segflow.demo.corpus import (
+    CLASSES,
+    GEO_COLUMNS,
+    GEO_ORIGIN,
+    GEO_PIXEL,
+    NODATA_MARGIN,
+    THINGS,
+    render_scene,
+    scene_rng,
+    write_corpus,
+)
 from segflow.demo.corpus import main as corpus_main
 from segflow.evaluation import evaluate_run
 from segflow.groundtruth import open_ground_truth
@@ -132,6 +142,35 @@ def test_large_images_are_larger_than_the_tile_size(corpus):
     sizes = [Image.open(p).size for p in sorted((corpus / "images").glob("heldout-0*.jpg"))]
     assert sizes == [SMALL] * 3 + [LARGE]
     assert max(LARGE) > DEFAULT_TILE_SIZE >= max(SMALL)
+
+
+def test_geotiff_tiles_are_a_georeferenced_mosaic_with_nodata_margins(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    split = write_corpus(str(tmp_path), split="heldout", images=4, seed=5, size=SMALL, geotiff=4)
+    tiles = sorted(Path(split.geotiff).glob("*.tif"))
+    assert [path.stem for path in tiles] == [f"heldout-{i:05d}" for i in range(4)]
+    width, height = SMALL
+    bounds = []
+    for index, path in enumerate(tiles):
+        with rasterio.open(path) as tile:
+            assert tile.crs.to_epsg() == 32640 and tile.res == (GEO_PIXEL, GEO_PIXEL)
+            assert (tile.width, tile.height, tile.nodata) == (width, height, 0)
+            valid, pixels = tile.dataset_mask() > 0, tile.read()
+            bounds.append(tile.bounds)
+        row, column = divmod(index, GEO_COLUMNS)
+        expected = np.ones((height, width), bool)
+        if column == GEO_COLUMNS - 1 or index == 3:  # the mosaic's right edge
+            expected[:, width - NODATA_MARGIN :] = False
+        if row == 1:  # its bottom row
+            expected[height - NODATA_MARGIN :] = False
+        np.testing.assert_array_equal(valid, expected)
+        scene = render_scene(scene_rng(5, "heldout", index), width, height).image
+        np.testing.assert_array_equal(pixels.transpose(1, 2, 0)[valid], np.maximum(scene, 1)[valid])
+    assert bounds[0].left == GEO_ORIGIN[0] and bounds[0].top == GEO_ORIGIN[1]
+    assert bounds[1].left == pytest.approx(bounds[0].right)  # tiles adjoin
+    assert bounds[3].top == pytest.approx(bounds[0].bottom)
+    with pytest.raises(ValueError, match=r"geotiff must be at most images \(1\)"):
+        write_corpus(str(tmp_path / "x"), images=1, geotiff=2)
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path):
         assert report.stat().st_size > 10_000 and str(report) in printed.replace("\n", "")
         [run] = (out / "runs" / name).glob("run=*")
         assert (run / "summary.json").is_file() and list((run / "evaluations").iterdir())
+    check_the_geotiff_run(out, printed)
 
     # Ray, moto and Prefect's server stop with the demo (Ray's may take a moment).
     deadline = time.monotonic() + 30
@@ -69,3 +70,23 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path):
         if time.monotonic() > deadline:
             pytest.fail(f"the demo left processes behind: {leftovers}")
         time.sleep(1)
+
+
+def check_the_geotiff_run(out: Path, printed: str) -> None:
+    """The GeoTIFF tiles' buildings and roads as GeoParquet in the tiles' CRS, and a label
+    COG per tile with nodata exactly on its margins."""
+    import geopandas
+    import rasterio
+
+    from segflow.demo.corpus import NODATA_MARGIN
+
+    polygons = out / "geotiff" / "buildings-roads.parquet"
+    frame = geopandas.read_parquet(polygons)
+    assert frame.crs.to_epsg() == 32640 and set(frame.class_name) == {"building", "road"}
+    assert str(polygons) in printed.replace("\n", "") and "The GeoParquet in DuckDB" in printed
+    labels = sorted((out / "geotiff" / "labels").glob("*.tif"))
+    assert [path.name for path in labels] == [f"heldout-{i:05d}.tif" for i in range(6)]
+    with rasterio.open(labels[0]) as inside, rasterio.open(labels[2]) as right_edge:
+        assert inside.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert (inside.read(1) == inside.nodata).sum() == 0
+        assert (right_edge.read(1) == right_edge.nodata).sum() == NODATA_MARGIN * 512

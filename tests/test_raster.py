@@ -183,6 +183,26 @@ def test_an_s3_raster_is_read_through_fsspec(geotiff, s3_env, monkeypatch):
     assert valid.sum() == RGB_BYTE_VALID
 
 
+def test_an_s3_raster_is_segmented_in_the_shards_threads(s3_env, monkeypatch):
+    """Opened in a reader thread, read and closed in the host thread: rasterio's fsspec
+    opener state lives in the opening thread's context variables."""
+    from segflow.demo.corpus import write_corpus
+    from segflow.models import load_model
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    split = write_corpus("s3://geo-tiles/corpus", images=2, size=(128, 96), geotiff=2)
+    model = load_model(str(Path(__file__).parents[1] / "models/demo/aerial_unet.pt2"))
+    uris = [f"{split.geotiff}/train-0000{i}.tif" for i in range(2)]
+    result = segment_images(model, uris, run_id="s3", read_timeout=None)
+    assert result.tables["errors"].to_pylist() == []
+    rows = result.tables["masks"].to_pylist()
+    # Both tiles are on the mosaic's bottom row and the second on its right edge.
+    expected = {uris[0]: 128 * (96 - 64), uris[1]: (128 - 64) * (96 - 64)}
+    for uri, valid in expected.items():
+        assert sum(row["area"] for row in rows if row["uri"] == uri) == valid
+
+
 def test_polygons_rasterize_back_to_the_masks_exactly(geo_run, tmp_path):
     import geopandas
     from affine import Affine
@@ -255,6 +275,20 @@ def test_geojson_is_read_by_geopandas(geo_run, tmp_path):
     assert set(frame.columns) >= {"image_id", "class_name", "area", "geometry"}
 
 
+def test_export_vector_of_some_classes(geo_run, tmp_path):
+    import geopandas
+
+    from segflow.vector import VectorExport, export_vector
+
+    run, result = geo_run
+    names = sorted({row["class_name"] for row in result.tables["masks"].to_pylist()})
+    out = tmp_path / "some.parquet"
+    export_vector(str(run), str(out), VectorExport(crs="EPSG:32618", classes=tuple(names[:2])))
+    assert sorted(set(geopandas.read_parquet(out).class_name)) == names[:2]
+    with pytest.raises(raster.RasterError, match=r"--classes lake: no mask of .* has that class"):
+        export_vector(str(run), str(out), VectorExport(crs="EPSG:32618", classes=("lake",)))
+
+
 def test_export_vector_command(geo_run, tmp_path):
     from typer.testing import CliRunner
 
@@ -291,3 +325,153 @@ def test_segment_refuses_bands_that_cannot_feed_the_model_before_any_work(geotif
     refused = CliRunner().invoke(app, [*arguments, "--rescale", "p98,p2"])
     assert refused.exit_code == 2 and "LOW must be below HIGH" in refused.output
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Label rasters out (segflow.label_raster).
+
+
+def _expected_labels(masks: list[dict], height: int, width: int, nodata: int) -> np.ndarray:
+    """The label raster of semantic mask rows, decoded by pycocotools (the reference)."""
+    from pycocotools import mask as coco_mask
+
+    labels = np.full((height, width), nodata, np.int64)
+    for row in masks:
+        rle_ = {"size": [height, width], "counts": row["counts"].encode()}
+        labels[coco_mask.decode(rle_).astype(bool)] = row["class_id"]
+    return labels
+
+
+def test_label_cogs_are_the_masks_on_the_rasters_grids(geo_run, geotiff, tmp_path):
+    from segflow import palette
+    from segflow.label_raster import export_raster
+
+    run, result = geo_run
+    summary = export_raster(str(run), str(tmp_path / "labels"))
+    assert summary.rasters == 2 and len(summary.files) == 2
+    assert (summary.format.dtype, summary.format.nodata) == ("uint8", 255)
+    masks = result.tables["masks"].to_pylist()
+    for name in ("RGB.byte", "RGB2.byte"):
+        uri = str(geotiff / f"{name}.tif")
+        with (
+            rasterio.open(uri) as source,
+            rasterio.open(tmp_path / "labels" / f"{name}.tif") as cog,
+        ):
+            assert (cog.crs, cog.transform, cog.shape) == (
+                source.crs,
+                source.transform,
+                source.shape,
+            )
+            assert cog.dtypes == ("uint8",) and cog.nodata == 255
+            assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert cog.overviews(1) == [2]  # 791 x 718 halves once to fit a 512 tile
+            values = cog.read(1)
+            overview = cog.read(1, out_shape=(source.height // 2, source.width // 2))
+            valid = source.dataset_mask() > 0
+            colours, names = cog.colormap(1), cog.tags(1)
+        rows = [row for row in masks if row["uri"] == uri]
+        expected = _expected_labels(rows, source.height, source.width, 255)
+        np.testing.assert_array_equal(values, expected)
+        np.testing.assert_array_equal(values != 255, valid)
+        # Mode resampling: an overview holds only the classes (and nodata) of its raster.
+        assert set(np.unique(overview)) <= set(np.unique(values))
+        for row in rows:
+            assert colours[row["class_id"]] == (*palette.colour(row["class_id"]), 255)
+            assert names[f"CLASS_{row['class_id']}"] == row["class_name"]
+        assert colours[255][3] == 0  # nodata transparent
+        if name == "RGB.byte":
+            assert (values != 255).sum() == RGB_BYTE_VALID
+
+
+def test_label_runs_decode_across_strips_in_uint16(tmp_path):
+    """More than 255 classes give uint16 with nodata 65535; masks whose runs cross the
+    strips' column boundaries decode as pycocotools decodes them; overlapping masks are
+    refused."""
+    from pycocotools import mask as coco_mask
+
+    from segflow.label_raster import STRIP_COLUMNS, Grid, LabelFormat, write_label_cog
+
+    assert LabelFormat.for_classes(["c"] * 255).dtype == "uint8"
+    label_format = LabelFormat.for_classes([f"c{i}" for i in range(301)])
+    assert (label_format.dtype, label_format.nodata) == ("uint16", 65535)
+    height, width = 300, 2 * STRIP_COLUMNS + 77
+    rng = np.random.default_rng(13)
+    truth = np.full((height, width), -1)
+    for class_id in (0, 7, 299, 300):
+        for _ in range(6):
+            y, x = rng.integers(0, height - 40), rng.integers(0, width - 300)
+            truth[y : y + rng.integers(5, 40), x : x + rng.integers(5, 300)] = class_id
+    # Runs that go on from one strip into the next (column-major: down a column, then on
+    # at the top of the next).
+    truth[:, STRIP_COLUMNS - 30 : STRIP_COLUMNS + 30] = 299
+    truth[250:, 2 * STRIP_COLUMNS - 1] = truth[:50, 2 * STRIP_COLUMNS] = 7
+    masks = [
+        (c, coco_mask.encode(np.asfortranarray(truth == c).astype(np.uint8))["counts"].decode())
+        for c in np.unique(truth[truth >= 0])
+    ]
+    grid = Grid(height, width, "EPSG:32640", (0.5, 0.0, 300000.0, 0.0, -0.5, 2780000.0))
+    path = str(tmp_path / "labels.tif")
+    write_label_cog(path, grid, masks, label_format, what="synthetic")
+    with rasterio.open(path) as cog:
+        values = cog.read(1)
+        assert cog.dtypes == ("uint16",) and cog.nodata == 65535 and cog.crs.to_epsg() == 32640
+        assert cog.colormap(1)[300] != (0, 0, 0, 0)
+    np.testing.assert_array_equal(values, np.where(truth < 0, 65535, truth))
+    overlapping = [
+        *masks,
+        (5, coco_mask.encode(np.asfortranarray(truth == 0).astype(np.uint8))["counts"].decode()),
+    ]
+    with pytest.raises(raster.RasterError, match="synthetic: masks overlap"):
+        write_label_cog(path, grid, overlapping, label_format, what="synthetic")
+
+
+def test_label_cogs_go_to_s3(geo_run, s3_env, monkeypatch, tmp_path):
+    import s3fs
+
+    from segflow.label_raster import export_raster
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env["AWS_ENDPOINT_URL"]})
+    fs.mkdir("labels-bucket")
+    run, _ = geo_run
+    summary = export_raster(str(run), "s3://labels-bucket/geo/labels")
+    assert sorted(summary.files) == [
+        "s3://labels-bucket/geo/labels/RGB.byte.tif",
+        "s3://labels-bucket/geo/labels/RGB2.byte.tif",
+    ]
+    fs.get("labels-bucket/geo/labels/RGB.byte.tif", str(tmp_path / "back.tif"))
+    with rasterio.open(tmp_path / "back.tif") as cog:
+        assert (cog.read(1) != cog.nodata).sum() == RGB_BYTE_VALID
+
+
+def test_label_file_names_follow_the_uri_stems():
+    from segflow.label_raster import _file_name
+
+    taken: set[str] = set()
+    names = [_file_name(uri, i, taken) for i, uri in enumerate(["a/x.tif", "b/x.tiff", "c/y.jp2"])]
+    assert names == ["x.tif", "x-1.tif", "y.tif"]
+
+
+def test_export_raster_command(geo_run, espnet_tiled, shared, instance_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from segflow.cli import app
+
+    run, _ = geo_run
+    done = CliRunner().invoke(app, ["export-raster", str(run), str(tmp_path / "labels")])
+    assert done.exit_code == 0, done.output
+    assert "2 label rasters (uint8, 11 classes, nodata 255)" in done.output
+    frame = sorted((shared / "data" / "camvid_val" / "images").glob("*.png"))[0]
+    plain = tmp_path / "plain"
+    store = RunStore(str(plain), "plain")
+    store.prepare({"input": "png"})
+    result = segment_images(espnet_tiled, [str(frame)], run_id="plain")
+    summary = {"shard": 0, "images": 1, "failed": 0, "not_evaluated": 0, "masks": 0}
+    store.commit_shard(Shard(0, 0, 1), result.tables, summary)
+    refused = CliRunner().invoke(app, ["export-raster", str(plain), str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "no georeferenced raster" in refused.output
+    assert str(plain) in refused.output
+    refused = CliRunner().invoke(app, ["export-raster", str(instance_run), str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "needs a semantic run" in refused.output
+    assert not (tmp_path / "x").exists()

@@ -14,14 +14,25 @@ A split is written under ``URI/SPLIT/``::
     labels/SPLIT-NNNNN.png        index PNG label maps: pixel value = class id (CLASSES)
     instances.json                COCO instances (buildings and cars, RLE, iscrowd 0)
     corpus.json                   the parameters that generated the split
+    geotiff/SPLIT-NNNNN.tif       with ``geotiff=N``: the first N scenes again, as
+                                  georeferenced GeoTIFF tiles (the ``geo`` extra)
 
 so that ``segflow segment URI/SPLIT/images --gt masks:URI/SPLIT/labels`` (semantic models)
 or ``--gt coco:URI/SPLIT/instances.json`` (instance models) evaluates a run. Every image is
 generated from its own seed, ``[seed, split, index]``: splits never share a scene, and an
 image does not depend on how many others were asked for.
 
+The GeoTIFF tiles lie side by side, :data:`GEO_COLUMNS` to a row, as a mosaic over Downtown
+Dubai in UTM zone 40N (EPSG:32640) at 0.3 m a pixel, so that the aerial scenes have the
+scale of aerial imagery (cars 5–7 m, buildings 7–22 m). As at the edge of a survey, the
+tiles on the mosaic's right and bottom edges have :data:`NODATA_MARGIN` pixels of nodata
+there: pixel value 0 in every band, the GeoTIFF's nodata value (valid pixels are at least
+1). Their label maps are the whole scenes'; the margins are the rasters' invalid pixels, which
+no mask covers.
+
     python -m segflow.demo.corpus out/aerial --split train --images 200
     python -m segflow.demo.corpus out/aerial --split heldout --images 40 --large 3 --broken 3
+    python -m segflow.demo.corpus out/aerial --split heldout --images 6 --geotiff 6
 """
 
 from __future__ import annotations
@@ -71,6 +82,12 @@ _CAR_COLOURS = np.array(
 )
 _SHADOW = 0.55  # brightness left in a cast shadow
 
+GEO_CRS = "EPSG:32640"  # WGS 84 / UTM zone 40N
+GEO_ORIGIN = (326000.0, 2788000.0)  # the mosaic's upper-left corner, metres (Downtown Dubai)
+GEO_PIXEL = 0.3  # metres
+GEO_COLUMNS = 3  # tiles to a row of the mosaic
+NODATA_MARGIN = 64  # pixels of nodata along the mosaic's right and bottom edges
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -90,6 +107,7 @@ class Split:
     instances: str  # the COCO instances JSON
     num_images: int  # scenes, large ones included
     num_broken: int
+    geotiff: str | None = None  # folder: the GeoTIFF tiles, if any were written
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -417,6 +435,42 @@ def encode_label_png(labels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_geotiff(image: np.ndarray, tile: int, tiles: int) -> bytes:
+    """Scene ``image`` as tile ``tile`` of a mosaic of ``tiles`` (see the module notes)."""
+    import rasterio
+    from affine import Affine
+    from rasterio.io import MemoryFile
+
+    height, width = image.shape[:2]
+    row, column = divmod(tile, GEO_COLUMNS)
+    pixels = np.maximum(image, 1).transpose(2, 0, 1)  # 0 is nodata
+    if column == GEO_COLUMNS - 1 or tile == tiles - 1:
+        pixels[:, :, width - NODATA_MARGIN :] = 0
+    if row == (tiles - 1) // GEO_COLUMNS:
+        pixels[:, height - NODATA_MARGIN :, :] = 0
+    west = GEO_ORIGIN[0] + column * width * GEO_PIXEL
+    north = GEO_ORIGIN[1] - row * height * GEO_PIXEL
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": rasterio.crs.CRS.from_string(GEO_CRS),
+        "transform": Affine(GEO_PIXEL, 0.0, west, 0.0, -GEO_PIXEL, north),
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "photometric": "RGB",
+    }
+    with MemoryFile() as memory:
+        with memory.open(**profile) as dataset:
+            dataset.write(pixels)
+        return bytes(memory.getbuffer())
+
+
 def coco_annotations(scene: Scene, image_id: int, first_id: int) -> list[dict]:
     """The scene's instances as COCO annotations (compressed RLE, iscrowd 0), ids from
     ``first_id`` on."""
@@ -461,21 +515,26 @@ def write_corpus(
     large: int = 0,
     large_size: tuple[int, int] = DEFAULT_LARGE_SIZE,
     broken: int = 0,
+    geotiff: int = 0,
 ) -> Split:
     """Write split ``split`` under ``uri`` (any fsspec URI: a folder, ``s3://bucket/prefix``):
     ``images`` scenes of ``size`` (width, height), then ``large`` of ``large_size``, and
-    ``broken`` broken files. See the module notes for the layout."""
+    ``broken`` broken files; the first ``geotiff`` scenes also as GeoTIFF tiles. See the
+    module notes for the layout."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    for name, value in (("images", images), ("large", large), ("broken", broken), ("seed", seed)):
+    counts = {"images": images, "large": large, "broken": broken, "seed": seed, "geotiff": geotiff}
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if geotiff > images:
+        raise ValueError(f"geotiff must be at most images ({images}), got {geotiff}")
     for name, value in (("size", size), ("large_size", large_size)):
         if len(value) != 2 or not all(isinstance(v, int) and v >= MIN_SIZE for v in value):
             raise ValueError(f"{name} must be (width, height), each >= {MIN_SIZE}, got {value!r}")
     fs, root = fsspec.core.url_to_fs(uri)
     root = f"{root.rstrip('/')}/{split}"
-    for folder in ("images", "labels"):
+    for folder in ("images", "labels", "geotiff")[: 3 if geotiff else 2]:
         fs.makedirs(f"{root}/{folder}", exist_ok=True)
     coco: dict[str, list] = {
         "images": [],
@@ -491,6 +550,8 @@ def write_corpus(
         stem = f"{split}-{index:05d}"
         fs.pipe_file(f"{root}/images/{stem}.jpg", encode_jpeg(scene.image))
         fs.pipe_file(f"{root}/labels/{stem}.png", encode_label_png(scene.labels))
+        if index < geotiff:
+            fs.pipe_file(f"{root}/geotiff/{stem}.tif", encode_geotiff(scene.image, index, geotiff))
         image_id = index + 1
         coco["images"].append(
             {"id": image_id, "file_name": f"{stem}.jpg", "width": width, "height": height}
@@ -510,6 +571,7 @@ def write_corpus(
         "large": large,
         "large_size": list(large_size),
         "broken": broken,
+        "geotiff": geotiff,
         "classes": list(CLASSES),
     }
     fs.pipe_file(f"{root}/corpus.json", json.dumps(parameters, indent=2).encode())
@@ -521,6 +583,7 @@ def write_corpus(
         instances=f"{location}/instances.json",
         num_images=len(sizes),
         num_broken=broken,
+        geotiff=f"{location}/geotiff" if geotiff else None,
     )
 
 
@@ -544,6 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large", type=int, default=0, help="more scenes of --large-size")
     parser.add_argument("--large-size", type=_size, default=DEFAULT_LARGE_SIZE)
     parser.add_argument("--broken", type=int, default=0, help="broken files to add")
+    parser.add_argument("--geotiff", type=int, default=0, help="first scenes as GeoTIFF tiles")
     args = parser.parse_args(argv)
     try:
         written = write_corpus(
@@ -555,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
             large=args.large,
             large_size=args.large_size,
             broken=args.broken,
+            geotiff=args.geotiff,
         )
     except ValueError as error:
         parser.error(str(error))
