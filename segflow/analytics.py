@@ -38,14 +38,15 @@ import duckdb
 import fsspec
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageDraw, ImageFont
 
-from segflow import palette, rle
 from segflow.errors import SegflowError
 from segflow.evaluation import open_run, rows_of_images
 
 if TYPE_CHECKING:
     import polars as pl
+    from PIL import Image, ImageDraw, ImageFont
+
+    from segflow import rle
 
 __all__ = [
     "AnalyticsError",
@@ -110,23 +111,37 @@ class _Function:
         return call
 
 
+# segflow.rle and PIL are imported where a mask is computed on: `segflow query` starts
+# without them.
+
+
 def _rles(counts: list[str], heights: list[int], widths: list[int]) -> list[rle.RLE]:
     return [{"size": [h, w], "counts": c} for c, h, w in zip(counts, heights, widths, strict=True)]
 
 
 def _areas(counts: list[str], heights: list[int], widths: list[int]) -> list[int]:
+    from segflow import rle
+
     return rle.area(_rles(counts, heights, widths)).astype(np.int64).tolist()
 
 
 def _bboxes(counts: list[str], heights: list[int], widths: list[int]) -> list[list[float]]:
+    from segflow import rle
+
     return rle.to_bbox(_rles(counts, heights, widths)).tolist()
 
 
 def _ious(a: list[str], b: list[str], heights: list[int], widths: list[int]) -> list[float]:
+    from segflow import rle
+
     return rle.iou_pairs(_rles(a, heights, widths), _rles(b, heights, widths)).tolist()
 
 
 def _pngs(counts: list[str], heights: list[int], widths: list[int]) -> list[bytes]:
+    from PIL import Image
+
+    from segflow import rle
+
     encoded = []
     for mask in _rles(counts, heights, widths):
         buffer = io.BytesIO()
@@ -223,6 +238,9 @@ def overlay(
     """
     if not 0 <= alpha <= 1:
         raise AnalyticsError(f"alpha must be between 0 and 1, got {alpha}")
+    from PIL import Image, ImageDraw, ImageFont
+
+    from segflow import palette, rle
     from segflow.decode import decode_rgb
 
     run = open_run(location)

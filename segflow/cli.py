@@ -325,7 +325,9 @@ def segment(
     ]
     if any(problems):
         described = "; ".join(p for p in problems if p)
-        console.print(f"[red]{described}[/]: see {summary['output']}/errors/")
+        # Not the errors/ folder: a Delta table's folder can hold files no commit added.
+        errors = f'segflow query {summary["output"]} "SELECT * FROM errors"'
+        console.print(f"[red]{described}[/]: see {errors}", soft_wrap=True)
         raise typer.Exit(code=IMAGES_FAILED)
 
 
@@ -565,15 +567,11 @@ def export_coco(
     out: Annotated[str, typer.Argument(help="Where to write the COCO results JSON.")],
 ) -> None:
     """Write a run's detections as COCO results (what pycocotools' loadRes reads)."""
-    import fsspec
-
-    from segflow.evaluation import coco_results_of_run
+    from segflow.evaluation import write_coco_results
 
     with _reported():
-        results = coco_results_of_run(run)
-        with fsspec.open(out, "w") as f:
-            json.dump(results, f)
-    console.print(f"{len(results)} detections written to {out}")
+        written = write_coco_results(run, out)
+    console.print(f"{written} detections written to {out}")
 
 
 @app.command("export-vector")

@@ -22,8 +22,10 @@ interval from the same state and the same reductions (:mod:`segflow.bootstrap`).
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +36,6 @@ import pyarrow as pa
 
 from segflow import schema
 from segflow.errors import SegflowError
-from segflow.metrics.figures import (
-    INSTANCE_SUMS,
-    INTEGER_SUMS,
-    SOFT_SUMS,
-    ClassSums,
-    figures_in,
-)
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.sql import (
     RUN_PROTOCOL,
@@ -294,6 +289,8 @@ def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[
 def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
     """The dataset-level figures of :func:`evaluate_run`'s result, flat and named
     (``semantic/miou``, ``segm/AP50``, ...): what is tracked from one evaluation to the next."""
+    from segflow.metrics.figures import figures_in
+
     figures: dict[str, float | None] = {}
     if "semantic" in result:
         semantic = result["semantic"]
@@ -311,6 +308,9 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
     ``class_stats`` (all of its rows when ``every_image``: every image of the run is in
     ``evaluated``), summed by class in DuckDB (integers exactly; the soft sums, floats, to
     rounding), with the confusion matrix and the classes' pixel counts."""
+    # Here, not at the top: `segflow query` and `show` start without the metrics.
+    from segflow.metrics.figures import INSTANCE_SUMS, INTEGER_SUMS, SOFT_SUMS, ClassSums
+
     classes = run.evaluation["classes"]
     of_evaluated = "" if every_image else " SEMI JOIN evaluated USING (image_id)"
     # A run written before a column existed reads it as null: its figure is undefined.
@@ -392,32 +392,157 @@ def coco_states(
 def coco_results_of_run(location: str) -> list[dict[str, Any]]:
     """A run's detections as COCO results (what pycocotools' ``loadRes`` reads), with the
     ground truth's image and category ids when the run was evaluated against COCO ground
-    truth, segflow's image ids and class ids otherwise.
+    truth, segflow's image ids and class ids otherwise, in the masks' order: the list
+    :func:`write_coco_results` writes.
 
     Each result has the detector's ``bbox`` and the mask. pycocotools, given results with
     boxes, takes a box's area for the area ranges of ``segm`` too: drop the boxes (as
     detectron2 does, and as ``segflow evaluate`` does for ``segm``) to score masks by their
     own area.
     """
-    from segflow.coco_results import coco_results_from_masks
-    from segflow.groundtruth import coco_image_id
+    text = b"".join(_text(texts) for texts in _coco_result_texts(location))
+    return json.loads(b"[" + text[1:] + b"]")
+
+
+# Results a batch: the JSON text of one batch is in memory at a time.
+COCO_RESULTS_BATCH = 20_000
+
+
+def write_coco_results(location: str, out: str, *, batch: int = COCO_RESULTS_BATCH) -> int:
+    """Write the run's detections (:func:`coco_results_of_run`) to ``out`` (a local path or
+    fsspec URL) as one JSON list, and return how many. DuckDB makes each result's JSON text
+    in one scan of the masks, about ``batch`` results at a time, and they are written as
+    Arrow holds them: no Python object a result, and memory that of a batch however many
+    masks the run has. Nothing is written when the run has no detections to give (a
+    semantic run)."""
+    batches = _coco_result_texts(location, batch)
+    first = next(batches, pa.array([], pa.string()))  # the run is checked before out is opened
+    written = 0
+    with fsspec.open(out, "wb") as f:
+        f.write(b"[")
+        for texts in itertools.chain([first], batches):
+            text = _text(texts)
+            f.write(text if written else text[1:])  # each text begins with its comma
+            written += len(texts)
+        f.write(b"]")
+    return written
+
+
+def _text(texts: pa.StringArray) -> memoryview:
+    """An Arrow string array's strings back to back, as it holds them (no copy)."""
+    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset :][: len(texts) + 1]
+    return memoryview(texts.buffers()[2] or b"")[offsets[0] : offsets[-1]] if len(texts) else b""
+
+
+def _coco_result_texts(location: str, batch: int = COCO_RESULTS_BATCH) -> Iterator[pa.StringArray]:
+    """The JSON texts of the run's COCO results, each after a comma, about ``batch`` at a
+    time (see :func:`write_coco_results`)."""
+    import pyarrow.compute as pc
 
     run = open_run(location)
     with run.connect() as db:
-        if db.sql("SELECT 1 FROM masks WHERE instance IS NULL LIMIT 1").fetchall():
+        [(semantic, unscored)] = db.sql(
+            "SELECT count(*) FILTER (instance IS NULL), count(*) FILTER (score IS NULL) FROM masks"
+        ).fetchall()
+        if semantic:
             raise EvaluationError(f"{run.uri} is a semantic run: COCO results are detections")
-        if run.evaluation is None or run.evaluation["task"] != "instance":
-            masks = db.sql("SELECT * FROM masks").to_arrow_table()
-            return coco_results_from_masks(masks)
-        category_ids = {name: int(i) for i, name in run.evaluation["categories"].items()}
-        images = db.sql("SELECT image_id, gt_uri FROM images WHERE gt_uri IS NOT NULL")
-        image_ids = {image_id: coco_image_id(source) for image_id, source in images.fetchall()}
-        masks = db.sql(
-            "SELECT * FROM masks WHERE list_contains($names, class_name) "
-            "AND image_id IN (SELECT image_id FROM images WHERE gt_uri IS NOT NULL)",
-            params={"names": list(category_ids)},
-        ).to_arrow_table()
-    return coco_results_from_masks(masks, image_ids=image_ids, category_ids=category_ids)
+        if unscored:
+            raise EvaluationError(f"{run.uri}: {unscored} detection(s) have no score")
+        ids = _coco_ids(run, db)
+        # By DuckDB, in a scan of the masks alone: a scan keeps the masks' order, a join
+        # would not (COCOeval breaks ties of score by that order). With the ground truth's
+        # ids, those are put in front here. The score as a double: a float32's shortest
+        # text reads back as another number.
+        fields = (
+            "'score': score::DOUBLE, 'bbox': bbox, "
+            "'segmentation': {'size': [height, width], 'counts': counts}"
+        )
+        if ids is None:
+            text = f"',' || to_json({{'image_id': image_id, 'category_id': class_id, {fields}}})"
+        else:
+            text = f"substr(to_json({{{fields}}})::VARCHAR, 2)"  # less its "{"
+        scanned = db.sql(f"SELECT image_id, class_name, {text} AS text FROM masks").to_arrow_reader(
+            batch
+        )
+        for masks in _gathered(scanned, batch):
+            texts = masks["text"]
+            if ids is not None:
+                image_id, category_id, kept = ids.of(masks["image_id"], masks["class_name"])
+                texts = pc.binary_join_element_wise(
+                    ',{"image_id":',
+                    pc.cast(image_id, pa.string()),
+                    ',"category_id":',
+                    pc.cast(category_id, pa.string()),
+                    ",",
+                    texts.filter(kept),
+                    "",
+                )
+            yield texts.combine_chunks()
+
+
+def _gathered(batches: pa.RecordBatchReader, rows: int) -> Iterator[pa.Table]:
+    """``batches`` (DuckDB streams a few thousand rows a batch) as tables of at least
+    ``rows`` rows but the last: Arrow's calls then cost once per many rows."""
+    gathered: list[pa.RecordBatch] = []
+    for batch in batches:
+        gathered.append(batch)
+        if sum(b.num_rows for b in gathered) >= rows:
+            yield pa.Table.from_batches(gathered)
+            gathered = []
+    if gathered:
+        yield pa.Table.from_batches(gathered)
+
+
+@dataclass(frozen=True)
+class _CocoIds:
+    """The ground truth's image ids of a run's images, by segflow image id (sorted), and its
+    category ids by class name."""
+
+    image_ids: np.ndarray
+    coco_image_ids: np.ndarray
+    class_names: pa.Array
+    category_ids: pa.Array
+
+    def of(
+        self, image_ids: pa.ChunkedArray, class_names: pa.ChunkedArray
+    ) -> tuple[pa.Array, pa.Array, pa.Array]:
+        """Rows' ground-truth image and category ids, of the rows that have both, and which
+        rows those are."""
+        import pyarrow.compute as pc
+
+        wanted = image_ids.to_numpy()
+        at = np.minimum(np.searchsorted(self.image_ids, wanted), len(self.image_ids) - 1)
+        found = self.image_ids[at] == wanted if len(self.image_ids) else np.zeros(len(wanted), bool)
+        category = pc.take(self.category_ids, pc.index_in(class_names, value_set=self.class_names))
+        kept = pc.and_(pa.array(found), pc.is_valid(category))
+        coco = pa.array(self.coco_image_ids[at] if len(self.image_ids) else wanted, pa.int64())
+        return coco.filter(kept), category.filter(kept), kept
+
+
+def _coco_ids(run: Run, db: duckdb.DuckDBPyConnection) -> _CocoIds | None:
+    """The ground truth's ids of an instance run evaluated against COCO; None for another
+    run (its results keep segflow's image ids and class ids)."""
+    from segflow.groundtruth import coco_image_id
+
+    if run.evaluation is None or run.evaluation["task"] != "instance":
+        return None
+    sources = db.sql("SELECT DISTINCT gt_uri FROM images WHERE gt_uri IS NOT NULL").fetchall()
+    uris = [uri for (uri,) in sources]
+    db.register(
+        "coco_images", pa.table({"gt_uri": uris, "coco_id": [coco_image_id(u) for u in uris]})
+    )
+    images = db.sql(
+        "SELECT image_id, coco_id::BIGINT AS coco_id FROM images JOIN coco_images USING (gt_uri) "
+        "ORDER BY image_id"
+    ).fetchnumpy()
+    db.unregister("coco_images")
+    categories = {name: int(i) for i, name in run.evaluation["categories"].items()}
+    return _CocoIds(
+        np.asarray(images["image_id"]),
+        np.asarray(images["coco_id"]),
+        pa.array(list(categories), pa.string()),
+        pa.array(list(categories.values()), pa.int64()),
+    )
 
 
 def _number(value: float, undefined: float | None = None) -> float | None:

@@ -51,16 +51,16 @@ import uuid
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from segflow import schema
 from segflow.errors import SegflowError
-from segflow.manifest import ManifestReader, Shard
+
+if TYPE_CHECKING:
+    from segflow.manifest import ManifestReader, Shard
 
 SHARDS_TABLE = "shards"
 SHARDS = pa.schema(
@@ -248,6 +248,8 @@ class RunStore:
 
     def open_manifest(self) -> ManifestReader:
         """The manifest, read a row range at a time (never whole: it may list millions)."""
+        from segflow.manifest import ManifestReader
+
         # Small blocks: a shard's read is one row group, not s3fs's default 50 MB read-ahead.
         return ManifestReader(self.fs.open(self.path("manifest.parquet"), "rb", block_size=1 << 20))
 
@@ -400,6 +402,8 @@ class RunStore:
         return done
 
     def _put_data_file(self, name: str, shard: Shard, blob: pa.Buffer, table: pa.Table) -> DataFile:
+        import pyarrow.compute as pc  # a writer's: a reader of the tables starts without it
+
         relative = data_file_name(shard)
         # One put: on an object store the file appears whole or not at all; a local file
         # left half-written by a kill is in no table.
@@ -499,6 +503,8 @@ def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def _parquet_bytes(table: pa.Table) -> pa.Buffer:
+    import pyarrow.parquet as pq
+
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()

@@ -222,7 +222,7 @@ def test_s3_in_and_out_with_bad_files(s3_env, frames, shared, tmp_path):
     ).wait()
     assert returncode == 1, output  # some images failed, and the exit status says so
     assert "3 image(s) failed" in output
-    assert "s3://corpus/out/run=s3run/errors/" in output
+    assert 'see segflow query s3://corpus/out/run=s3run "SELECT * FROM errors"' in output
     fs.get("corpus/out/run=s3run", str(tmp_path / "copy" / "run=s3run"), recursive=True)
     assert_exactly_once(tmp_path / "copy" / "run=s3run", 7)
 
