@@ -630,12 +630,15 @@ def query(
     The SQL reads those tables and nothing else, unless --allow-external."""
     import duckdb
 
+    from segflow import schema
     from segflow.analytics import AnalyticsError, connect
+    from segflow.sql import tables_named
 
     if output_format not in ("table", "csv", "json"):
         console.print(f"[red]error:[/] --format must be table, csv or json, not {output_format!r}")
         raise typer.Exit(code=NOT_STARTED)
-    with _reported(), connect(run, allow_external=allow_external) as db:
+    tables = tables_named(sql, schema.TABLES)
+    with _reported(), connect(run, allow_external=allow_external, tables=tables) as db:
         try:
             result = db.sql(sql)
             names, rows = result.columns, result.fetchall()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,7 @@ from segflow.sql import (
     select_where,
     sql_string,
 )
-from segflow.store import RunStore
+from segflow.store import RunStore, shard_of_file
 
 if TYPE_CHECKING:
     from segflow.bootstrap import Bootstrap
@@ -71,19 +71,22 @@ class Run:
     def uri(self) -> str:
         return self.store.uri
 
-    def connect(self, *, allow_external: bool = False) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with a view of each of the run's tables, over the
-        committed shards when it opens (a table without any has the schema of
-        :data:`segflow.schema.TABLES` and no rows), and the session time zone UTC, the zone
-        of the run's timestamps. It reads nothing but those views' files, and writes none
-        (:func:`segflow.sql.lock_down`), unless ``allow_external``."""
+    def connect(
+        self, *, allow_external: bool = False, tables: Collection[str] | None = None
+    ) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with a view of each of the run's tables (or of
+        those of ``tables``: each table's log is read to list its files, so SQL that names a
+        few needs only theirs), over the committed shards when it opens (a table without any
+        has the schema of :data:`segflow.schema.TABLES` and no rows), and the session time
+        zone UTC, the zone of the run's timestamps. It reads nothing but those views' files,
+        and writes none (:func:`segflow.sql.lock_down`), unless ``allow_external``."""
         db = duckdb.connect()
         db.execute("SET TimeZone = 'UTC'")
         # Its bar goes to stdout on a slow query, into `segflow query --format json|csv`.
         db.execute("SET enable_progress_bar = false")
         # A command reads a table more than once (evaluate: images, then the metric tables).
         db.execute("SET parquet_metadata_cache = true")
-        exposed = expose_files(db, self.store.fs, self.store.table_files())
+        exposed = expose_files(db, self.store.fs, self.store.table_files(tables))
         for name, files in exposed.items():
             if files:
                 db.execute(
@@ -98,29 +101,77 @@ class Run:
 
 
 def rows_of_images(db: duckdb.DuckDBPyConnection, table: str, image_ids: Sequence[int]) -> pa.Table:
-    """The rows of ``table`` (a view :meth:`Run.connect` made) of a few images, reading only
-    the files that hold them: a scan of the ``image_id`` column alone finds those files
-    (after a compaction the row groups whose ``image_id`` range holds none of them are
-    skipped too), then those files are read whole. A filter over the whole view would
-    decode every column of every file, and a run has thousands of shard files."""
+    """The rows of ``table`` (a view :meth:`Run.connect` made) of a few images
+    (:func:`tables_of_images`)."""
+    return tables_of_images(db, [table], image_ids)[table]
+
+
+def tables_of_images(
+    db: duckdb.DuckDBPyConnection, tables: Sequence[str], image_ids: Sequence[int]
+) -> dict[str, pa.Table]:
+    """The rows of each of ``tables`` (views :meth:`Run.connect` made) of a few images,
+    reading only the files that hold them. A filter over a whole view would decode every
+    column of every file, and a run has thousands of shard files; but a shard file holds
+    one shard, and the same shards are in every table: a scan of the ``image_id`` column
+    of ``images`` alone (a row an image: the table of fewest rows) finds the images' shards,
+    whose file is then read in each table. A compacted table's files hold every shard,
+    sorted by ``image_id``: they are read with the filter, which skips every row group whose
+    ``image_id`` range holds none of the images."""
     ids = ", ".join(str(int(i)) for i in image_ids) or "NULL"
-    glob = f"{RUN_PROTOCOL}://{table}/*.parquet"
+    images = _table_files(db, "images")
+    in_images = _files_holding(db, _glob("images"), ids) if images else []
+    # The images' shards are known when images is in shard files (not compacted).
+    known = bool(images) and None not in {shard_of_file(name) for name in images}
+    shards = {shard_of_file(name) for name in in_images}
+    found = {}
+    for table in tables:
+        if table == "images":
+            read = in_images
+        else:
+            files = _table_files(db, table)
+            read = [name for name in files if shard_of_file(name) is None]
+            sharded = [name for name in files if shard_of_file(name) is not None]
+            if known:
+                read += [name for name in sharded if shard_of_file(name) in shards]
+            elif sharded:
+                read += _files_holding(db, _listed(sharded), ids)
+        found[table] = (
+            db.sql(f"SELECT * FROM read_parquet({_listed(read)}) WHERE image_id IN ({ids})")
+            if read
+            else db.sql(f"SELECT * FROM {table} LIMIT 0")  # a table of no files: its schema
+        ).to_arrow_table()
+    return found
+
+
+def _glob(table: str) -> str:
+    """SQL naming every file of a view :meth:`Run.connect` made."""
+    return sql_string(f"{RUN_PROTOCOL}://{table}/*.parquet")
+
+
+def _listed(files: Sequence[str]) -> str:
+    return "[" + ", ".join(sql_string(name) for name in sorted(files)) + "]"
+
+
+def _table_files(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """The files of a view :meth:`Run.connect` made (none for a table without files: a
+    registered Arrow table, whose glob the connection does not allow)."""
     [(has_files,)] = db.sql(
         "SELECT count(*) FROM duckdb_views() WHERE view_name = $name AND contains(sql, $glob)",
-        params={"name": table, "glob": glob},
+        params={"name": table, "glob": f"{RUN_PROTOCOL}://{table}/*.parquet"},
     ).fetchall()
-    if not has_files:  # a table without files is an empty registered Arrow table
-        return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
+    if not has_files:
+        return []
+    return [name for (name,) in db.sql(f"SELECT file FROM glob({_glob(table)})").fetchall()]
+
+
+def _files_holding(db: duckdb.DuckDBPyConnection, files: str, ids: str) -> list[str]:
+    """Those of ``files`` (SQL: a glob or a list) that hold a row of the images ``ids``
+    (SQL), from a scan of their ``image_id`` column alone."""
     found = db.sql(
-        f"SELECT DISTINCT filename FROM read_parquet({sql_string(glob)}, filename = true) "
+        f"SELECT DISTINCT filename FROM read_parquet({files}, filename = true) "
         f"WHERE image_id IN ({ids})"
-    ).fetchall()
-    files = ", ".join(sql_string(name) for (name,) in sorted(found))
-    if not files:
-        return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
-    return db.sql(
-        f"SELECT * FROM read_parquet([{files}]) WHERE image_id IN ({ids})"
-    ).to_arrow_table()
+    )
+    return [name for (name,) in found.fetchall()]
 
 
 def open_run(location: str, *, latest: bool = False) -> Run:

@@ -337,13 +337,15 @@ class RunStore:
         committed = self.committed() if shards is None else None
         return self._files(name, committed if shards is None else set(shards), committed)
 
-    def table_files(self) -> dict[str, list[str]]:
-        """Every table's :meth:`files`, of the same committed shards, listed once (the tables'
-        logs read at once: each is a few requests on an object store)."""
+    def table_files(self, names: Collection[str] | None = None) -> dict[str, list[str]]:
+        """Every table's :meth:`files` (or those of the tables ``names``), of the same
+        committed shards, listed once (the tables' logs read at once: each is a few requests
+        on an object store)."""
+        names = list(schema.TABLES) if names is None else [n for n in schema.TABLES if n in names]
         committed = self.committed()
-        with ThreadPoolExecutor(len(schema.TABLES)) as pool:
-            listed = pool.map(lambda name: self._files(name, committed, committed), schema.TABLES)
-            return dict(zip(schema.TABLES, listed, strict=True))
+        with ThreadPoolExecutor(max(len(names), 1)) as pool:
+            listed = pool.map(lambda name: self._files(name, committed, committed), names)
+            return dict(zip(names, listed, strict=True))
 
     def _files(self, name: str, wanted: set[int], committed: set[int] | None) -> list[str]:
         uris = self._delta(name).file_uris()
