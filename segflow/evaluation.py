@@ -84,8 +84,10 @@ class Run:
         db.execute("SET TimeZone = 'UTC'")
         # Its bar goes to stdout on a slow query, into `segflow query --format json|csv`.
         db.execute("SET enable_progress_bar = false")
-        # A command reads a table more than once (evaluate: images, then the metric tables).
-        db.execute("SET parquet_metadata_cache = true")
+        # No cache of the files' footers: a run's thousands of shard files would hold them
+        # all (1M images: 340 MB peak for one scan of masks, not 250); a second scan of a
+        # table (evaluate's) reads its small footers again.
+        db.execute("SET parquet_metadata_cache = false")
         exposed = expose_files(db, self.store.fs, self.store.table_files(tables))
         for name, files in exposed.items():
             if files:
