@@ -44,6 +44,7 @@ from segflow.sql import (
     predicate_problem,
     select_where,
     sql_string,
+    tables_named,
 )
 from segflow.store import RunStore, shard_of_file
 
@@ -222,8 +223,24 @@ def evaluate_run(
     ``location`` and ``latest``); with ``bootstrap``, also ``intervals``: per headline figure
     (:func:`headline_figures`) its ``[low, high]`` (:mod:`segflow.bootstrap`)."""
     run = open_run(location, latest=latest)
-    with run.connect() as db:
+    with run.connect(tables=evaluated_tables(run, where)) as db:
         return evaluate(run, db, where, bootstrap=bootstrap).result
+
+
+# What evaluating a run reads, by its task: images (to select), then the metric rows.
+_METRIC_TABLES = {
+    "semantic": ("class_stats", "confusion"),
+    "instance": ("coco_detections", "coco_ground_truth"),
+}
+
+
+def evaluated_tables(run: Run, where: str | None) -> set[str] | None:
+    """The tables :func:`evaluate` reads of ``run``, ``where``'s subqueries' included (None:
+    every table, for a run :func:`select` refuses)."""
+    if run.evaluation is None:
+        return None
+    named = tables_named(select_where(where, "images"), schema.TABLES) if where else set()
+    return {"images", *_METRIC_TABLES[run.evaluation["task"]], *named}
 
 
 def instance_scores(location: str, *, where: str | None = None) -> dict[str, CocoScores]:
@@ -483,7 +500,8 @@ def write_coco_results(location: str, out: str, *, batch: int = COCO_RESULTS_BAT
 
 def _text(texts: pa.StringArray) -> memoryview:
     """An Arrow string array's strings back to back, as it holds them (no copy)."""
-    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset :][: len(texts) + 1]
+    offset = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    offsets = np.frombuffer(texts.buffers()[1], offset)[texts.offset :][: len(texts) + 1]
     return memoryview(texts.buffers()[2] or b"")[offsets[0] : offsets[-1]] if len(texts) else b""
 
 

@@ -389,6 +389,10 @@ class RunStore:
             table.optimize.z_order(
                 ["image_id"],
                 target_size=target_size,
+                # One sort at a time, with the whole budget: two at once (one a CPU) each had
+                # half, and a 1M-image run's masks failed ("not enough memory to continue
+                # external sort").
+                max_concurrent_tasks=1,
                 max_spill_size=COMPACTION_SPILL_BYTES,
                 writer_properties=properties,
             )
