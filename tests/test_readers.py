@@ -157,3 +157,18 @@ def test_the_rows_of_a_few_images_are_those_of_their_shard_files(instance_run):
                 expected.to_arrow_table().to_pylist(), key=str
             )
         assert found["images"].num_rows == 2 and found["masks"].num_rows > 2
+
+
+def test_evaluate_lists_the_tables_it_reads_and_those_its_slice_names(instance_run):
+    from segflow.evaluation import evaluate_run, evaluated_tables, open_run
+
+    run = open_run(str(instance_run))
+    metric = {"images", "coco_detections", "coco_ground_truth"}
+    assert evaluated_tables(run, None) == metric
+    where = (
+        "image_id NOT IN (SELECT image_id FROM errors) AND image_id IN (SELECT image_id FROM masks)"
+    )
+    assert evaluated_tables(run, where) == metric | {"errors", "masks"}
+    # The slice's subqueries read their tables: every image has masks and none failed.
+    sliced, whole = evaluate_run(str(instance_run), where=where), evaluate_run(str(instance_run))
+    assert sliced["where"] == where and sliced | {"where": None} == whole
