@@ -383,7 +383,7 @@ def instance_seed(work: Path) -> tuple[dict[str, pa.Table], dict[str, Any]]:
         from pycocotools.coco import COCO as CocoApi
 
         from segflow.groundtruth import open_ground_truth
-        from segflow.scoring import ImageScorer
+        from segflow.scoring import scorer_for
         from segflow.shard import mask_rows
         from tests.conftest import image_row, jittered_detections
 
@@ -394,7 +394,7 @@ def instance_seed(work: Path) -> tuple[dict[str, pa.Table], dict[str, Any]]:
         for category_id, category in coco.cats.items():
             names[category_id] = category["name"]
         ground_truth = open_ground_truth(f"coco:{gt_path}")
-        scorer = ImageScorer(ground_truth, tuple(names), "instance")
+        scorer = scorer_for(ground_truth, tuple(names), "instance")
         model = type("Jitter", (), {"name": "jitter", "classes": tuple(names), "task": "instance"})
         rng = np.random.default_rng(3)
         masks, images = [], []

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,14 +38,15 @@ import duckdb
 import fsspec
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageDraw, ImageFont
 
-from segflow import palette, rle
 from segflow.errors import SegflowError
-from segflow.evaluation import open_run, rows_of_images
+from segflow.evaluation import open_run, tables_of_images
 
 if TYPE_CHECKING:
     import polars as pl
+    from PIL import Image, ImageDraw, ImageFont
+
+    from segflow import rle
 
 __all__ = [
     "AnalyticsError",
@@ -63,7 +64,9 @@ class AnalyticsError(SegflowError, ValueError):
     """A request about a run that cannot be answered; the message names what and why."""
 
 
-def connect(location: str, *, allow_external: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(
+    location: str, *, allow_external: bool = False, tables: Collection[str] | None = None
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the run's tables as views (see
     :func:`~segflow.evaluation.open_run` for ``location``), the mask functions, and the
     session time zone set to UTC so that ``date_trunc`` buckets the UTC timestamps the run
@@ -75,8 +78,9 @@ def connect(location: str, *, allow_external: bool = False) -> duckdb.DuckDBPyCo
     ``ATTACH``), no extensions, and its settings are locked (:func:`segflow.sql.lock_down`),
     so it can be handed SQL from anyone. Pass
     ``allow_external=True`` for SQL you trust to also reach the machine's files (DuckDB's
-    usual connection, settings unlocked)."""
-    db = open_run(location).connect(allow_external=allow_external)
+    usual connection, settings unlocked), and ``tables`` for views of those tables only
+    (:func:`segflow.sql.tables_named` finds those SQL reads)."""
+    db = open_run(location).connect(allow_external=allow_external, tables=tables)
     register_functions(db)
     return db
 
@@ -110,23 +114,37 @@ class _Function:
         return call
 
 
+# segflow.rle and PIL are imported where a mask is computed on: `segflow query` starts
+# without them.
+
+
 def _rles(counts: list[str], heights: list[int], widths: list[int]) -> list[rle.RLE]:
     return [{"size": [h, w], "counts": c} for c, h, w in zip(counts, heights, widths, strict=True)]
 
 
 def _areas(counts: list[str], heights: list[int], widths: list[int]) -> list[int]:
+    from segflow import rle
+
     return rle.area(_rles(counts, heights, widths)).astype(np.int64).tolist()
 
 
 def _bboxes(counts: list[str], heights: list[int], widths: list[int]) -> list[list[float]]:
+    from segflow import rle
+
     return rle.to_bbox(_rles(counts, heights, widths)).tolist()
 
 
 def _ious(a: list[str], b: list[str], heights: list[int], widths: list[int]) -> list[float]:
+    from segflow import rle
+
     return rle.iou_pairs(_rles(a, heights, widths), _rles(b, heights, widths)).tolist()
 
 
 def _pngs(counts: list[str], heights: list[int], widths: list[int]) -> list[bytes]:
+    from PIL import Image
+
+    from segflow import rle
+
     encoded = []
     for mask in _rles(counts, heights, widths):
         buffer = io.BytesIO()
@@ -223,16 +241,19 @@ def overlay(
     """
     if not 0 <= alpha <= 1:
         raise AnalyticsError(f"alpha must be between 0 and 1, got {alpha}")
+    from PIL import Image, ImageDraw, ImageFont
+
+    from segflow import palette, rle
     from segflow.decode import decode_rgb
 
     run = open_run(location)
     with run.connect() as db:
-        found = db.sql("SELECT uri FROM images WHERE image_id = $id", params={"id": image_id})
-        uris = found.fetchall()
-        if not uris:
-            raise AnalyticsError(f"{run.uri} has no image with id {image_id} in its images table")
-        [(uri,)] = uris
-        rows = rows_of_images(db, "masks", [image_id]).to_pylist()
+        found = tables_of_images(db, ["images", "masks"], [image_id])
+    uris = found["images"].column("uri").to_pylist()
+    if not uris:
+        raise AnalyticsError(f"{run.uri} has no image with id {image_id} in its images table")
+    [uri] = uris
+    rows = found["masks"].to_pylist()
     with fsspec.open(uri, "rb") as f:
         pixels = decode_rgb(f.read(), name=uri)
     height, width = pixels.shape[:2]

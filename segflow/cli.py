@@ -358,7 +358,9 @@ def segment(
     ]
     if any(problems):
         described = "; ".join(p for p in problems if p)
-        console.print(f"[red]{described}[/]: see {summary['output']}/errors/")
+        # Not the errors/ folder: a Delta table's folder can hold files no commit added.
+        errors = f'segflow query {summary["output"]} "SELECT * FROM errors"'
+        console.print(f"[red]{described}[/]: see {errors}", soft_wrap=True)
         raise typer.Exit(code=IMAGES_FAILED)
 
 
@@ -598,15 +600,11 @@ def export_coco(
     out: Annotated[str, typer.Argument(help="Where to write the COCO results JSON.")],
 ) -> None:
     """Write a run's detections as COCO results (what pycocotools' loadRes reads)."""
-    import fsspec
-
-    from segflow.evaluation import coco_results_of_run
+    from segflow.evaluation import write_coco_results
 
     with _reported():
-        results = coco_results_of_run(run)
-        with fsspec.open(out, "w") as f:
-            json.dump(results, f)
-    console.print(f"{len(results)} detections written to {out}")
+        written = write_coco_results(run, out)
+    console.print(f"{written} detections written to {out}")
 
 
 @app.command("export-vector")
@@ -692,12 +690,15 @@ def query(
     The SQL reads those tables and nothing else, unless --allow-external."""
     import duckdb
 
+    from segflow import schema
     from segflow.analytics import AnalyticsError, connect
+    from segflow.sql import tables_named
 
     if output_format not in ("table", "csv", "json"):
         console.print(f"[red]error:[/] --format must be table, csv or json, not {output_format!r}")
         raise typer.Exit(code=NOT_STARTED)
-    with _reported(), connect(run, allow_external=allow_external) as db:
+    tables = tables_named(sql, schema.TABLES)
+    with _reported(), connect(run, allow_external=allow_external, tables=tables) as db:
         try:
             result = db.sql(sql)
             names, rows = result.columns, result.fetchall()

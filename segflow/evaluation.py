@@ -22,8 +22,10 @@ interval from the same state and the same reductions (:mod:`segflow.bootstrap`).
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +36,6 @@ import pyarrow as pa
 
 from segflow import schema
 from segflow.errors import SegflowError
-from segflow.metrics.figures import (
-    INSTANCE_SUMS,
-    INTEGER_SUMS,
-    SOFT_SUMS,
-    ClassSums,
-    figures_in,
-)
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.sql import (
     RUN_PROTOCOL,
@@ -49,8 +44,9 @@ from segflow.sql import (
     predicate_problem,
     select_where,
     sql_string,
+    tables_named,
 )
-from segflow.store import RunStore
+from segflow.store import RunStore, shard_of_file
 
 if TYPE_CHECKING:
     from segflow.bootstrap import Bootstrap
@@ -76,19 +72,24 @@ class Run:
     def uri(self) -> str:
         return self.store.uri
 
-    def connect(self, *, allow_external: bool = False) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with a view of each of the run's tables, over the
-        committed shards when it opens (a table without any has the schema of
-        :data:`segflow.schema.TABLES` and no rows), and the session time zone UTC, the zone
-        of the run's timestamps. It reads nothing but those views' files, and writes none
-        (:func:`segflow.sql.lock_down`), unless ``allow_external``."""
+    def connect(
+        self, *, allow_external: bool = False, tables: Collection[str] | None = None
+    ) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with a view of each of the run's tables (or of
+        those of ``tables``: each table's log is read to list its files, so SQL that names a
+        few needs only theirs), over the committed shards when it opens (a table without any
+        has the schema of :data:`segflow.schema.TABLES` and no rows), and the session time
+        zone UTC, the zone of the run's timestamps. It reads nothing but those views' files,
+        and writes none (:func:`segflow.sql.lock_down`), unless ``allow_external``."""
         db = duckdb.connect()
         db.execute("SET TimeZone = 'UTC'")
         # Its bar goes to stdout on a slow query, into `segflow query --format json|csv`.
         db.execute("SET enable_progress_bar = false")
-        # A command reads a table more than once (evaluate: images, then the metric tables).
-        db.execute("SET parquet_metadata_cache = true")
-        exposed = expose_files(db, self.store.fs, self.store.table_files())
+        # No cache of the files' footers: a run's thousands of shard files would hold them
+        # all (1M images: 340 MB peak for one scan of masks, not 250); a second scan of a
+        # table (evaluate's) reads its small footers again.
+        db.execute("SET parquet_metadata_cache = false")
+        exposed = expose_files(db, self.store.fs, self.store.table_files(tables))
         for name, files in exposed.items():
             if files:
                 db.execute(
@@ -103,29 +104,77 @@ class Run:
 
 
 def rows_of_images(db: duckdb.DuckDBPyConnection, table: str, image_ids: Sequence[int]) -> pa.Table:
-    """The rows of ``table`` (a view :meth:`Run.connect` made) of a few images, reading only
-    the files that hold them: a scan of the ``image_id`` column alone finds those files
-    (after a compaction the row groups whose ``image_id`` range holds none of them are
-    skipped too), then those files are read whole. A filter over the whole view would
-    decode every column of every file, and a run has thousands of shard files."""
+    """The rows of ``table`` (a view :meth:`Run.connect` made) of a few images
+    (:func:`tables_of_images`)."""
+    return tables_of_images(db, [table], image_ids)[table]
+
+
+def tables_of_images(
+    db: duckdb.DuckDBPyConnection, tables: Sequence[str], image_ids: Sequence[int]
+) -> dict[str, pa.Table]:
+    """The rows of each of ``tables`` (views :meth:`Run.connect` made) of a few images,
+    reading only the files that hold them. A filter over a whole view would decode every
+    column of every file, and a run has thousands of shard files; but a shard file holds
+    one shard, and the same shards are in every table: a scan of the ``image_id`` column
+    of ``images`` alone (a row an image: the table of fewest rows) finds the images' shards,
+    whose file is then read in each table. A compacted table's files hold every shard,
+    sorted by ``image_id``: they are read with the filter, which skips every row group whose
+    ``image_id`` range holds none of the images."""
     ids = ", ".join(str(int(i)) for i in image_ids) or "NULL"
-    glob = f"{RUN_PROTOCOL}://{table}/*.parquet"
+    images = _table_files(db, "images")
+    in_images = _files_holding(db, _glob("images"), ids) if images else []
+    # The images' shards are known when images is in shard files (not compacted).
+    known = bool(images) and None not in {shard_of_file(name) for name in images}
+    shards = {shard_of_file(name) for name in in_images}
+    found = {}
+    for table in tables:
+        if table == "images":
+            read = in_images
+        else:
+            files = _table_files(db, table)
+            read = [name for name in files if shard_of_file(name) is None]
+            sharded = [name for name in files if shard_of_file(name) is not None]
+            if known:
+                read += [name for name in sharded if shard_of_file(name) in shards]
+            elif sharded:
+                read += _files_holding(db, _listed(sharded), ids)
+        found[table] = (
+            db.sql(f"SELECT * FROM read_parquet({_listed(read)}) WHERE image_id IN ({ids})")
+            if read
+            else db.sql(f"SELECT * FROM {table} LIMIT 0")  # a table of no files: its schema
+        ).to_arrow_table()
+    return found
+
+
+def _glob(table: str) -> str:
+    """SQL naming every file of a view :meth:`Run.connect` made."""
+    return sql_string(f"{RUN_PROTOCOL}://{table}/*.parquet")
+
+
+def _listed(files: Sequence[str]) -> str:
+    return "[" + ", ".join(sql_string(name) for name in sorted(files)) + "]"
+
+
+def _table_files(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """The files of a view :meth:`Run.connect` made (none for a table without files: a
+    registered Arrow table, whose glob the connection does not allow)."""
     [(has_files,)] = db.sql(
         "SELECT count(*) FROM duckdb_views() WHERE view_name = $name AND contains(sql, $glob)",
-        params={"name": table, "glob": glob},
+        params={"name": table, "glob": f"{RUN_PROTOCOL}://{table}/*.parquet"},
     ).fetchall()
-    if not has_files:  # a table without files is an empty registered Arrow table
-        return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
+    if not has_files:
+        return []
+    return [name for (name,) in db.sql(f"SELECT file FROM glob({_glob(table)})").fetchall()]
+
+
+def _files_holding(db: duckdb.DuckDBPyConnection, files: str, ids: str) -> list[str]:
+    """Those of ``files`` (SQL: a glob or a list) that hold a row of the images ``ids``
+    (SQL), from a scan of their ``image_id`` column alone."""
     found = db.sql(
-        f"SELECT DISTINCT filename FROM read_parquet({sql_string(glob)}, filename = true) "
+        f"SELECT DISTINCT filename FROM read_parquet({files}, filename = true) "
         f"WHERE image_id IN ({ids})"
-    ).fetchall()
-    files = ", ".join(sql_string(name) for (name,) in sorted(found))
-    if not files:
-        return db.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table()
-    return db.sql(
-        f"SELECT * FROM read_parquet([{files}]) WHERE image_id IN ({ids})"
-    ).to_arrow_table()
+    )
+    return [name for (name,) in found.fetchall()]
 
 
 def open_run(location: str, *, latest: bool = False) -> Run:
@@ -174,8 +223,24 @@ def evaluate_run(
     ``location`` and ``latest``); with ``bootstrap``, also ``intervals``: per headline figure
     (:func:`headline_figures`) its ``[low, high]`` (:mod:`segflow.bootstrap`)."""
     run = open_run(location, latest=latest)
-    with run.connect() as db:
+    with run.connect(tables=evaluated_tables(run, where)) as db:
         return evaluate(run, db, where, bootstrap=bootstrap).result
+
+
+# What evaluating a run reads, by its task: images (to select), then the metric rows.
+_METRIC_TABLES = {
+    "semantic": ("class_stats", "confusion"),
+    "instance": ("coco_detections", "coco_ground_truth"),
+}
+
+
+def evaluated_tables(run: Run, where: str | None) -> set[str] | None:
+    """The tables :func:`evaluate` reads of ``run``, ``where``'s subqueries' included (None:
+    every table, for a run :func:`select` refuses)."""
+    if run.evaluation is None:
+        return None
+    named = tables_named(select_where(where, "images"), schema.TABLES) if where else set()
+    return {"images", *_METRIC_TABLES[run.evaluation["task"]], *named}
 
 
 def instance_scores(location: str, *, where: str | None = None) -> dict[str, CocoScores]:
@@ -294,6 +359,8 @@ def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[
 def headline_figures(result: dict[str, Any]) -> dict[str, float | None]:
     """The dataset-level figures of :func:`evaluate_run`'s result, flat and named
     (``semantic/miou``, ``segm/AP50``, ...): what is tracked from one evaluation to the next."""
+    from segflow.metrics.figures import figures_in
+
     figures: dict[str, float | None] = {}
     if "semantic" in result:
         semantic = result["semantic"]
@@ -311,6 +378,9 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
     ``class_stats`` (all of its rows when ``every_image``: every image of the run is in
     ``evaluated``), summed by class in DuckDB (integers exactly; the soft sums, floats, to
     rounding), with the confusion matrix and the classes' pixel counts."""
+    # Here, not at the top: `segflow query` and `show` start without the metrics.
+    from segflow.metrics.figures import INSTANCE_SUMS, INTEGER_SUMS, SOFT_SUMS, ClassSums
+
     classes = run.evaluation["classes"]
     of_evaluated = "" if every_image else " SEMI JOIN evaluated USING (image_id)"
     # A run written before a column existed reads it as null: its figure is undefined.
@@ -392,32 +462,158 @@ def coco_states(
 def coco_results_of_run(location: str) -> list[dict[str, Any]]:
     """A run's detections as COCO results (what pycocotools' ``loadRes`` reads), with the
     ground truth's image and category ids when the run was evaluated against COCO ground
-    truth, segflow's image ids and class ids otherwise.
+    truth, segflow's image ids and class ids otherwise, in the masks' order: the list
+    :func:`write_coco_results` writes.
 
     Each result has the detector's ``bbox`` and the mask. pycocotools, given results with
     boxes, takes a box's area for the area ranges of ``segm`` too: drop the boxes (as
     detectron2 does, and as ``segflow evaluate`` does for ``segm``) to score masks by their
     own area.
     """
-    from segflow.coco_results import coco_results_from_masks
-    from segflow.groundtruth import coco_image_id
+    text = b"".join(_text(texts) for texts in _coco_result_texts(location))
+    return json.loads(b"[" + text[1:] + b"]")
+
+
+# Results a batch: the JSON text of one batch is in memory at a time.
+COCO_RESULTS_BATCH = 20_000
+
+
+def write_coco_results(location: str, out: str, *, batch: int = COCO_RESULTS_BATCH) -> int:
+    """Write the run's detections (:func:`coco_results_of_run`) to ``out`` (a local path or
+    fsspec URL) as one JSON list, and return how many. DuckDB makes each result's JSON text
+    in one scan of the masks, about ``batch`` results at a time, and they are written as
+    Arrow holds them: no Python object a result, and memory that of a batch however many
+    masks the run has. Nothing is written when the run has no detections to give (a
+    semantic run)."""
+    batches = _coco_result_texts(location, batch)
+    first = next(batches, pa.array([], pa.string()))  # the run is checked before out is opened
+    written = 0
+    with fsspec.open(out, "wb") as f:
+        f.write(b"[")
+        for texts in itertools.chain([first], batches):
+            text = _text(texts)
+            f.write(text if written else text[1:])  # each text begins with its comma
+            written += len(texts)
+        f.write(b"]")
+    return written
+
+
+def _text(texts: pa.StringArray) -> memoryview:
+    """An Arrow string array's strings back to back, as it holds them (no copy)."""
+    offset = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    offsets = np.frombuffer(texts.buffers()[1], offset)[texts.offset :][: len(texts) + 1]
+    return memoryview(texts.buffers()[2] or b"")[offsets[0] : offsets[-1]] if len(texts) else b""
+
+
+def _coco_result_texts(location: str, batch: int = COCO_RESULTS_BATCH) -> Iterator[pa.StringArray]:
+    """The JSON texts of the run's COCO results, each after a comma, about ``batch`` at a
+    time (see :func:`write_coco_results`)."""
+    import pyarrow.compute as pc
 
     run = open_run(location)
     with run.connect() as db:
-        if db.sql("SELECT 1 FROM masks WHERE instance IS NULL LIMIT 1").fetchall():
+        [(semantic, unscored)] = db.sql(
+            "SELECT count(*) FILTER (instance IS NULL), count(*) FILTER (score IS NULL) FROM masks"
+        ).fetchall()
+        if semantic:
             raise EvaluationError(f"{run.uri} is a semantic run: COCO results are detections")
-        if run.evaluation is None or run.evaluation["task"] != "instance":
-            masks = db.sql("SELECT * FROM masks").to_arrow_table()
-            return coco_results_from_masks(masks)
-        category_ids = {name: int(i) for i, name in run.evaluation["categories"].items()}
-        images = db.sql("SELECT image_id, gt_uri FROM images WHERE gt_uri IS NOT NULL")
-        image_ids = {image_id: coco_image_id(source) for image_id, source in images.fetchall()}
-        masks = db.sql(
-            "SELECT * FROM masks WHERE list_contains($names, class_name) "
-            "AND image_id IN (SELECT image_id FROM images WHERE gt_uri IS NOT NULL)",
-            params={"names": list(category_ids)},
-        ).to_arrow_table()
-    return coco_results_from_masks(masks, image_ids=image_ids, category_ids=category_ids)
+        if unscored:
+            raise EvaluationError(f"{run.uri}: {unscored} detection(s) have no score")
+        ids = _coco_ids(run, db)
+        # By DuckDB, in a scan of the masks alone: a scan keeps the masks' order, a join
+        # would not (COCOeval breaks ties of score by that order). With the ground truth's
+        # ids, those are put in front here. The score as a double: a float32's shortest
+        # text reads back as another number.
+        fields = (
+            "'score': score::DOUBLE, 'bbox': bbox, "
+            "'segmentation': {'size': [height, width], 'counts': counts}"
+        )
+        if ids is None:
+            text = f"',' || to_json({{'image_id': image_id, 'category_id': class_id, {fields}}})"
+        else:
+            text = f"substr(to_json({{{fields}}})::VARCHAR, 2)"  # less its "{"
+        scanned = db.sql(f"SELECT image_id, class_name, {text} AS text FROM masks").to_arrow_reader(
+            batch
+        )
+        for masks in _gathered(scanned, batch):
+            texts = masks["text"]
+            if ids is not None:
+                image_id, category_id, kept = ids.of(masks["image_id"], masks["class_name"])
+                texts = pc.binary_join_element_wise(
+                    ',{"image_id":',
+                    pc.cast(image_id, pa.string()),
+                    ',"category_id":',
+                    pc.cast(category_id, pa.string()),
+                    ",",
+                    texts.filter(kept),
+                    "",
+                )
+            yield texts.combine_chunks()
+
+
+def _gathered(batches: pa.RecordBatchReader, rows: int) -> Iterator[pa.Table]:
+    """``batches`` (DuckDB streams a few thousand rows a batch) as tables of at least
+    ``rows`` rows but the last: Arrow's calls then cost once per many rows."""
+    gathered: list[pa.RecordBatch] = []
+    for batch in batches:
+        gathered.append(batch)
+        if sum(b.num_rows for b in gathered) >= rows:
+            yield pa.Table.from_batches(gathered)
+            gathered = []
+    if gathered:
+        yield pa.Table.from_batches(gathered)
+
+
+@dataclass(frozen=True)
+class _CocoIds:
+    """The ground truth's image ids of a run's images, by segflow image id (sorted), and its
+    category ids by class name."""
+
+    image_ids: np.ndarray
+    coco_image_ids: np.ndarray
+    class_names: pa.Array
+    category_ids: pa.Array
+
+    def of(
+        self, image_ids: pa.ChunkedArray, class_names: pa.ChunkedArray
+    ) -> tuple[pa.Array, pa.Array, pa.Array]:
+        """Rows' ground-truth image and category ids, of the rows that have both, and which
+        rows those are."""
+        import pyarrow.compute as pc
+
+        wanted = image_ids.to_numpy()
+        at = np.minimum(np.searchsorted(self.image_ids, wanted), len(self.image_ids) - 1)
+        found = self.image_ids[at] == wanted if len(self.image_ids) else np.zeros(len(wanted), bool)
+        category = pc.take(self.category_ids, pc.index_in(class_names, value_set=self.class_names))
+        kept = pc.and_(pa.array(found), pc.is_valid(category))
+        coco = pa.array(self.coco_image_ids[at] if len(self.image_ids) else wanted, pa.int64())
+        return coco.filter(kept), category.filter(kept), kept
+
+
+def _coco_ids(run: Run, db: duckdb.DuckDBPyConnection) -> _CocoIds | None:
+    """The ground truth's ids of an instance run evaluated against COCO; None for another
+    run (its results keep segflow's image ids and class ids)."""
+    from segflow.groundtruth import coco_image_id
+
+    if run.evaluation is None or run.evaluation["task"] != "instance":
+        return None
+    sources = db.sql("SELECT DISTINCT gt_uri FROM images WHERE gt_uri IS NOT NULL").fetchall()
+    uris = [uri for (uri,) in sources]
+    db.register(
+        "coco_images", pa.table({"gt_uri": uris, "coco_id": [coco_image_id(u) for u in uris]})
+    )
+    images = db.sql(
+        "SELECT image_id, coco_id::BIGINT AS coco_id FROM images JOIN coco_images USING (gt_uri) "
+        "ORDER BY image_id"
+    ).fetchnumpy()
+    db.unregister("coco_images")
+    categories = {name: int(i) for i, name in run.evaluation["categories"].items()}
+    return _CocoIds(
+        np.asarray(images["image_id"]),
+        np.asarray(images["coco_id"]),
+        pa.array(list(categories), pa.string()),
+        pa.array(list(categories.values()), pa.int64()),
+    )
 
 
 def _number(value: float, undefined: float | None = None) -> float | None:

@@ -818,8 +818,8 @@ def _errors_section(db: duckdb.DuckDBPyConnection) -> str:
         for row in listed
     )
     more = (
-        f'<p class="note">{errors - ERROR_ROWS:,} more: see the run\'s '
-        "<code>errors/</code> table.</p>"
+        f'<p class="note">{errors - ERROR_ROWS:,} more: '
+        '<code>segflow query RUN "SELECT * FROM errors"</code> lists them all.</p>'
         if errors > ERROR_ROWS
         else ""
     )

@@ -187,9 +187,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from segflow import rle
 from segflow.errors import SegflowError
 from segflow.metrics.instance import AREA_RANGES
 
@@ -380,11 +378,15 @@ def write_table(name: str, table: pa.Table, where: Any, filesystem: Any = None) 
         raise SchemaError(f"table {name!r} does not match its schema:\n{table.schema}")
     metadata = {b"segflow.schema_version": SCHEMA_VERSION.encode(), b"segflow.table": name.encode()}
     table = table.replace_schema_metadata(metadata)
+    import pyarrow.parquet as pq
+
     pq.write_table(table, where, filesystem=filesystem, compression="zstd")
 
 
 def read_table(name: str, where: Any, filesystem: Any = None) -> pa.Table:
     """Read a segflow Parquet file, refusing files of another table or schema version."""
+    import pyarrow.parquet as pq
+
     table = pq.read_table(where, filesystem=filesystem)
     metadata = table.schema.metadata or {}
     found_name = metadata.get(b"segflow.table", b"").decode()
@@ -406,6 +408,8 @@ def mask_from_row(row: Mapping[str, Any]) -> np.ndarray:
         counts = row["counts"]
     except KeyError as exc:
         raise SchemaError(f"a masks row needs height, width and counts; missing {exc}") from None
+    from segflow import rle  # a reader of the tables starts without it
+
     return rle.decode({"size": size, "counts": counts})
 
 

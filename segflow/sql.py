@@ -73,11 +73,16 @@ class _ReadOnlyFiles(fsspec.AbstractFileSystem):
     def _strip_protocol(cls, path: str) -> str:
         return path.removeprefix(f"{RUN_PROTOCOL}://")
 
+    def open(self, path: str, mode: str = "rb", **kwargs: Any):
+        # fsspec's open less its text modes, compression and transactions: DuckDB opens each
+        # file twice a scan, thousands of files a query, so every call here counts.
+        return self._open(path, mode)
+
     def _open(self, path: str, mode: str = "rb", **kwargs: Any):
         path = self._known(path)
         if mode != "rb":
             raise PermissionError(f"{path}: a run's tables are read-only here")
-        size = self.info(path)["size"]
+        size = self._info(path)["size"]
         if isinstance(self._fs, LocalFileSystem):
             fd = os.open(path, os.O_RDONLY)
             return _PositionalFile(lambda start, n: os.pread(fd, n, start), size, fd)
@@ -85,22 +90,33 @@ class _ReadOnlyFiles(fsspec.AbstractFileSystem):
         return _PositionalFile(lambda start, n: fs.cat_file(path, start=start, end=start + n), size)
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        return self._info(self._known(path))
+
+    def size(self, path: str) -> int:
+        return self._info(self._known(path))["size"]
+
+    def modified(self, path: str) -> datetime.datetime:
         path = self._known(path)
-        if self._details[path] is None and isinstance(self._fs, LocalFileSystem):
+        details = self._info(path)
+        return details.get("modified") or details.get("LastModified") or self._fs.modified(path)
+
+    def _info(self, path: str) -> dict[str, Any]:
+        """The details of a file of the run (``path`` stripped and known)."""
+        details = self._details[path]
+        if details is not None:
+            return details
+        if isinstance(self._fs, LocalFileSystem):
             # One stat: fsspec's own info costs ten times that, on thousands of files.
             found = os.stat(path)
-            self._details[path] = {
-                "name": path,
-                "size": found.st_size,
-                "type": "file",
-                "mtime": found.st_mtime,
-            }
-        if self._details[path] is None:
-            folder = path.rsplit("/", 1)[0]
-            for entry in self._fs.ls(folder, detail=True):
-                name = self._fs._strip_protocol(entry["name"])
-                if name in self._details:
-                    self._details[name] = entry | {"name": name}
+            modified = datetime.datetime.fromtimestamp(found.st_mtime, datetime.UTC)
+            details = {"name": path, "size": found.st_size, "type": "file", "modified": modified}
+            self._details[path] = details
+            return details
+        folder = path.rsplit("/", 1)[0]
+        for entry in self._fs.ls(folder, detail=True):
+            name = self._fs._strip_protocol(entry["name"])
+            if name in self._details:
+                self._details[name] = entry | {"name": name}
         if self._details[path] is None:
             raise FileNotFoundError(path)
         return self._details[path]
@@ -117,12 +133,6 @@ class _ReadOnlyFiles(fsspec.AbstractFileSystem):
             return [f"{RUN_PROTOCOL}://{p}" for p in self._tables[path]]
         # A file's name is read as it is, even one holding a glob's characters.
         return [f"{RUN_PROTOCOL}://{path}"] if path in self._details else []
-
-    def modified(self, path: str) -> datetime.datetime:
-        details = self.info(path)
-        if "mtime" in details:  # local
-            return datetime.datetime.fromtimestamp(details["mtime"], datetime.UTC)
-        return details.get("LastModified") or self._fs.modified(path)
 
     def _known(self, path: str) -> str:
         path = self._strip_protocol(path)
@@ -244,6 +254,27 @@ def predicate_problem(predicate: str, table: str, tables: Collection[str]) -> st
         if problem:
             return problem
     return None
+
+
+def tables_named(sql: str, tables: Collection[str]) -> set[str]:
+    """Which of ``tables`` the SQL reads, as DuckDB's parser finds them in its statements'
+    FROM clauses, subqueries' included: all of them unless every statement is a ``SELECT``
+    that names some of them and calls no table function (``query_table('masks')``,
+    ``duckdb_tables()``) that could read any."""
+    every = set(tables)
+    parsed = _parse(sql)
+    if parsed.get("error"):  # e.g. not a SELECT: SHOW TABLES, DESCRIBE masks
+        return every
+    by_name = {name.lower(): name for name in tables}
+    named = set()
+    for part in _nodes(parsed["statements"]):
+        if part.get("type") == "TABLE_FUNCTION" and "function" in part:
+            return every
+        if part.get("type") == "BASE_TABLE" and "table_name" in part:
+            name = by_name.get(part["table_name"].lower())
+            if name is not None:
+                named.add(name)
+    return named or every
 
 
 def _parse(statement: str) -> dict[str, Any]:

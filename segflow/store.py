@@ -51,16 +51,16 @@ import uuid
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from segflow import schema
 from segflow.errors import SegflowError
-from segflow.manifest import ManifestReader, Shard
+
+if TYPE_CHECKING:
+    from segflow.manifest import ManifestReader, Shard
 
 SHARDS_TABLE = "shards"
 SHARDS = pa.schema(
@@ -248,6 +248,8 @@ class RunStore:
 
     def open_manifest(self) -> ManifestReader:
         """The manifest, read a row range at a time (never whole: it may list millions)."""
+        from segflow.manifest import ManifestReader
+
         # Small blocks: a shard's read is one row group, not s3fs's default 50 MB read-ahead.
         return ManifestReader(self.fs.open(self.path("manifest.parquet"), "rb", block_size=1 << 20))
 
@@ -335,13 +337,15 @@ class RunStore:
         committed = self.committed() if shards is None else None
         return self._files(name, committed if shards is None else set(shards), committed)
 
-    def table_files(self) -> dict[str, list[str]]:
-        """Every table's :meth:`files`, of the same committed shards, listed once (the tables'
-        logs read at once: each is a few requests on an object store)."""
+    def table_files(self, names: Collection[str] | None = None) -> dict[str, list[str]]:
+        """Every table's :meth:`files` (or those of the tables ``names``), of the same
+        committed shards, listed once (the tables' logs read at once: each is a few requests
+        on an object store)."""
+        names = list(schema.TABLES) if names is None else [n for n in schema.TABLES if n in names]
         committed = self.committed()
-        with ThreadPoolExecutor(len(schema.TABLES)) as pool:
-            listed = pool.map(lambda name: self._files(name, committed, committed), schema.TABLES)
-            return dict(zip(schema.TABLES, listed, strict=True))
+        with ThreadPoolExecutor(max(len(names), 1)) as pool:
+            listed = pool.map(lambda name: self._files(name, committed, committed), names)
+            return dict(zip(names, listed, strict=True))
 
     def _files(self, name: str, wanted: set[int], committed: set[int] | None) -> list[str]:
         uris = self._delta(name).file_uris()
@@ -385,6 +389,10 @@ class RunStore:
             table.optimize.z_order(
                 ["image_id"],
                 target_size=target_size,
+                # One sort at a time, with the whole budget: two at once (one a CPU) each had
+                # half, and a 1M-image run's masks failed ("not enough memory to continue
+                # external sort").
+                max_concurrent_tasks=1,
                 max_spill_size=COMPACTION_SPILL_BYTES,
                 writer_properties=properties,
             )
@@ -400,6 +408,8 @@ class RunStore:
         return done
 
     def _put_data_file(self, name: str, shard: Shard, blob: pa.Buffer, table: pa.Table) -> DataFile:
+        import pyarrow.compute as pc  # a writer's: a reader of the tables starts without it
+
         relative = data_file_name(shard)
         # One put: on an object store the file appears whole or not at all; a local file
         # left half-written by a kill is in no table.
@@ -499,6 +509,8 @@ def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def _parquet_bytes(table: pa.Table) -> pa.Buffer:
+    import pyarrow.parquet as pq
+
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,12 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segflow.evaluation import EvaluationError, coco_results_of_run, evaluate_run
+from segflow.evaluation import (
+    EvaluationError,
+    coco_results_of_run,
+    evaluate_run,
+    write_coco_results,
+)
 from segflow.groundtruth import open_ground_truth
 from segflow.manifest import Shard
 from segflow.metrics.semantic import ConfusionMatrix
@@ -225,6 +231,81 @@ def test_export_coco_writes_what_load_res_reads(instance_run, coco_subset, tmp_p
         loaded = coco.loadRes(results)
     assert len(loaded.anns) == len(results) > 10
     assert {r["image_id"] for r in results} <= set(coco.imgs)
+
+
+def per_row_results(run: Path, evaluated: bool) -> list[dict]:
+    """The run's COCO results made a row at a time from its whole masks table (the export
+    before it streamed), read with pyarrow from the committed files."""
+    import pyarrow.parquet as pq
+
+    from segflow.coco_results import coco_results_from_masks
+    from segflow.groundtruth import coco_image_id
+
+    store = RunStore(str(run.parent), run.name.removeprefix("run="))
+    masks, images = (pq.read_table(store.files(name)) for name in ("masks", "images"))
+    if not evaluated:
+        return coco_results_from_masks(masks)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    category_ids = {name: int(i) for i, name in evaluation["categories"].items()}
+    image_ids = {
+        row["image_id"]: coco_image_id(row["gt_uri"])
+        for row in images.to_pylist()
+        if row["gt_uri"] is not None
+    }
+    kept = [
+        i
+        for i, row in enumerate(masks.select(["image_id", "class_name"]).to_pylist())
+        if row["image_id"] in image_ids and row["class_name"] in category_ids
+    ]
+    return coco_results_from_masks(masks.take(kept), image_ids=image_ids, category_ids=category_ids)
+
+
+@pytest.mark.parametrize("evaluated", [True, False], ids=["coco-ids", "run-ids"])
+def test_export_coco_streams_the_results_made_row_by_row(instance_run, tmp_path, evaluated):
+    """export-coco's JSON, written by DuckDB a batch at a time, parses to the results made a
+    row at a time in Python, in the same order (COCOeval breaks score ties by it); without
+    evaluation.json, with segflow's own ids."""
+    shutil.copytree(instance_run, tmp_path / "out")
+    run = tmp_path / "out" / "run=inst"
+    if not evaluated:
+        (run / "evaluation.json").unlink()
+    expected = per_row_results(run, evaluated)
+    assert len(expected) > 20
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [SEGFLOW, "export-coco", str(run), str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{len(expected)} detections written" in done.stderr
+    assert json.loads(out.read_text()) == expected
+    # Batches of 7 results: the joins between them, and a last batch shorter than the rest.
+    assert write_coco_results(str(run), str(tmp_path / "batched.json"), batch=7) == len(expected)
+    assert json.loads((tmp_path / "batched.json").read_text()) == expected
+    assert coco_results_of_run(str(run)) == expected
+
+
+def test_export_coco_of_a_semantic_run_refuses_and_writes_nothing(instance_run, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from segflow import schema
+
+    shutil.copytree(instance_run, tmp_path / "out")
+    run = tmp_path / "out" / "run=inst"
+    store = RunStore(str(run.parent), "inst")
+    tables = {name: pq.read_table(store.files(name)[0]) for name in schema.TABLES}
+    masks = tables["masks"]
+    at = masks.schema.get_field_index("instance")
+    tables["masks"] = masks.set_column(at, masks.field(at), pa.nulls(len(masks), pa.int32()))
+    summary = {"shard": 2, "images": 6, "failed": 0, "not_evaluated": 0, "masks": len(masks)}
+    store.commit_shard(Shard(2, 12, 18), tables, summary)
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [SEGFLOW, "export-coco", str(run), str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "is a semantic run: COCO results are detections" in done.stderr
+    assert not out.exists()
 
 
 def test_evaluate_cli_scores_a_results_file_as_cocoeval(instance_run, coco_subset, tmp_path):

@@ -105,3 +105,70 @@ def test_one_file_is_read_right_by_many_threads_at_once(tmp_path):
     [glob, *_] = expose_files(db, fsspec.filesystem("file"), {"table": [path]})["table"]
     for _ in range(3):
         assert db.sql(sql.format(f"'{glob}'")).fetchall() == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "named"),
+    [
+        ("SELECT count(*), sum(area) FROM masks", {"masks"}),
+        (
+            "WITH worst AS (SELECT image_id FROM Images ORDER BY miou LIMIT 3) "
+            "SELECT * FROM masks m JOIN worst USING (image_id) "
+            "WHERE image_id NOT IN (SELECT image_id FROM errors)",
+            {"images", "masks", "errors"},
+        ),
+        ("SELECT 1; SELECT * FROM main.class_stats", {"class_stats"}),
+        ("SELECT 1", set(schema.TABLES)),  # names none: every table, as without the option
+        ("SHOW TABLES", set(schema.TABLES)),  # not a SELECT
+        ("SELECT * FROM query_table('masks')", set(schema.TABLES)),  # a table function
+        ("SELECT table_name FROM information_schema.tables", set(schema.TABLES)),
+    ],
+)
+def test_sql_names_the_tables_it_reads(sql, named):
+    from segflow.sql import tables_named
+
+    assert tables_named(sql, schema.TABLES) == named
+
+
+def test_a_connection_of_some_tables_answers_as_one_of_all(instance_run):
+    sql = "SELECT class_name, count(*), sum(area) FROM masks GROUP BY 1 ORDER BY 1"
+    with connect(str(instance_run)) as every, connect(str(instance_run), tables={"masks"}) as db:
+        views = {name for (name,) in db.sql("SELECT view_name FROM duckdb_views()").fetchall()}
+        assert views >= {"masks"} and not views & (set(schema.TABLES) - {"masks"})
+        assert db.sql(sql).fetchall() == every.sql(sql).fetchall()
+        with pytest.raises(duckdb.CatalogException, match="images"):
+            db.sql("SELECT * FROM images")
+
+
+def test_the_rows_of_a_few_images_are_those_of_their_shard_files(instance_run):
+    """tables_of_images reads each table's file of the images' shards (found in images): the
+    rows are those a filter over each whole view gives."""
+    from segflow.evaluation import tables_of_images
+
+    with connect(str(instance_run)) as db:
+        ids = [i for (i,) in db.sql("SELECT image_id FROM images ORDER BY uri").fetchall()]
+        wanted = [ids[0], ids[-1], -1]  # one of each shard, and one not in the run
+        found = tables_of_images(db, ["images", "masks", "errors"], wanted)
+        for name, rows in found.items():
+            expected = db.sql(
+                f"SELECT * FROM {name} WHERE list_contains($ids, image_id)", params={"ids": wanted}
+            )
+            assert sorted(rows.to_pylist(), key=str) == sorted(
+                expected.to_arrow_table().to_pylist(), key=str
+            )
+        assert found["images"].num_rows == 2 and found["masks"].num_rows > 2
+
+
+def test_evaluate_lists_the_tables_it_reads_and_those_its_slice_names(instance_run):
+    from segflow.evaluation import evaluate_run, evaluated_tables, open_run
+
+    run = open_run(str(instance_run))
+    metric = {"images", "coco_detections", "coco_ground_truth"}
+    assert evaluated_tables(run, None) == metric
+    where = (
+        "image_id NOT IN (SELECT image_id FROM errors) AND image_id IN (SELECT image_id FROM masks)"
+    )
+    assert evaluated_tables(run, where) == metric | {"errors", "masks"}
+    # The slice's subqueries read their tables: every image has masks and none failed.
+    sliced, whole = evaluate_run(str(instance_run), where=where), evaluate_run(str(instance_run))
+    assert sliced["where"] == where and sliced | {"where": None} == whole

@@ -223,7 +223,7 @@ def test_s3_in_and_out_with_bad_files(s3_env, frames, shared, tmp_path):
     ).wait()
     assert returncode == 1, output  # some images failed, and the exit status says so
     assert "3 image(s) failed" in output
-    assert "s3://corpus/out/run=s3run/errors/" in output
+    assert 'see segflow query s3://corpus/out/run=s3run "SELECT * FROM errors"' in output
     fs.get("corpus/out/run=s3run", str(tmp_path / "copy" / "run=s3run"), recursive=True)
     assert_exactly_once(tmp_path / "copy" / "run=s3run", 7)
 
@@ -412,4 +412,48 @@ def test_an_actor_runs_its_next_shard_beside_the_last_taking_turns_on_the_model(
     assert any(
         later["started_at"] < earlier["finished_at"]
         for earlier, later in itertools.pairwise(summaries)
+    )
+
+
+def test_segment_with_compact_leaves_one_file_a_table_with_the_same_rows(frames, shared, tmp_path):
+    """``segment --compact``: once every shard is committed the run is compacted, each table
+    one file (sorted by image_id) whose rows are exactly those of the shard files it
+    replaced: the table's version before the compaction, which Delta keeps readable for the
+    retention (7 days by default), so a reader that listed those files keeps reading them."""
+    from deltalake import DeltaTable
+
+    from segflow import schema
+
+    corpus = make_corpus(tmp_path / "in", frames, good=6, bad=False)
+    out = tmp_path / "out"
+    args = [str(corpus), "--model", str(shared / "models" / "espnet_camvid.pt2")]
+    args += ["--gt", f"masks:{shared / 'data' / 'camvid_val' / 'labels'}", "--ignore-index", "11"]
+    args += ["--out", str(out), "--shard-size", "2", "--run-id", "c", "--compact"]
+    returncode, output = Cli(*args, log=tmp_path / "segment.log").wait()
+    assert returncode == 0, output
+    assert "compacted" in output
+    store = RunStore(str(out), "c")
+    for name in schema.TABLES:
+        table = DeltaTable(store.table_uri(name))
+        [optimized] = [v["version"] for v in table.history() if v["operation"] == "OPTIMIZE"]
+        before = DeltaTable(store.table_uri(name), version=optimized - 1)
+        shard_files = before.file_uris()
+        assert len(shard_files) == 3, name  # a file a shard
+        assert all(Path(f).exists() for f in shard_files)  # kept for the retention
+        rows, compacted = pq_rows(shard_files), store.files(name)
+        # One file of every row; none for a table without rows (errors, COCO's state).
+        assert len(compacted) == (1 if rows else 0), name
+        assert bool(rows) == (name in ("masks", "images", "class_stats", "confusion")), name
+        assert pq_rows(compacted) == rows, name
+        ids = [row["image_id"] for row in pq_rows(compacted, sort=False)]
+        assert ids == sorted(ids), name
+    assert_exactly_once(out / "run=c", 6)
+
+
+def pq_rows(files: list[str], sort: bool = True) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = [row for f in files for row in pq.read_table(f).to_pylist()]
+    return (
+        sorted(rows, key=lambda row: json.dumps(row, default=str, sort_keys=True)) if sort else rows
     )
