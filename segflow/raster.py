@@ -53,8 +53,11 @@ INSTALL_HINT = "pip install 'segflow[geo]'"
 MODEL_CHANNELS = 3  # every model takes RGB
 DEFAULT_BANDS = (1, 2, 3)
 PERCENTILE_SIDE = 1024
-NO_CLASS = -1  # the label of an invalid pixel while encoding
 RASTER_SUFFIXES = (".tif", ".tiff")
+# GDAL's block cache (decoded tiles), unless the environment sets GDAL_CACHEMAX: GDAL's own
+# default is 5% of the machine's memory, which a large raster fills.
+BLOCK_CACHE_BYTES = 64 << 20
+ENCODE_PIXELS = 1 << 18  # labels run-length encoded at a time
 
 
 class RasterError(SegflowError, ValueError):
@@ -285,8 +288,11 @@ def open_raster(
     rasterio = require_rasterio(f"{uri}: reading GeoTIFF inputs")
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
+    from rasterio.env import set_gdal_config
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
+    if "GDAL_CACHEMAX" not in os.environ:
+        set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_BYTES)
     fs, path = fsspec.core.url_to_fs(uri)
     try:
         with warnings.catch_warnings():
@@ -311,33 +317,6 @@ def open_raster(
         raise
 
 
-class _RunStream:
-    """Runs of a label map fed in column-major order, a band of whole columns at a time;
-    adjacent runs are merged where a band continues its predecessor's last value."""
-
-    def __init__(self) -> None:
-        self._starts: list[np.ndarray] = []
-        self._values: list[np.ndarray] = []
-        self._length = 0
-        self._last: int | None = None
-
-    def add(self, flat: np.ndarray) -> None:
-        if flat.size == 0:
-            return
-        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-        starts = np.concatenate([[0], change])
-        values = flat[starts]
-        if self._last is not None and values[0] == self._last:
-            starts, values = starts[1:], values[1:]
-        self._starts.append(starts + self._length)
-        self._values.append(values)
-        self._length += flat.size
-        self._last = int(flat[-1])
-
-    def runs(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.concatenate(self._starts), np.concatenate(self._values)
-
-
 def segment_raster(
     model: Any, source: RasterSource, on_band: Callable[[], None] | None = None
 ) -> tuple[np.ndarray, rle.Measured]:
@@ -349,17 +328,22 @@ def segment_raster(
             f"{source.uri}: GeoTIFF inputs take semantic models for now; {model.name} is an "
             "instance model"
         )
-    runs = _RunStream()
     height, width = source.height, source.width
-    for left, right, labels in model.label_column_bands(source.model_window, height, width):
-        valid = source.valid((0, height, left, right)).T  # (columns, rows), as labels
-        if labels is None:
-            band = np.full(valid.shape, NO_CLASS, np.int32)
-        else:
-            band = labels.numpy().astype(np.int32)
-            band[~valid] = NO_CLASS
-        runs.add(band.reshape(-1))
-        if on_band is not None:
-            on_band()
-    starts, values = runs.runs()
-    return rle.encode_label_runs_measured(starts, values, height, width, NO_CLASS)
+    no_class = len(model.classes)
+    encoder = rle.LabelMapEncoder(height, width, ignore_index=no_class)
+    columns_per_piece = max(1, ENCODE_PIXELS // height)
+    band = np.empty((0, height), np.min_scalar_type(no_class))  # (columns, rows)
+    for (top, bottom, left, right), labels in model.label_blocks(
+        source.model_window, height, width
+    ):
+        if top == 0:
+            band = np.full((right - left, height), no_class, band.dtype)
+        if labels is not None:
+            valid = source.valid((top, bottom, left, right))
+            band[:, top:bottom] = np.where(valid, labels.numpy(), no_class).T
+        if bottom == height:
+            for first in range(0, len(band), columns_per_piece):
+                encoder.add(band[first : first + columns_per_piece])
+            if on_band is not None:
+                on_band()
+    return encoder.finish()
