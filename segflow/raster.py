@@ -7,13 +7,29 @@ keeps the picture decoder of :mod:`segflow.decode`. Local paths are opened by GD
 COG's header, then the tiles a window needs), never the whole object.
 
 Windows, not images. A raster is never decoded whole: the tiled inference
-(:func:`segflow.tiling.blended_column_bands`) asks for one ``tile x tile`` window at a time
-and this module reads exactly that window's pixels. Bands of finished columns come back as
-labels and are run-length encoded on the fly in COCO's column-major order, so a run holds the
-pixels of a window, the blended logits of a band of ``tile + stride`` columns (C x (tile +
-stride) x H floats: it grows with the height, not the area) and the runs of the label map,
-never an H x W plane. Windows whose pixels are all invalid are not read and
-not run through the model.
+(:func:`segflow.tiling.blended_column_blocks`) asks for one ``tile x tile`` window at a time
+and this module reads exactly that window's pixels. Windows whose pixels are all invalid
+are not read and not run through the model. Blended logits come back in finished blocks, a
+band of columns at a time; a band's labels (one byte a pixel up to 255 classes) are run-
+length encoded as soon as the band is done, in COCO's column-major order, by
+:class:`segflow.rle.LabelMapEncoder`, which keeps only each class's counts string so far.
+
+Memory. With ``C`` classes, ``tile`` and ``overlap`` (stride ``S = tile - overlap``, ``B =
+tile + S``) and a raster ``H`` pixels high, a run holds beyond the loaded model and its pass
+over one window (:func:`memory_bound`, in bytes)::
+
+    16 (C + 1) B²           the band's unfinished rows, float32 sums and weights, and the
+                            window's weighted logits
+    + 8 (C + 1) overlap H   the sums of the columns a band shares with the next, for the
+                            band before and the band being blended
+    + 2 B H                 the band's labels (two bytes a pixel above 255 classes)
+    + 100 ENCODE_PIXELS     encoding a piece of labels, were every pixel a run
+    + BLOCK_CACHE_BYTES     GDAL's cache of decoded file tiles (64 MiB; GDAL_CACHEMAX sets it)
+    + 3 R                   the RLEs' counts strings (R bytes), as encoded and as rows
+
+It grows with the height only, through the shared columns and the band's labels (C = 11,
+tile 512, overlap 64: 8 KiB a row, 235 MiB at 30000 rows, plus 258 MiB whatever the size),
+and with the area only through the masks themselves.
 
 Bands: the model takes 3 channels (RGB). ``bands`` (1-based) picks which raster bands feed
 them, from ``--bands`` (:class:`RasterOptions`), else the model card's ``input.bands``, else
@@ -315,6 +331,17 @@ def open_raster(
     except BaseException:
         dataset.close()
         raise
+
+
+def memory_bound(height: int, classes: int, tile: int, overlap: int, counts_bytes: int = 0) -> int:
+    """Bytes :func:`segment_raster` holds for a raster ``height`` pixels high beyond the
+    loaded model and its pass over one window (the module docstring's formula);
+    ``counts_bytes`` is the size of the RLEs' counts strings."""
+    span = 2 * tile - overlap
+    floats = 4 * (classes + 1) * span * span + 2 * (classes + 1) * overlap * height
+    return (
+        4 * floats + 2 * span * height + 100 * ENCODE_PIXELS + BLOCK_CACHE_BYTES + 3 * counts_bytes
+    )
 
 
 def segment_raster(
