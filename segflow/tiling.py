@@ -117,6 +117,14 @@ def blended_bands(
         band_top = done
 
 
+def _window_weight(window: Window, height: int, width: int, overlap: int, device) -> torch.Tensor:
+    """The (h, w) blending weight of a window of a ``height x width`` image."""
+    top, bottom, left, right = window
+    row = ramp(bottom - top, overlap, fade_start=top > 0, fade_end=bottom < height, device=device)
+    column = ramp(right - left, overlap, fade_start=left > 0, fade_end=right < width, device=device)
+    return row[:, None] * column[None, :]
+
+
 def _band_schedule(rows: list[int], tile: int, windows: int) -> list[tuple[int, int, bool]]:
     """The order of a column band's windows, ``(window column, row index, rows finish)``.
 
@@ -200,21 +208,9 @@ def blended_column_blocks(
                     held = held.new_zeros((channels, *held_weight.shape))
                     carried = carried.new_zeros((channels, height, shared))
                     to_carry = to_carry.new_zeros((channels, height, right - done))
-                row_weight = ramp(
-                    bottom - top,
-                    overlap,
-                    fade_start=top > 0,
-                    fade_end=bottom < height,
-                    device=device,
+                weight = _window_weight(
+                    (top, bottom, window_left, window_right), height, width, overlap, device
                 )
-                column_weight = ramp(
-                    window_right - window_left,
-                    overlap,
-                    fade_start=window_left > 0,
-                    fade_end=window_right < width,
-                    device=device,
-                )
-                weight = row_weight[:, None] * column_weight[None, :]
                 place = (
                     slice(top - band_top, bottom - band_top),
                     slice(window_left - left, window_right - left),
