@@ -25,7 +25,8 @@ over one window (:func:`memory_bound`, in bytes)::
     + 2 B H                 the band's labels (two bytes a pixel above 255 classes)
     + 100 ENCODE_PIXELS     encoding a piece of labels, were every pixel a run
     + BLOCK_CACHE_BYTES     GDAL's cache of decoded file tiles (64 MiB; GDAL_CACHEMAX sets it)
-    + 3 R                   the RLEs' counts strings (R bytes), as encoded and as rows
+    + 5 R                   the RLEs' counts strings (R bytes): as encoded, as the rows'
+                            bytes and in the rows' Arrow table, with the copies between
 
 It grows with the height only, through the shared columns and the band's labels (C = 11,
 tile 512, overlap 64: 8 KiB a row, 235 MiB at 30000 rows, plus 258 MiB whatever the size),
@@ -340,7 +341,7 @@ def memory_bound(height: int, classes: int, tile: int, overlap: int, counts_byte
     span = 2 * tile - overlap
     floats = 4 * (classes + 1) * span * span + 2 * (classes + 1) * overlap * height
     return (
-        4 * floats + 2 * span * height + 100 * ENCODE_PIXELS + BLOCK_CACHE_BYTES + 3 * counts_bytes
+        4 * floats + 2 * span * height + 100 * ENCODE_PIXELS + BLOCK_CACHE_BYTES + 5 * counts_bytes
     )
 
 

@@ -591,7 +591,9 @@ class _ClassStream:
             self._write(np.array([pixels - self.end], np.int64))
         ys, ye = (0, self.height - 1) if self.spans_columns else (self.ys, self.ye)
         box = [self.xs, ys, (self.xe - self.xs + 1) % _UINT32_LIMIT, (ye - ys + 1) % _UINT32_LIMIT]
-        return b"".join(self.text), box
+        text = b"".join(self.text)
+        self.text.clear()  # the pieces, once joined, are a second copy of the RLE
+        return text, box
 
     def _write(self, counts: np.ndarray) -> None:
         # Count i is written as the delta to count i - 2 from the fourth on.
