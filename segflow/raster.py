@@ -7,13 +7,30 @@ keeps the picture decoder of :mod:`segflow.decode`. Local paths are opened by GD
 COG's header, then the tiles a window needs), never the whole object.
 
 Windows, not images. A raster is never decoded whole: the tiled inference
-(:func:`segflow.tiling.blended_column_bands`) asks for one ``tile x tile`` window at a time
-and this module reads exactly that window's pixels. Bands of finished columns come back as
-labels and are run-length encoded on the fly in COCO's column-major order, so a run holds the
-pixels of a window, the blended logits of a band of ``tile + stride`` columns (C x (tile +
-stride) x H floats: it grows with the height, not the area) and the runs of the label map,
-never an H x W plane. Windows whose pixels are all invalid are not read and
-not run through the model.
+(:func:`segflow.tiling.blended_column_blocks`) asks for one ``tile x tile`` window at a time
+and this module reads exactly that window's pixels. Windows whose pixels are all invalid
+are not read and not run through the model. Blended logits come back in finished blocks, a
+band of columns at a time; a band's labels (one byte a pixel up to 255 classes) are run-
+length encoded as soon as the band is done, in COCO's column-major order, by
+:class:`segflow.rle.LabelMapEncoder`, which keeps only each class's counts string so far.
+
+Memory. With ``C`` classes, ``tile`` and ``overlap`` (stride ``S = tile - overlap``, ``B =
+tile + S``) and a raster ``H`` pixels high, a run holds beyond the loaded model and its pass
+over one window (:func:`memory_bound`, in bytes)::
+
+    16 (C + 1) B²           the band's unfinished rows, float32 sums and weights, and the
+                            window's weighted logits
+    + 8 (C + 1) overlap H   the sums of the columns a band shares with the next, for the
+                            band before and the band being blended
+    + 2 B H                 the band's labels (two bytes a pixel above 255 classes)
+    + 100 ENCODE_PIXELS     encoding a piece of labels, were every pixel a run
+    + BLOCK_CACHE_BYTES     GDAL's cache of decoded file tiles (64 MiB; GDAL_CACHEMAX sets it)
+    + 5 R                   the RLEs' counts strings (R bytes): as encoded, as the rows'
+                            bytes and in the rows' Arrow table, with the copies between
+
+It grows with the height only, through the shared columns and the band's labels (C = 11,
+tile 512, overlap 64: 8 KiB a row, 235 MiB at 30000 rows, plus 258 MiB whatever the size),
+and with the area only through the masks themselves.
 
 Bands: the model takes 3 channels (RGB). ``bands`` (1-based) picks which raster bands feed
 them, from ``--bands`` (:class:`RasterOptions`), else the model card's ``input.bands``, else
@@ -54,8 +71,11 @@ INSTALL_HINT = "pip install 'segflow[geo]'"
 MODEL_CHANNELS = 3  # every model takes RGB
 DEFAULT_BANDS = (1, 2, 3)
 PERCENTILE_SIDE = 1024
-NO_CLASS = -1  # the label of an invalid pixel while encoding
 RASTER_SUFFIXES = (".tif", ".tiff")
+# GDAL's block cache (decoded tiles), unless the environment sets GDAL_CACHEMAX: GDAL's own
+# default is 5% of the machine's memory, which a large raster fills.
+BLOCK_CACHE_BYTES = 64 << 20
+ENCODE_PIXELS = 1 << 18  # labels run-length encoded at a time
 
 
 class RasterError(SegflowError, ValueError):
@@ -289,8 +309,11 @@ def open_raster(
     rasterio = require_rasterio(f"{uri}: reading GeoTIFF inputs")
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
+    from rasterio.env import set_gdal_config
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
+    if "GDAL_CACHEMAX" not in os.environ:
+        set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_BYTES)
     fs, path = fsspec.core.url_to_fs(uri)
     try:
         with warnings.catch_warnings():
@@ -315,31 +338,15 @@ def open_raster(
         raise
 
 
-class _RunStream:
-    """Runs of a label map fed in column-major order, a band of whole columns at a time;
-    adjacent runs are merged where a band continues its predecessor's last value."""
-
-    def __init__(self) -> None:
-        self._starts: list[np.ndarray] = []
-        self._values: list[np.ndarray] = []
-        self._length = 0
-        self._last: int | None = None
-
-    def add(self, flat: np.ndarray) -> None:
-        if flat.size == 0:
-            return
-        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-        starts = np.concatenate([[0], change])
-        values = flat[starts]
-        if self._last is not None and values[0] == self._last:
-            starts, values = starts[1:], values[1:]
-        self._starts.append(starts + self._length)
-        self._values.append(values)
-        self._length += flat.size
-        self._last = int(flat[-1])
-
-    def runs(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.concatenate(self._starts), np.concatenate(self._values)
+def memory_bound(height: int, classes: int, tile: int, overlap: int, counts_bytes: int = 0) -> int:
+    """Bytes :func:`segment_raster` holds for a raster ``height`` pixels high beyond the
+    loaded model and its pass over one window (the module docstring's formula);
+    ``counts_bytes`` is the size of the RLEs' counts strings."""
+    span = 2 * tile - overlap
+    floats = 4 * (classes + 1) * span * span + 2 * (classes + 1) * overlap * height
+    return (
+        4 * floats + 2 * span * height + 100 * ENCODE_PIXELS + BLOCK_CACHE_BYTES + 5 * counts_bytes
+    )
 
 
 def segment_raster(
@@ -353,17 +360,22 @@ def segment_raster(
             f"{source.uri}: GeoTIFF inputs take semantic models for now; {model.name} is an "
             "instance model"
         )
-    runs = _RunStream()
     height, width = source.height, source.width
-    for left, right, labels in model.label_column_bands(source.model_window, height, width):
-        valid = source.valid((0, height, left, right)).T  # (columns, rows), as labels
-        if labels is None:
-            band = np.full(valid.shape, NO_CLASS, np.int32)
-        else:
-            band = labels.numpy().astype(np.int32)
-            band[~valid] = NO_CLASS
-        runs.add(band.reshape(-1))
-        if on_band is not None:
-            on_band()
-    starts, values = runs.runs()
-    return rle.encode_label_runs_measured(starts, values, height, width, NO_CLASS)
+    no_class = len(model.classes)
+    encoder = rle.LabelMapEncoder(height, width, ignore_index=no_class)
+    columns_per_piece = max(1, ENCODE_PIXELS // height)
+    band = np.empty((0, height), np.min_scalar_type(no_class))  # (columns, rows)
+    for (top, bottom, left, right), labels in model.label_blocks(
+        source.model_window, height, width
+    ):
+        if top == 0:
+            band = np.full((right - left, height), no_class, band.dtype)
+        if labels is not None:
+            valid = source.valid((top, bottom, left, right))
+            band[:, top:bottom] = np.where(valid, labels.numpy(), no_class).T
+        if bottom == height:
+            for first in range(0, len(band), columns_per_piece):
+                encoder.add(band[first : first + columns_per_piece])
+            if on_band is not None:
+                on_band()
+    return encoder.finish()

@@ -36,13 +36,14 @@ API
 Encoding takes numpy arrays or torch tensors (bool or integer). The hot paths find all run
 boundaries of a whole batch (:func:`encode_masks`) or of every class of a label map
 (:func:`encode_label_map`) in one vectorised pass, and write all the strings in one batched
-call. CPU tensors are read through a zero-copy numpy view; tensors on an accelerator are
-searched on their device, and only run positions and values cross to the host. Everything
-else (:func:`decode`, :func:`area`, :func:`to_bbox`, :func:`iou`, :func:`merge`,
-:func:`fr_py_objects`) mirrors ``pycocotools.mask`` on lists of RLE dicts, whose ``counts``
-may be bytes or str. :func:`iou_pairs` is ``iou`` row by row: mask ``i`` of one list against
-mask ``i`` of the other (``pycocotools.mask.iou([a[i]], [b[i]], [0])``, without the
-matrix), for a column of pairs such as SQL's ``rle_iou``.
+call; :class:`LabelMapEncoder` encodes a label map too large to hold from its pixels fed in
+column-major order, piece by piece. CPU tensors are read through a zero-copy numpy view;
+tensors on an accelerator are searched on their device, and only run positions and values
+cross to the host. Everything else (:func:`decode`, :func:`area`, :func:`to_bbox`,
+:func:`iou`, :func:`merge`, :func:`fr_py_objects`) mirrors ``pycocotools.mask`` on lists of
+RLE dicts, whose ``counts`` may be bytes or str. :func:`iou_pairs` is ``iou`` row by row:
+mask ``i`` of one list against mask ``i`` of the other (``pycocotools.mask.iou([a[i]],
+[b[i]], [0])``, without the matrix), for a column of pairs such as SQL's ``rle_iou``.
 
 Where pycocotools reads past a buffer or returns garbage, this module raises :class:`RLEError`
 instead: corrupt counts strings, counts that do not add up to ``h * w``, masks with values
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RLE",
+    "LabelMapEncoder",
     "RLEError",
     "area",
     "counts_to_string",
@@ -175,7 +177,11 @@ def _counts_to_strings(counts: np.ndarray, offsets: np.ndarray) -> list[bytes]:
     head = (offsets[:-1, None] + np.arange(3)).reshape(-1)
     head = head[head < np.repeat(offsets[1:], 3)]
     values[head] = counts[head]
+    return _values_to_strings(values, offsets)
 
+
+def _values_to_strings(values: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    """Write values already delta-coded (int64) as the strings of many RLEs."""
     # A value takes one character per 5 bits of its two's complement, sign bit included:
     # (bit length of x, or of ~x when negative, + 1) / 5, rounded up. frexp gives bit lengths.
     magnitude = values ^ (values >> 63)
@@ -571,19 +577,6 @@ def _runs_counts(
     return classes, _Counts(counts, offsets, np.tile([h, w], (len(classes), 1)))
 
 
-def encode_label_runs_measured(
-    starts: np.ndarray, values: np.ndarray, height: int, width: int, ignore_index: int | None
-) -> tuple[np.ndarray, Measured]:
-    """:func:`encode_label_map_measured` of a label map given as its runs in Fortran (column-
-    major) order: run ``i`` starts at flat position ``starts[i]`` (the first at 0) and holds
-    ``values[i]`` up to the next run's start; adjacent runs hold different values. What a
-    map too large to hold is encoded from, a band of columns at a time."""
-    classes, batch = _runs_counts(
-        np.asarray(starts, np.int64), np.asarray(values), height, width, ignore_index
-    )
-    return classes, _measured(batch)
-
-
 def encode_label_map(
     labels: np.ndarray | torch.Tensor, ignore_index: int | None = None
 ) -> dict[int, RLE]:
@@ -604,6 +597,136 @@ def encode_label_map_measured(
     and boxes."""
     classes, batch = _label_map_counts(labels, ignore_index)
     return classes, _measured(batch)
+
+
+class _ClassStream:
+    """One class's RLE while a label map streams in: its counts string so far, the state its
+    next counts are written against, and its area and box (rleToBbox's terms)."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height = height
+        self.end = 0  # where the class's last run of ones ended
+        self.written = 0  # counts written so far
+        self.last_two = np.zeros(2, np.int64)  # the last two counts, for the deltas
+        self.text: list[bytes] = []
+        self.area = 0
+        self.xs, self.xe, self.ys, self.ye = width, 0, height, 0
+        self.spans_columns = False
+
+    def add_runs(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Runs of ones at flat Fortran positions, in order, after every earlier one."""
+        counts = np.empty(2 * len(starts), np.int64)
+        counts[0::2] = starts - np.concatenate(([self.end], ends[:-1]))
+        counts[1::2] = ends - starts
+        self._write(counts)
+        self.end = int(ends[-1])
+        self.area += int((ends - starts).sum())
+        first, last = starts, ends - 1
+        x_start, x_end = first // self.height, last // self.height
+        self.xs = min(self.xs, int(x_start.min()))
+        self.xe = max(self.xe, int(x_end.max()))
+        self.ys = min(self.ys, int((first % self.height).min()))
+        self.ye = max(self.ye, int((last % self.height).max()))
+        self.spans_columns |= bool((x_start < x_end).any())
+
+    def finish(self, pixels: int) -> tuple[bytes, list[int]]:
+        """The counts string, with the trailing zeros, and the box [x, y, w, h]."""
+        if pixels > self.end:
+            self._write(np.array([pixels - self.end], np.int64))
+        ys, ye = (0, self.height - 1) if self.spans_columns else (self.ys, self.ye)
+        box = [self.xs, ys, (self.xe - self.xs + 1) % _UINT32_LIMIT, (ye - ys + 1) % _UINT32_LIMIT]
+        text = b"".join(self.text)
+        self.text.clear()  # the pieces, once joined, are a second copy of the RLE
+        return text, box
+
+    def _write(self, counts: np.ndarray) -> None:
+        # Count i is written as the delta to count i - 2 from the fourth on.
+        before = np.concatenate((self.last_two, counts))
+        index = self.written + np.arange(len(counts))
+        values = np.where(index >= 3, counts - before[: len(counts)], counts)
+        self.text.append(_values_to_strings(values, np.array([0, len(values)]))[0])
+        self.last_two = before[-2:]
+        self.written += len(counts)
+
+
+class LabelMapEncoder:
+    """:func:`encode_label_map_measured` of a label map too large to hold, fed in pieces.
+
+    ``add(pixels)`` takes the map's next pixels in Fortran (column-major) order, any number
+    at a time (e.g. a band of whole columns, as a C-ordered (columns, height) array
+    flattened); after all ``height * width`` of them, :meth:`finish` gives the ascending
+    class ids present and their RLEs, areas and boxes, equal to those of the whole map.
+    Pixels equal to ``ignore_index`` belong to no class. What is held between pieces is each
+    class's counts string so far (about one or two bytes per run) and a few numbers per
+    class; a piece of ``n`` pixels costs about ``n`` bytes plus 100 bytes per run in it
+    while it is encoded.
+    """
+
+    def __init__(self, height: int, width: int, ignore_index: int | None = None) -> None:
+        if height < 0 or width < 0 or height * width >= _UINT32_LIMIT:
+            raise RLEError(f"labels of {height} x {width} pixels: COCO counts are uint32")
+        self.height, self.width = height, width
+        self.ignore_index = ignore_index
+        self._fed = 0
+        self._open: tuple[Any, int] | None = None  # (value, start) of a run the next may extend
+        self._classes: dict[int, _ClassStream] = {}
+
+    def add(self, pixels: np.ndarray) -> None:
+        flat = np.asarray(pixels).reshape(-1)
+        if flat.dtype.kind not in "biu":
+            raise RLEError(f"labels must be bool or integer, got dtype {flat.dtype}")
+        if self._fed + flat.size > self.height * self.width:
+            raise RLEError(
+                f"labels: {self._fed + flat.size} pixels fed, the map has "
+                f"{self.height} x {self.width}"
+            )
+        if flat.size == 0:
+            return
+        starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        values = flat[np.concatenate(([0], starts))]
+        starts = np.concatenate(([0], starts)) + self._fed
+        if self._open is not None:
+            value, start = self._open
+            if values[0] == value:
+                starts[0] = start
+            else:
+                starts = np.concatenate(([start], starts))
+                values = np.concatenate((np.array([value], values.dtype), values))
+        self._fed += flat.size
+        self._open = (values[-1], int(starts[-1]))
+        self._close(starts[:-1], starts[1:], values[:-1])
+
+    def finish(self) -> tuple[np.ndarray, Measured]:
+        pixels = self.height * self.width
+        if self._fed != pixels:
+            raise RLEError(f"labels: {self._fed} pixels fed of {self.height} x {self.width}")
+        if self._open is not None:
+            value, start = self._open
+            self._close(np.array([start]), np.array([pixels]), np.array([value]))
+            self._open = None
+        classes = sorted(self._classes)
+        finished = [self._classes[c].finish(pixels) for c in classes]
+        rles: list[RLE] = [{"size": [self.height, self.width], "counts": t} for t, _ in finished]
+        areas = np.array([self._classes[c].area for c in classes], np.int64)
+        boxes = np.array([box for _, box in finished], np.float64).reshape(-1, 4)
+        return np.array(classes, np.int64), Measured(rles, areas, boxes)
+
+    def _close(self, starts: np.ndarray, ends: np.ndarray, values: np.ndarray) -> None:
+        """Runs that end here, in order of position."""
+        if self.ignore_index is not None:
+            kept = values != self.ignore_index
+            starts, ends, values = starts[kept], ends[kept], values[kept]
+        if values.size == 0:
+            return
+        if values.min() < 0:
+            raise RLEError(f"labels must be non-negative class ids, found {values.min()}")
+        order = np.argsort(values, kind="stable")
+        values = values[order]
+        bounds = [*np.flatnonzero(_differs_from_previous(values)).tolist(), len(values)]
+        for a, b in itertools.pairwise(bounds):
+            runs = order[a:b]
+            stream = self._classes.setdefault(int(values[a]), _ClassStream(self.height, self.width))
+            stream.add_runs(starts[runs], ends[runs])
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ C-class, W-wide image needs about ``C x (tile + stride) x W`` floats, not ``C x 
 
 The windows come from a ``read`` callable, so the image need not be in memory at all: a
 georeferenced raster's windows are read from its file (:mod:`segflow.raster`), and a window
-``read`` declines (all nodata) costs nothing. :func:`blended_column_bands` finishes bands
-of columns instead of rows, whose pixels flatten to COCO RLE's column-major order.
+``read`` declines (all nodata) costs nothing. :func:`blended_column_blocks` finishes blocks
+band of columns by band of columns instead, whose labels flatten to COCO RLE's
+column-major order, and holds about C x (tile + stride)² floats plus C x overlap x H for
+the columns a band shares with the next one: nearly flat in the image's size.
 """
 
 from __future__ import annotations
@@ -115,7 +117,37 @@ def blended_bands(
         band_top = done
 
 
-def blended_column_bands(
+def _window_weight(window: Window, height: int, width: int, overlap: int, device) -> torch.Tensor:
+    """The (h, w) blending weight of a window of a ``height x width`` image."""
+    top, bottom, left, right = window
+    row = ramp(bottom - top, overlap, fade_start=top > 0, fade_end=bottom < height, device=device)
+    column = ramp(right - left, overlap, fade_start=left > 0, fade_end=right < width, device=device)
+    return row[:, None] * column[None, :]
+
+
+def _band_schedule(rows: list[int], tile: int, windows: int) -> list[tuple[int, int, bool]]:
+    """The order of a column band's windows, ``(window column, row index, rows finish)``.
+
+    One column of windows runs top to bottom. Two (the image's last two, whose columns the
+    last window's start overlaps by up to a whole tile) run interleaved, the second lagging
+    until no later window of the first shares rows with it: every pixel still gets the
+    first column's windows before the second's, in row order, as :func:`blended_bands`
+    adds them, and only rows that both have passed are held, instead of carrying most of a
+    tile's columns over the whole height to the last band."""
+    if windows == 1:
+        return [(0, index, True) for index in range(len(rows))]
+    order, lagging = [], 0
+    for index in range(len(rows)):
+        order.append((0, index, False))
+        while lagging < len(rows) and (
+            index + 1 == len(rows) or rows[index + 1] >= rows[lagging] + tile
+        ):
+            order.append((1, lagging, True))
+            lagging += 1
+    return order
+
+
+def blended_column_blocks(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     read: Callable[[Window], torch.Tensor | None],
     height: int,
@@ -124,23 +156,86 @@ def blended_column_bands(
     tile: int,
     overlap: int,
     device,
-) -> Iterator[tuple[int, int, torch.Tensor | None]]:
-    """:func:`blended_bands` a band of finished columns at a time: ``(left, right, logits)``
-    with logits (C, right - left, height), columns first, so that flattening a band gives
-    its pixels in column-major order (COCO RLE's). The windows are the same; the model sees
-    each in its own orientation."""
+) -> Iterator[tuple[Window, torch.Tensor | None]]:
+    """The blended logits of a ``height x width`` image in finished blocks, a band of columns
+    at a time and each band from top to bottom: ``(window, logits)`` with logits (C, bottom -
+    top, right - left). A band's blocks cover its columns and every row once, and the bands
+    cover every column once, left to right, so a band's labels flattened column by column
+    follow COCO RLE's column-major order. ``read`` is :func:`blended_bands`'s; a block that
+    only skipped windows cover comes as None.
 
-    def read_transposed(window: Window) -> torch.Tensor | None:
-        top, bottom, left, right = window
-        pixels = read((left, right, top, bottom))
-        return None if pixels is None else pixels.transpose(-1, -2)
-
-    def logits_transposed(pixels: torch.Tensor) -> torch.Tensor:
-        return logits_fn(pixels.transpose(-1, -2).contiguous()).transpose(-1, -2)
-
-    return blended_bands(
-        logits_transposed, read_transposed, width, height, tile=tile, overlap=overlap, device=device
-    )
+    A band is one column of windows, the last band the last two (:func:`_band_schedule`).
+    Held at once: the band's rows not yet finished, at most C x (tile + stride) x (tile +
+    stride) floats, and the partial sums of the ``overlap`` columns a band shares with the
+    next, C x overlap x height floats, for the band before and the band being blended (with
+    one weight per pixel of each). Every pixel's sum adds its windows in the order
+    :func:`blended_bands` over the transposed image adds them (column of windows, then row),
+    so the logits are those of blending whole bands of columns, bit for bit."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
+    rows = tile_starts(height, tile, overlap)
+    starts = tile_starts(width, tile, overlap)
+    bands = [[start] for start in starts[:-2]] + [starts[-2:]]
+    channels: int | None = None  # known once a window has run
+    carried = torch.zeros((0, height, 0), device=device)  # (C, H, columns shared)
+    carried_weight = torch.zeros((height, 0), device=device)
+    for band_index, band in enumerate(bands):
+        left, right = band[0], min(band[-1] + tile, width)
+        # Columns left of the next band's first are final once this band is done.
+        done = bands[band_index + 1][0] if band_index + 1 < len(bands) else width
+        finished_columns, shared = done - left, carried_weight.shape[1]
+        held = torch.zeros((channels or 0, 0, right - left), device=device)
+        held_weight = torch.zeros((0, right - left), device=device)
+        to_carry = torch.zeros((channels or 0, height, right - done), device=device)
+        to_carry_weight = torch.zeros((height, right - done), device=device)
+        band_top = 0  # first row held
+        for which, row_index, rows_finish in _band_schedule(rows, tile, len(band)):
+            top, window_left = rows[row_index], band[which]
+            bottom, window_right = min(top + tile, height), min(window_left + tile, width)
+            first_new = band_top + held_weight.shape[0]
+            if bottom > first_new:
+                grown = held_weight.new_zeros((bottom - first_new, right - left))
+                grown[:, :shared] = carried_weight[first_new:bottom]
+                held_weight = torch.cat([held_weight, grown])
+                grown = held.new_zeros((held.shape[0], bottom - first_new, right - left))
+                grown[:, :, :shared] = carried[:, first_new:bottom]
+                held = torch.cat([held, grown], 1)
+            pixels = read((top, bottom, window_left, window_right))
+            if pixels is not None:
+                window = logits_fn(pixels)[0].float()
+                if channels is None:  # every sum so far is 0
+                    channels = window.shape[0]
+                    held = held.new_zeros((channels, *held_weight.shape))
+                    carried = carried.new_zeros((channels, height, shared))
+                    to_carry = to_carry.new_zeros((channels, height, right - done))
+                weight = _window_weight(
+                    (top, bottom, window_left, window_right), height, width, overlap, device
+                )
+                place = (
+                    slice(top - band_top, bottom - band_top),
+                    slice(window_left - left, window_right - left),
+                )
+                held[:, place[0], place[1]] += window * weight
+                held_weight[place] += weight
+            if not rows_finish:
+                continue
+            # Rows above the next window's top are final: no later window reaches them.
+            row_done = rows[row_index + 1] if row_index + 1 < len(rows) else height
+            finished = row_done - band_top
+            block = (band_top, row_done, left, done)
+            if channels is None:
+                yield block, None
+            else:
+                yield (
+                    block,
+                    held[:, :finished, :finished_columns]
+                    / held_weight[:finished, :finished_columns],
+                )
+                to_carry[:, band_top:row_done] = held[:, :finished, finished_columns:]
+            to_carry_weight[band_top:row_done] = held_weight[:finished, finished_columns:]
+            held, held_weight = held[:, finished:], held_weight[finished:]
+            band_top = row_done
+        carried, carried_weight = to_carry, to_carry_weight
 
 
 def tiled_prediction(

@@ -64,9 +64,9 @@ def test_masks_cover_exactly_the_valid_pixels(geo_run, geotiff):
 
 
 def test_window_by_window_labels_equal_the_whole_image_tiled(espnet_tiled, geotiff, tmp_path):
-    """The windows read from the file, blended in bands of columns, give the labels of the
-    in-memory tiled inference over the whole image (invalid pixels aside), and the windows
-    with no valid pixel are never read into the model."""
+    """The windows read from the file, blended in blocks band of columns by band of columns,
+    give the labels of the in-memory tiled inference over the whole image (invalid pixels
+    aside), and the windows with no valid pixel are never read into the model."""
     with rasterio.open(geotiff / "RGB.byte.tif") as scene:
         profile, pixels = scene.profile, scene.read()
     margin = 320  # columns of nodata on the right: whole windows with nothing to segment
@@ -82,11 +82,11 @@ def test_window_by_window_labels_equal_the_whole_image_tiled(espnet_tiled, geoti
         (skipped if pixels is None else read).append(window)
         return pixels
 
-    labels = np.full((source.height, source.width), raster.NO_CLASS, np.int64)
-    bands = espnet_tiled.label_column_bands(counting, source.height, source.width)
-    for left, right, band in bands:
-        if band is not None:
-            labels[:, left:right] = band.numpy().T
+    labels = np.full((source.height, source.width), -1, np.int64)
+    blocks = espnet_tiled.label_blocks(counting, source.height, source.width)
+    for (top, bottom, left, right), block in blocks:
+        if block is not None:
+            labels[top:bottom, left:right] = block.numpy()
     valid = source.valid((0, source.height, 0, source.width))
     whole = espnet_tiled.predict([source.pixels((0, source.height, 0, source.width))])[0]
     source.close()
@@ -475,3 +475,25 @@ def test_export_raster_command(geo_run, espnet_tiled, shared, instance_run, tmp_
     refused = CliRunner().invoke(app, ["export-raster", str(instance_run), str(tmp_path / "x")])
     assert refused.exit_code == 2 and "needs a semantic run" in refused.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_30000_pixel_high_cog_mosaic_is_segmented_in_bounded_memory(tmp_path):
+    """A COG mosaic of the shared rasters 30,000 pixels high (nodata margins) through the
+    actors' path, in a fresh process: its peak RSS beyond the loaded model stays under
+    raster.memory_bound, which depends on the height, not the width or the area. 2,048 wide,
+    so that the suite stays quick: the width only adds column bands, each finished and
+    dropped before the next (bench/raster_memory.py measures 30000 x 30000). The model is a
+    cheap 4-class one (tests.user_models.ChannelMixModel), tiled like every semantic model."""
+    from bench.raster_memory import measure_in_child, write_mosaic
+
+    side, width, tile, overlap = 30_000, 2_048, 512, 64
+    path = tmp_path / "mosaic.tif"
+    write_mosaic(path, side, width=width)
+    got = measure_in_child(path, "tests.user_models:make_channel_mix_model", tile, overlap)
+    bound = raster.memory_bound(side, got["classes"], tile, overlap, got["counts_bytes"])
+    print(got, f"bound {bound / 2**20:.0f} MiB")
+    assert got["masks"] == got["classes"] and 0 < got["area"] < side * width
+    assert got["peak_rss"] - got["loaded_rss"] < bound
+    # Held in the old design: the logits of a band of columns over the whole height.
+    assert bound < 4 * got["classes"] * tile * side * 4

@@ -120,6 +120,35 @@ def test_measured_label_map_equals_pycocotools_area_and_bbox(labels, ignore_inde
     assert_measured_like_pycocotools(measured, [coco_encode(labels == c) for c in present])
 
 
+@PROPERTY
+@given(label_maps(), st.sampled_from([None, 0, 3]), st.data())
+def test_label_map_fed_in_pieces_encodes_as_the_whole_map(labels, ignore_index, data):
+    """Pixels fed in column-major order, in pieces of any size (a run may span many), give
+    the whole map's classes, RLEs, areas and boxes: pycocotools'."""
+    height, width = labels.shape
+    flat = labels.T.reshape(-1)
+    cuts = sorted(data.draw(st.lists(st.integers(0, flat.size), max_size=6)))
+    encoder = rle.LabelMapEncoder(height, width, ignore_index)
+    for a, b in zip([0, *cuts], [*cuts, flat.size], strict=True):
+        encoder.add(flat[a:b])
+    classes, measured = encoder.finish()
+    present = [int(c) for c in np.unique(labels) if c != ignore_index]
+    assert classes.tolist() == present
+    assert_measured_like_pycocotools(measured, [coco_encode(labels == c) for c in present])
+
+
+def test_label_map_encoder_counts_its_pixels():
+    encoder = rle.LabelMapEncoder(2, 3)
+    encoder.add(np.zeros(4, np.uint8))
+    with pytest.raises(RLEError, match="4 pixels fed of 2 x 3"):
+        encoder.finish()
+    with pytest.raises(RLEError, match="7 pixels fed, the map has 2 x 3"):
+        encoder.add(np.zeros(3, np.uint8))
+    with pytest.raises(RLEError, match="non-negative"):
+        encoder.add(np.array([-1, 0], np.int8))
+        encoder.finish()
+
+
 def wide_mask() -> np.ndarray:
     """Sparse runs in far-right columns: a batch of two has column numbers past 2**16."""
     mask = np.zeros((3, 40_000), np.uint8)

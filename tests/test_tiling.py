@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segflow.tiling import tile_starts, tiled_prediction
+from segflow.tiling import blended_bands, blended_column_blocks, tile_starts, tiled_prediction
 
 
 @settings(max_examples=200, deadline=None)
@@ -78,6 +78,70 @@ def test_blending_hides_the_seams_of_a_model_with_context():
     hard_errors = (hard_cut != reference).sum().item()
     assert blended_errors <= 0.001 * reference.numel()
     assert blended_errors * 20 < hard_errors
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "overlap"),
+    [
+        (150, 170, 48, 16),  # the last window overlaps its neighbour by most of a tile
+        (97, 130, 32, 8),
+        (200, 33, 33, 0),  # one column of windows
+        (61, 300, 40, 30),  # overlap beyond half a tile: pixels under three windows
+        (130, 97, 32, 31),
+    ],
+)
+def test_column_blocks_blend_bit_for_bit_as_whole_column_bands(height, width, tile, overlap):
+    """Blocks finished band by band hold the logits of blending whole bands of columns (the
+    row bands of the transposed image), exactly: same windows, same sums in the same order.
+    Windows with nothing to segment (here: the top-left ones) are skipped in both."""
+    model = contextual_model()
+    x = image(height, width)
+
+    def read(window):
+        top, bottom, left, right = window
+        return None if bottom <= tile and right <= tile else x[..., top:bottom, left:right]
+
+    def read_transposed(window):
+        top, bottom, left, right = window
+        pixels = read((left, right, top, bottom))
+        return None if pixels is None else pixels.transpose(-1, -2)
+
+    def model_transposed(pixels):
+        return model(pixels.transpose(-1, -2).contiguous()).transpose(-1, -2)
+
+    # NaN where only skipped windows reach: a block or band of them comes as None, else as
+    # 0 / 0.
+    expected = torch.full((5, height, width), torch.nan)
+    got = torch.full((5, height, width), torch.nan)
+    seen = torch.zeros((height, width), dtype=torch.int64)
+    with torch.inference_mode():
+        bands = blended_bands(
+            model_transposed,
+            read_transposed,
+            width,
+            height,
+            tile=tile,
+            overlap=overlap,
+            device="cpu",
+        )
+        for left, right, logits in bands:
+            if logits is not None:
+                expected[:, :, left:right] = logits.transpose(-1, -2)
+        finished_columns = 0
+        blocks = blended_column_blocks(
+            model, read, height, width, tile=tile, overlap=overlap, device="cpu"
+        )
+        for (top, bottom, left, right), logits in blocks:
+            assert left == finished_columns and (top > 0 or seen[:, left:right].sum() == 0)
+            seen[top:bottom, left:right] += 1
+            if bottom == height:
+                finished_columns = right
+            if logits is not None:
+                got[:, top:bottom, left:right] = logits
+    assert (seen == 1).all() and finished_columns == width
+    skipped = expected.isnan()
+    assert skipped.any() and torch.equal(skipped, got.isnan())
+    assert torch.equal(expected[~skipped], got[~skipped])
 
 
 def test_bad_tiling_arguments():

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from segflow.models.semantic import SemanticModel
 from segflow.prediction import InstancePrediction, SemanticPrediction
 
 
@@ -131,3 +132,26 @@ class BlobModel:
 
 def make_blob_model(*, device: torch.device) -> BlobModel:
     return BlobModel(device)
+
+
+class ChannelMixModel(SemanticModel):
+    """Semantic, cheap and deterministic, for rasters too large for a real network in the
+    tests: a fixed 1x1 mix of the 3x3-averaged RGB into 4 class logits. Its zero-padded
+    average makes window edges differ from window middles, so blending counts. Tiled like
+    every :class:`SemanticModel` (``tile_size``, ``tile_overlap``)."""
+
+    MIX = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.4, 0.4, 0.4))
+
+    def __init__(self, device: torch.device, **tiling) -> None:
+        super().__init__(
+            name="channel-mix", classes=("red", "green", "blue", "grey"), device=device, **tiling
+        )
+        self.mix = torch.tensor(self.MIX, device=device)[:, :, None, None]
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        averaged = torch.nn.functional.avg_pool2d(images.float(), 3, stride=1, padding=1)
+        return torch.nn.functional.conv2d(averaged, self.mix)
+
+
+def make_channel_mix_model(*, device: torch.device, **tiling) -> ChannelMixModel:
+    return ChannelMixModel(device, **tiling)

@@ -9,7 +9,7 @@ import torch
 
 from segflow.models.base import SegmentationModel
 from segflow.prediction import SemanticPrediction
-from segflow.tiling import Window, blended_column_bands, tiled_prediction
+from segflow.tiling import Window, blended_column_blocks, tiled_prediction
 
 # Large enough that ordinary photos and driving frames run whole; aerial tiles of many
 # thousand pixels a side are cut into windows that fit in memory.
@@ -87,13 +87,14 @@ class SemanticModel(SegmentationModel):
             for image in images
         ]
 
-    def label_column_bands(
+    def label_blocks(
         self, read: Callable[[Window], torch.Tensor | None], height: int, width: int
-    ) -> Iterator[tuple[int, int, torch.Tensor | None]]:
+    ) -> Iterator[tuple[Window, torch.Tensor | None]]:
         """The label map of an image too large to hold, which ``read`` gives window by window
-        ((1, 3, h, w) uint8, or None for a window with nothing to segment): bands of finished
-        columns ``(left, right, labels)``, labels (right - left, height) int64 on the CPU
-        (None where no window ran), in order (:func:`segflow.tiling.blended_column_bands`)."""
+        ((1, 3, h, w) uint8, or None for a window with nothing to segment), in finished
+        blocks ``(window, labels)``, labels (bottom - top, right - left) int64 on the CPU (None
+        where no window ran), band of columns by band of columns, each from top to bottom
+        (:func:`segflow.tiling.blended_column_blocks`)."""
         tile = self.tile_size or max(height, width)
         overlap = self.tile_overlap if self.tile_size else 0
 
@@ -101,11 +102,11 @@ class SemanticModel(SegmentationModel):
             return self._logits(pixels.to(self.device).contiguous(memory_format=self.memory_format))
 
         with torch.inference_mode(), self._autocast():
-            bands = blended_column_bands(
+            blocks = blended_column_blocks(
                 logits, read, height, width, tile=tile, overlap=overlap, device=self.device
             )
-            for left, right, blended in bands:
-                yield left, right, None if blended is None else blended.max(dim=0).indices.cpu()
+            for window, blended in blocks:
+                yield window, None if blended is None else blended.max(dim=0).indices.cpu()
 
     @abstractmethod
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
