@@ -52,7 +52,7 @@ def write_mosaic(
     """A ``side`` high, ``width`` (default ``side``) wide 3-band uint8 GeoTIFF laid out as a
     COG (512 px deflate tiles, overviews): the shared scenes repeated in a grid, shifted row by
     row, with nodata 0 in the scenes' own footprints and in margins on the top and right
-    (``side // 16`` wide)."""
+    (a sixteenth of the shorter side)."""
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.transform import from_origin
@@ -61,7 +61,7 @@ def write_mosaic(
     scenes = _scenes()
     cell = max(max(s.shape[1] for s in scenes), max(s.shape[2] for s in scenes))
     width = side if width is None else width
-    margin = side // 16
+    margin = min(side, width) // 16
     profile = {
         "driver": "GTiff",
         "width": width,

@@ -493,7 +493,7 @@ def test_a_30000_pixel_high_cog_mosaic_is_segmented_in_bounded_memory(tmp_path):
     got = measure_in_child(path, "tests.user_models:make_channel_mix_model", tile, overlap)
     bound = raster.memory_bound(side, got["classes"], tile, overlap, got["counts_bytes"])
     print(got, f"bound {bound / 2**20:.0f} MiB")
-    assert got["masks"] == got["classes"] and 0 < got["area"] < side * width
+    assert 0 < got["masks"] <= got["classes"] and 0 < got["area"] < side * width
     assert got["peak_rss"] - got["loaded_rss"] < bound
     # Held in the old design: the logits of a band of columns over the whole height.
     assert bound < 4 * got["classes"] * tile * side * 4
