@@ -1079,19 +1079,7 @@ def _placed_rle(mask: np.ndarray, top: int, left: int, height: int, width: int) 
     """The RLE, area and box of a ``height x width`` mask that is 0 but for the window
     ``mask`` (with a pixel set) at (``top``, ``left``), from the window's pixels alone: a
     raster's plane is never made."""
-    columns, rows = np.nonzero(mask.T)  # column-major, COCO's order
-    position = (left + columns) * height + top + rows
-    breaks = np.flatnonzero(np.diff(position) != 1) + 1
-    ones = position[np.concatenate([[0], breaks])]
-    zeros = position[np.concatenate([breaks - 1, [len(position) - 1]])] + 1
-    starts = np.stack([ones, zeros], 1).reshape(-1)
-    values = np.tile(np.array([1, 0], np.uint8), len(ones))
-    if starts[0] > 0:
-        starts, values = np.concatenate([[0], starts]), np.concatenate([[0], values])
-    if starts[-1] == height * width:
-        starts, values = starts[:-1], values[:-1]
-    _, measured = rle.encode_label_runs_measured(starts, values, height, width, 0)
-    return measured
+    return rle.encode_crops_measured([(top, left, mask.astype(bool))], height, width)
 
 
 _ADAPTERS: dict[str, type[GroundTruth]] = {
