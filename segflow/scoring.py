@@ -72,6 +72,19 @@ def scorer_for(
     return InstanceScorer(ground_truth, classes)
 
 
+def check_size(target: SemanticTarget | InstanceTarget, uri: str, size: tuple[int, int]) -> None:
+    """Raise :class:`GroundTruthError` unless ``target`` is ``size`` (height, width)."""
+    gt_size = (
+        tuple(target.labels.shape)
+        if isinstance(target, SemanticTarget)
+        else (target.height, target.width)
+    )
+    if gt_size != size:
+        raise GroundTruthError(
+            f"{target.source} is {gt_size[1]}x{gt_size[0]} but image {uri} is {size[1]}x{size[0]}"
+        )
+
+
 class _Scorer:
     """What both scorers share: :meth:`score`, one image of a shard."""
 
@@ -93,17 +106,7 @@ class _Scorer:
             raise GroundTruthError(
                 f"{uri}: a {type(target).__name__} cannot score a {type(prediction).__name__}"
             )
-        size = (prediction.height, prediction.width)
-        gt_size = (
-            tuple(target.labels.shape)
-            if isinstance(target, SemanticTarget)
-            else (target.height, target.width)
-        )
-        if gt_size != size:
-            raise GroundTruthError(
-                f"{target.source} is {gt_size[1]}x{gt_size[0]} but image {uri} is "
-                f"{size[1]}x{size[0]}"
-            )
+        check_size(target, uri, (prediction.height, prediction.width))
         figures = self._scored(image_id, prediction, masks, target)
         return dict.fromkeys(IMAGE_COLUMNS) | figures | {"gt_uri": target.source}
 

@@ -58,6 +58,7 @@ from segflow.scoring import (
     METRIC_TABLES,
     InstanceScorer,
     SemanticScorer,
+    check_size,
     scorer_for,
 )
 
@@ -540,12 +541,8 @@ def _evaluate_raster(
         return _evaluate(scorer, item, prediction(), masks)
     if not isinstance(scorer, InstanceScorer) or not isinstance(target, InstanceTarget):
         return GroundTruthError(f"{item.uri}: a {type(target).__name__} cannot score detections")
-    if (target.height, target.width) != size:
-        return GroundTruthError(
-            f"{target.source} is {target.width}x{target.height} but image {item.uri} is "
-            f"{size[1]}x{size[0]}"
-        )
     try:
+        check_size(target, item.uri, size)
         scorer.update(schema.image_id_for(item.uri), masks, target)
     except Exception as exc:
         return exc
