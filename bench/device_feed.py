@@ -110,7 +110,9 @@ def at_work(
     out = tmp / "out"
     shutil.rmtree(out, ignore_errors=True)
     command = [SEGFLOW, "segment", str(corpus), "--out", str(out), "--run-id", "feed"]
+    width, height = Image.open(frames[0]).size
     command += ["--model", "bench.emulated_device:model", "--model-option", f"ms_per_image={ms}"]
+    command += ["--model-option", f"size={width}x{height}"]
     command += ["--shard-size", "256", "--batch-size", str(args.batch_size)]
     command += ["--prefetch-threads", str(args.prefetch_threads), "--cpus-per-actor", str(cpus)]
     if cpus == 1:

@@ -7,7 +7,8 @@ without Ray, and prints for each model, image size and precision:
 
 - ``model img/s``: :meth:`predict` alone on decoded images already in host memory (the
   forward bound, host-to-device copy included);
-- ``pipeline img/s``: the whole per-image path (read, decode, predict, RLE, rows);
+- ``pipeline img/s``: the whole per-image path (read, decode, predict, RLE, rows), and the
+  same with the JPEGs decoded on the GPU (``--decode gpu``);
 - GPU utilisation over the pipeline phase (``nvidia-smi`` sampled every 200 ms) and host CPU
   use (process CPU seconds per wall second);
 - CPU vs GPU JPEG decode img/s at 1080p;
@@ -178,7 +179,6 @@ def rebuilt_unet(path: Path, device, precision: str, batch_size: int):
 
 def measure(model, uris: list[str], device) -> dict[str, float]:
     from segflow.decode import decode_image
-    from segflow.shard import segment_images
 
     images = [decode_image(Path(uri).read_bytes()) for uri in uris]
     model.predict(images[: model.batch_size])  # warm-up: kernels, autotuning, allocator
@@ -191,27 +191,40 @@ def measure(model, uris: list[str], device) -> dict[str, float]:
 
     sampler = GpuSampler() if device.type == "cuda" else None
     cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
-    result = segment_images(
-        model,
-        uris,
-        run_id="gpu-check",
-        batch_size=model.batch_size,
-        prefetch_threads=max(2, (os.cpu_count() or 2) - 1),
-    )
+    pipeline(model, uris, decode_device=None)
     wall = time.perf_counter() - wall_before
     cpu = _cpu_seconds() - cpu_before
     utilisation = sampler.stop() if sampler is not None else None
-    if result.num_failed:
-        raise SystemExit(
-            f"{result.num_failed} images failed: {result.tables['errors'].to_pylist()}"
-        )
+    # --decode gpu: the JPEGs decoded by nvjpeg on the model's device (the CPU in a dry run).
+    wall_before = time.perf_counter()
+    pipeline(model, uris, decode_device=device)
+    gpu_decode_wall = time.perf_counter() - wall_before
     return {
         "model_img_s": round(model_rate, 1),
         "pipeline_img_s": round(len(uris) / wall, 1),
         "pipeline_over_model": round(len(uris) / wall / model_rate, 3),
         "gpu_util_pct": utilisation,
         "host_cpus_busy": round(cpu / wall, 2),
+        "pipeline_gpu_decode_img_s": round(len(uris) / gpu_decode_wall, 1),
     }
+
+
+def pipeline(model, uris: list[str], *, decode_device) -> None:
+    """What an actor does with a shard (segflow.shard.segment_images)."""
+    from segflow.shard import segment_images
+
+    result = segment_images(
+        model,
+        uris,
+        run_id="gpu-check",
+        batch_size=model.batch_size,
+        prefetch_threads=max(2, (os.cpu_count() or 2) - 1),
+        decode_device=decode_device,
+    )
+    if result.num_failed:
+        raise SystemExit(
+            f"{result.num_failed} images failed: {result.tables['errors'].to_pylist()}"
+        )
 
 
 def decode_rates(uris: list[str], device) -> dict[str, float]:
@@ -328,7 +341,8 @@ def format_run(run: dict) -> str:
         f"{run['model']:<26} {run['precision']:<5} {run['size']:<6} "
         f"model {run['model_img_s']:>7} img/s  pipeline {run['pipeline_img_s']:>7} img/s "
         f"({run['pipeline_over_model']:.2f})  gpu {run['gpu_util_pct']}%  "
-        f"host CPUs busy {run['host_cpus_busy']}"
+        f"host CPUs busy {run['host_cpus_busy']}  "
+        f"pipeline with GPU decode {run['pipeline_gpu_decode_img_s']} img/s"
     )
 
 

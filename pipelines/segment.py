@@ -203,6 +203,7 @@ def segment(
     model_options: dict[str, Any] | None = None,
     ray_address: str | None = None,
     device: str = "auto",
+    decode: str = "cpu",
     prefetch_threads: int = DEFAULT_PREFETCH_THREADS,
     cpus_per_actor: float | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,

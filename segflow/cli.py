@@ -112,6 +112,14 @@ def segment(
         typer.Option(help="Run id; default: derived from the command, so reruns resume."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    decode: Annotated[
+        str,
+        typer.Option(
+            help="cpu or gpu: gpu decodes JPEGs with nvjpeg on each actor's GPU, whose pixels "
+            "(and so masks) differ slightly from the CPU decoder's; other formats stay on the "
+            "CPU. Recorded in the run's configuration."
+        ),
+    ] = "cpu",
     tile_size: Annotated[
         int | None,
         typer.Option(min=1, help="Semantic models: larger images run in tiles (default 1024)."),
@@ -272,6 +280,7 @@ def segment(
             model_options=tuple(parsed_option(o) for o in model_option or ()),
             ray_address=ray_address,
             device=device,
+            decode=decode,
             prefetch_threads=prefetch_threads,
             cpus_per_actor=cpus_per_actor,
             # Left at the job's defaults when not given.

@@ -55,6 +55,7 @@ DEFAULT_STALL_TIMEOUT = 600.0
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+DECODERS = ("cpu", "gpu")
 
 if TYPE_CHECKING:
     from segflow.raster import RasterOptions
@@ -132,6 +133,9 @@ class Job:
     # Where and how it runs.
     ray_address: str | None = _setting(None, flag="--ray-address")
     device: str = _setting("auto", flag="--device")
+    # gpu: JPEGs decoded by nvjpeg on the actor's GPU, whose pixels differ from the CPU
+    # decoder's (segflow.decode), so the run's configuration records it when asked for.
+    decode: str = _setting("cpu", flag="--decode")
     prefetch_threads: int = _setting(DEFAULT_PREFETCH_THREADS, flag="--prefetch-threads")
     cpus_per_actor: float | None = _setting(None, flag="--cpus-per-actor")
     max_pixels: int | None = _setting(DEFAULT_MAX_PIXELS, flag="--max-pixels")
@@ -163,6 +167,9 @@ class Job:
             "precision", lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"
         )
         self._check("device", lambda v: v in DEVICES, f"must be one of {', '.join(DEVICES)}")
+        self._check("decode", lambda v: v in DECODERS, f"must be one of {', '.join(DECODERS)}")
+        if self.device == "cpu" and self.decode == "gpu":
+            raise JobError("--decode gpu needs a GPU (--device is cpu): leave --decode at cpu")
         if self.device == "cpu" and self.precision == "fp16":
             raise JobError(
                 "--precision fp16 needs a GPU (--device is cpu): on the CPU use fp32 or bf16"

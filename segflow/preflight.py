@@ -103,7 +103,8 @@ def run_config(job: Job) -> dict:
     """What a run's output depends on; a resume must match it exactly. The ground truth is
     recorded for the evaluation step that reads it; the model file's sha256 (None: the
     model reads no file), which every actor checks the file it loads against; with ground
-    truth, Trimap IoU's band width (its counts are part of the output)."""
+    truth, Trimap IoU's band width (its counts are part of the output); GPU decoding, whose
+    pixels differ from the CPU's."""
     evaluated = {} if job.gt is None else {"trimap_width": job.trimap_width}
     raster, slicing = job.raster_options(), job.slicing()
     return {
@@ -118,6 +119,7 @@ def run_config(job: Job) -> dict:
         # Only when given, so that other runs keep their ids.
         **({} if raster is None else {"raster": raster.as_config()}),
         **({} if slicing is None else {"slicing": slicing.as_config()}),
+        **({} if job.decode == "cpu" else {"decode": job.decode}),
     }
 
 

@@ -140,6 +140,7 @@ def segment_images(
     raster_options: raster.RasterOptions | None = None,
     forward_lock: contextlib.AbstractContextManager = _NO_LOCK,
     slicing: slicing.Slicing | None = None,
+    decode_device: torch.device | None = None,
 ) -> ShardResult:
     """Run ``model`` (a :class:`segflow.models.SegmentationModel`) over ``uris``; ``fetch``
     reads one URI's bytes, and one that takes longer than ``read_timeout`` seconds (``None``:
@@ -151,7 +152,9 @@ def segment_images(
     slice (:mod:`segflow.slicing`, ``slicing`` or its defaults). ``forward_lock`` is held
     around each forward pass (a raster's windows and slices included), so that calls sharing
     a model in threads (an actor's shards) take turns on the device while their other work
-    overlaps."""
+    overlaps. ``decode_device`` (CUDA) decodes JPEGs there with nvjpeg, whose pixels differ
+    from the CPU decoder's (:mod:`segflow.decode`); other formats, and JPEGs nvjpeg cannot
+    read, are decoded on the CPU."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if read_timeout is not None and not read_timeout > 0:
@@ -192,7 +195,7 @@ def segment_images(
         try:
             if not geo_rasters and raster.is_raster_uri(uri):
                 raster.refuse_geotiff_without_rasterio(data, uri)
-            item.image = decode_image(data, name=uri, max_pixels=max_pixels)
+            item.image = decode_image(data, name=uri, max_pixels=max_pixels, device=decode_device)
         except Exception as exc:
             item.error = ("decode", exc)
             return item

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from segflow.cli import app
 from segflow.job import Job, JobError, model_option
 from segflow.models.registry import load_job_model
-from segflow.preflight import check_job, resolve_job
+from segflow.preflight import check_job, default_run_id, resolve_job, run_config
 
 ESPNET = "models/espnet_camvid.pt2"
 
@@ -89,6 +89,8 @@ def test_a_deployments_json_parameters_make_the_job():
         ({"precision": "fp64"}, "--precision must be one of auto, fp32, bf16, fp16"),
         ({"precision": "fp16", "device": "cpu"}, "--precision fp16 needs a GPU"),
         ({"device": "tpu"}, "--device must be one of auto, cpu, cuda"),
+        ({"decode": "nvjpeg"}, "--decode must be one of cpu, gpu"),
+        ({"decode": "gpu", "device": "cpu"}, "--decode gpu needs a GPU"),
         ({"score_threshold": 1.5}, "--score-threshold must be in [0, 1]"),
         ({"mask_threshold": 1.0}, "--mask-threshold must be in [0, 1)"),
         ({"max_detections": 0}, "--max-detections must be at least 1"),
@@ -221,3 +223,13 @@ def test_a_resolved_job_is_what_the_run_records(shared, tmp_path):
     assert resolve_job(resolved) == resolved  # the CLI's prestart and its flow agree
     # A default job records what it did before the job was typed: a rerun resumes.
     assert check_job(resolved).config["model_options"] == {}
+
+
+def test_gpu_decoding_is_part_of_the_runs_configuration_and_cpu_decoding_is_not():
+    """nvjpeg's pixels differ from the CPU decoder's: a run decoded on the GPU gets another
+    run id, and one resumed with the other decoder is refused; the default changes nothing
+    (runs made before the option keep their ids)."""
+    on_cpu, on_gpu = run_config(job()), run_config(job(decode="gpu"))
+    assert "decode" not in on_cpu
+    assert on_gpu == on_cpu | {"decode": "gpu"}
+    assert default_run_id(on_gpu) != default_run_id(on_cpu)

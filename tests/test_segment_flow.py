@@ -242,6 +242,10 @@ def test_bad_jobs_fail_before_any_work(shared, tmp_path, frames):
             [str(corpus), "--model", model, "--ray-address", f"127.0.0.1:{free_port()}"],
             "unreachable",
         ),
+        "gpu decoding on a cluster without GPUs": (
+            [str(corpus), "--model", model, "--decode", "gpu"],
+            "--decode gpu needs a GPU, and the Ray cluster has none",
+        ),
     }
     for name, (args, message) in cases.items():
         out = tmp_path / name.replace(" ", "_")

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+import torch
 from pycocotools import mask as coco_mask
 
 from segflow import schema
@@ -273,3 +274,26 @@ def test_host_work_of_a_batch_runs_beside_the_next_forward_pass(espnet, frames):
     images = result.tables["images"].to_pylist()
     assert [row["uri"] for row in images] == uris
     assert all(row["status"] == "ok" for row in images)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decoding_hands_the_model_images_already_on_its_device(shared, frames, tmp_path):
+    from PIL import Image
+
+    jpeg = tmp_path / "frame.jpg"
+    Image.open(frames[0]).convert("RGB").save(jpeg, quality=90)
+    espnet_on_gpu = load_model(str(shared / "models" / "espnet_camvid.pt2"), device="cuda")
+    devices = []
+
+    class Recorder:  # segflow's model protocol, over ESPNet on the GPU
+        name, task, classes = espnet_on_gpu.name, espnet_on_gpu.task, espnet_on_gpu.classes
+
+        def predict(self, images):
+            devices.extend(image.device.type for image in images)
+            return espnet_on_gpu.predict(images)
+
+    uris = [str(jpeg), str(frames[1])]
+    result = segment_images(Recorder(), uris, run_id="g", decode_device=torch.device("cuda"))
+    assert devices == ["cuda", "cuda"]
+    assert [row["status"] for row in result.tables["images"].to_pylist()] == ["ok", "ok"]

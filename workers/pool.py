@@ -56,6 +56,8 @@ def start_workers(job: Job, max_actors: int | None = None) -> Workers:
         raise JobError(
             "--precision fp16 needs a GPU, and the Ray cluster has none: use fp32 or bf16"
         )
+    if job.decode == "gpu" and plan.device == "cpu":
+        raise JobError("--decode gpu needs a GPU, and the Ray cluster has none: use cpu")
     remote_actor = ray.remote(SegmentActor).options(
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 
 import ray
+import torch
 
 from segflow.allocator import retain_freed_memory
 from segflow.groundtruth import ModelClasses, open_ground_truth
@@ -67,6 +68,7 @@ class SegmentActor:
         self.forward_lock = threading.Lock()
         self.watchdog = StallWatchdog(job.stall_timeout)
         self.slicing = job.slicing()
+        self.decode_device = _decode_device(job.decode, device)
 
     def __call__(self, store: RunStore, shard: Shard, uris: list[str]) -> ShardFiles:
         with self.watchdog.watching(shard):
@@ -90,6 +92,7 @@ class SegmentActor:
             raster_options=self.raster_options,
             forward_lock=self.forward_lock,
             slicing=self.slicing,
+            decode_device=self.decode_device,
         )
         watchdog.progress()  # the writes get a stall timeout of their own
         summary = {
@@ -105,6 +108,14 @@ class SegmentActor:
             "finished_at": time.time(),
         }
         return store.write_shard(shard, result.tables, summary)
+
+
+def _decode_device(decode: str, device: str) -> torch.device | None:
+    """Where the actor decodes JPEGs: its GPU when the job asks for GPU decoding and it has
+    one (an actor without CUDA decodes on the CPU), else the CPU (None)."""
+    if decode != "gpu" or not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.device(device)
 
 
 class StallWatchdog:
