@@ -36,9 +36,12 @@ Conventions, shared by both decoders and tested against PIL's own conversions:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -153,12 +156,49 @@ def decode_image(
     label = _label(data, name)
     image = _open_header(data, label, max_pixels)
     target = _usable_device(device)
-    pixels = None
-    if image.mode in _TORCHVISION_ROUTES.get(image.format, ()):
-        pixels = _decode_with_torchvision(data, image.format, target)
-    if pixels is None:
-        pixels = torch.from_numpy(_decode_rgb_with_pil(image, data, label))
-    return _apply_orientation(pixels.to(target), _exif_orientation(image)).contiguous()
+    with _decoding_on(target):
+        pixels = None
+        if image.mode in _TORCHVISION_ROUTES.get(image.format, ()):
+            pixels = _decode_with_torchvision(data, image.format, target)
+        if pixels is None:
+            pixels = torch.from_numpy(_decode_rgb_with_pil(image, data, label))
+        pixels = _apply_orientation(pixels.to(target), _exif_orientation(image)).contiguous()
+    if target.type == "cuda":
+        pixels.record_stream(torch.cuda.default_stream(target))
+    return pixels
+
+
+@contextlib.contextmanager
+def _decoding_on(device: torch.device) -> Iterator[None]:
+    """On CUDA: the decode's work on a stream of this thread's own, finished before the image
+    is handed on.
+
+    Decoding runs in reader threads beside the model's forward passes. On the forward
+    pass's stream, the caching allocator could hand the decoder a block that queued kernels
+    have yet to read (torchvision's nvjpeg decoder allocates on the caller's stream and decodes
+    on a private one without waiting on it: pytorch/vision#9606), and
+    the model, on the default stream, could read the pixels before nvjpeg has written them;
+    its own stream and a synchronisation rule out both (:func:`decode_image` then marks the
+    image as used on the default stream, so that its memory is not reused while the model's
+    kernels may still read it)."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    index = torch.cuda.current_device() if device.index is None else device.index
+    streams = getattr(_decode_streams, "by_device", None)
+    if streams is None:
+        streams = _decode_streams.by_device = {}
+    stream = streams.get(index)
+    if stream is None:
+        stream = streams[index] = torch.cuda.Stream(index)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
+_decode_streams = threading.local()
 
 
 def decode_rgb(
