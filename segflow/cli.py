@@ -692,13 +692,17 @@ def query(
 
     from segflow import schema
     from segflow.analytics import AnalyticsError, connect
-    from segflow.sql import tables_named
+    from segflow.sql import only_selects, tables_named
 
     if output_format not in ("table", "csv", "json"):
         console.print(f"[red]error:[/] --format must be table, csv or json, not {output_format!r}")
         raise typer.Exit(code=NOT_STARTED)
     tables = tables_named(sql, schema.TABLES)
-    with _reported(), connect(run, allow_external=allow_external, tables=tables) as db:
+    reads = only_selects(sql)
+    with (
+        _reported(),
+        connect(run, allow_external=allow_external, tables=tables, only_selects=reads) as db,
+    ):
         try:
             result = db.sql(sql)
             names, rows = result.columns, result.fetchall()
