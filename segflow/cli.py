@@ -21,7 +21,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from segflow.errors import IMAGES_FAILED, NOT_STARTED
-from segflow.progress import segment_progress
 
 app = typer.Typer(help="Segment large image corpora into COCO RLE masks in Parquet.")
 console = Console(stderr=True)
@@ -307,6 +306,7 @@ def segment(
         connect(ray_address)
         flow_modules.join()
         from pipelines.segment import prestart_segment, segment_job
+        from segflow.progress import segment_progress  # rich.progress: segment's alone
 
         if not _verbose:
             _without_prefect_tracebacks()
