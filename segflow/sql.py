@@ -12,11 +12,13 @@ machine's files:
   are those :func:`expose_files` names: DuckDB's ``allowed_paths`` admit writes as well as
   reads, so a run's files are allowed only under ``segflow-run://`` names, served read-only
   by a file system that knows those files and no other (``COPY ... TO`` one of them fails,
-  and their plain paths stay refused). That file system is Python, which every read of
-  DuckDB's crosses into: a connection that will run only SELECT statements (segflow's own
-  SQL, or what :func:`only_selects` admits), none of which writes, is given a local run's
-  files by their paths instead, read natively (``COPY ... TO`` or ``ATTACH`` one of them
-  would succeed there, so nothing but SELECT statements may reach such a connection).
+  and their plain paths stay refused). That file system is Python, which each of DuckDB's
+  reads crosses into (a second more for a scan of a million images' masks): a connection
+  that will run nothing but segflow's own SQL and, from outside, SELECT statements
+  (:func:`only_selects`), none of which writes a file, is given a local run's files by
+  their paths instead, and reads them natively. ``COPY ... TO`` or ``ATTACH`` one of them
+  would succeed there: no other statement from outside may reach such a connection
+  (``segflow query`` gives any other SQL a connection through the read-only file system).
 - :func:`predicate_problem` admits a predicate (``--where``) only if DuckDB's own parser
   reads ``SELECT * FROM <table> WHERE (<predicate>)`` (:func:`select_where`, the statement
   that then runs, verbatim) as exactly one ``SELECT`` of that shape, so the text is one
