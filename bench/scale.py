@@ -72,10 +72,11 @@ Goals at 1 M images: each command within 2x DuckDB direct's time and 1 GB of pea
 flat from 100 k to 1 M (at most 1.2x growth, printed when two sizes are measured); ``report``
 within 30 s. The table marks each goal met (``ok``) or not (``MISS``) at every size measured.
 segflow's commands read the run through :meth:`segflow.evaluation.Run.connect`: DuckDB's
-``read_parquet`` over the committed files, through a read-only file system (see
-:mod:`segflow.sql`), so the ratio is mostly that file system's Python calls and the
-interpreter's start. The machine's load average is printed beside each table: compare
-ratios measured side by side, not seconds across runs.
+``read_parquet`` over the committed files, natively on a local disk (their SQL is SELECT
+statements alone; see :mod:`segflow.sql`), through a read-only file system in Python on S3,
+so on a local run the ratio is mostly the interpreter's start and imports (typer and
+pydantic, numpy, pyarrow, fsspec). The machine's load average is printed beside each table:
+compare ratios measured side by side, not seconds across runs.
 
 Usage: .venv/bin/python bench/scale.py [--only planning|queries] [--work DIR]
        [--baseline REV] [--images N [N ...]] [--s3-images N]

@@ -65,7 +65,11 @@ class AnalyticsError(SegflowError, ValueError):
 
 
 def connect(
-    location: str, *, allow_external: bool = False, tables: Collection[str] | None = None
+    location: str,
+    *,
+    allow_external: bool = False,
+    tables: Collection[str] | None = None,
+    only_selects: bool = False,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the run's tables as views (see
     :func:`~segflow.evaluation.open_run` for ``location``), the mask functions, and the
@@ -79,8 +83,13 @@ def connect(
     so it can be handed SQL from anyone. Pass
     ``allow_external=True`` for SQL you trust to also reach the machine's files (DuckDB's
     usual connection, settings unlocked), and ``tables`` for views of those tables only
-    (:func:`segflow.sql.tables_named` finds those SQL reads)."""
-    db = open_run(location).connect(allow_external=allow_external, tables=tables)
+    (:func:`segflow.sql.tables_named` finds those SQL reads). Pass ``only_selects=True``
+    when nothing but SELECT statements will run on it (:func:`segflow.sql.only_selects`):
+    a local run's files are then read natively, faster, and by their paths, which any other
+    statement could write (see :mod:`segflow.sql`)."""
+    db = open_run(location).connect(
+        allow_external=allow_external, tables=tables, only_selects=only_selects
+    )
     register_functions(db)
     return db
 
@@ -247,7 +256,7 @@ def overlay(
     from segflow.decode import decode_rgb
 
     run = open_run(location)
-    with run.connect() as db:
+    with run.connect(tables=("images", "masks"), only_selects=True) as db:
         found = tables_of_images(db, ["images", "masks"], [image_id])
     uris = found["images"].column("uri").to_pylist()
     if not uris:

@@ -21,7 +21,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from segflow.errors import IMAGES_FAILED, NOT_STARTED
-from segflow.progress import segment_progress
 
 app = typer.Typer(help="Segment large image corpora into COCO RLE masks in Parquet.")
 console = Console(stderr=True)
@@ -316,6 +315,7 @@ def segment(
         connect(ray_address)
         flow_modules.join()
         from pipelines.segment import prestart_segment, segment_job
+        from segflow.progress import segment_progress  # rich.progress: segment's alone
 
         if not _verbose:
             _without_prefect_tracebacks()
@@ -701,13 +701,17 @@ def query(
 
     from segflow import schema
     from segflow.analytics import AnalyticsError, connect
-    from segflow.sql import tables_named
+    from segflow.sql import only_selects, tables_named
 
     if output_format not in ("table", "csv", "json"):
         console.print(f"[red]error:[/] --format must be table, csv or json, not {output_format!r}")
         raise typer.Exit(code=NOT_STARTED)
     tables = tables_named(sql, schema.TABLES)
-    with _reported(), connect(run, allow_external=allow_external, tables=tables) as db:
+    reads = only_selects(sql)
+    with (
+        _reported(),
+        connect(run, allow_external=allow_external, tables=tables, only_selects=reads) as db,
+    ):
         try:
             result = db.sql(sql)
             names, rows = result.columns, result.fetchall()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,12 +39,12 @@ from segflow import schema
 from segflow.errors import SegflowError
 from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.sql import (
-    RUN_PROTOCOL,
+    TableFiles,
     expose_files,
     lock_down,
     predicate_problem,
     select_where,
-    sql_string,
+    sql_list,
     tables_named,
 )
 from segflow.store import RunStore, shard_of_file
@@ -73,14 +74,21 @@ class Run:
         return self.store.uri
 
     def connect(
-        self, *, allow_external: bool = False, tables: Collection[str] | None = None
+        self,
+        *,
+        allow_external: bool = False,
+        tables: Collection[str] | None = None,
+        only_selects: bool = False,
     ) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with a view of each of the run's tables (or of
         those of ``tables``: each table's log is read to list its files, so SQL that names a
         few needs only theirs), over the committed shards when it opens (a table without any
         has the schema of :data:`segflow.schema.TABLES` and no rows), and the session time
         zone UTC, the zone of the run's timestamps. It reads nothing but those views' files,
-        and writes none (:func:`segflow.sql.lock_down`), unless ``allow_external``."""
+        and writes none (:func:`segflow.sql.lock_down`), unless ``allow_external``. With
+        ``only_selects``, the caller runs nothing on it but segflow's own SQL and SELECT
+        statements (:func:`segflow.sql.only_selects`): the views of a local run then read
+        their files natively, not through Python (see :mod:`segflow.sql`)."""
         db = duckdb.connect()
         db.execute("SET TimeZone = 'UTC'")
         # Its bar goes to stdout on a slow query, into `segflow query --format json|csv`.
@@ -89,18 +97,29 @@ class Run:
         # all (1M images: 340 MB peak for one scan of masks, not 250); a second scan of a
         # table (evaluate's) reads its small footers again.
         db.execute("SET parquet_metadata_cache = false")
-        exposed = expose_files(db, self.store.fs, self.store.table_files(tables))
+        exposed = expose_files(
+            db,
+            self.store.fs,
+            self.store.table_files(tables),
+            natively=allow_external or only_selects,
+        )
         for name, files in exposed.items():
-            if files:
-                db.execute(
-                    f"CREATE VIEW {name} AS SELECT * FROM read_parquet({sql_string(files[0])})"
-                )
+            if files.files:
+                db.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({files.source()})")
             else:
                 # Not Schema.empty_table(): that imports pandas (a second, on every command).
                 db.register(name, pa.Table.from_batches([], schema=schema.TABLES[name]))
+        _VIEWS[db] = exposed
         if not allow_external:
-            lock_down(db, [f for files in exposed.values() for f in files])
+            lock_down(db, [name for files in exposed.values() for name in files.readable()])
         return db
+
+
+# The files of each connection's views (Run.connect's), which tables_of_images reads a few
+# of directly.
+_VIEWS: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, dict[str, TableFiles]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def rows_of_images(db: duckdb.DuckDBPyConnection, table: str, image_ids: Sequence[int]) -> pa.Table:
@@ -121,8 +140,9 @@ def tables_of_images(
     sorted by ``image_id``: they are read with the filter, which skips every row group whose
     ``image_id`` range holds none of the images."""
     ids = ", ".join(str(int(i)) for i in image_ids) or "NULL"
-    images = _table_files(db, "images")
-    in_images = _files_holding(db, _glob("images"), ids) if images else []
+    views = _VIEWS[db]
+    images = views["images"].files
+    in_images = _files_holding(db, views["images"].source(), ids) if images else []
     # The images' shards are known when images is in shard files (not compacted).
     known = bool(images) and None not in {shard_of_file(name) for name in images}
     shards = {shard_of_file(name) for name in in_images}
@@ -131,40 +151,21 @@ def tables_of_images(
         if table == "images":
             read = in_images
         else:
-            files = _table_files(db, table)
+            files = views[table].files
             read = [name for name in files if shard_of_file(name) is None]
             sharded = [name for name in files if shard_of_file(name) is not None]
             if known:
                 read += [name for name in sharded if shard_of_file(name) in shards]
             elif sharded:
-                read += _files_holding(db, _listed(sharded), ids)
+                read += _files_holding(db, sql_list(sorted(sharded)), ids)
         found[table] = (
-            db.sql(f"SELECT * FROM read_parquet({_listed(read)}) WHERE image_id IN ({ids})")
+            db.sql(
+                f"SELECT * FROM read_parquet({sql_list(sorted(read))}) WHERE image_id IN ({ids})"
+            )
             if read
             else db.sql(f"SELECT * FROM {table} LIMIT 0")  # a table of no files: its schema
         ).to_arrow_table()
     return found
-
-
-def _glob(table: str) -> str:
-    """SQL naming every file of a view :meth:`Run.connect` made."""
-    return sql_string(f"{RUN_PROTOCOL}://{table}/*.parquet")
-
-
-def _listed(files: Sequence[str]) -> str:
-    return "[" + ", ".join(sql_string(name) for name in sorted(files)) + "]"
-
-
-def _table_files(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-    """The files of a view :meth:`Run.connect` made (none for a table without files: a
-    registered Arrow table, whose glob the connection does not allow)."""
-    [(has_files,)] = db.sql(
-        "SELECT count(*) FROM duckdb_views() WHERE view_name = $name AND contains(sql, $glob)",
-        params={"name": table, "glob": f"{RUN_PROTOCOL}://{table}/*.parquet"},
-    ).fetchall()
-    if not has_files:
-        return []
-    return [name for (name,) in db.sql(f"SELECT file FROM glob({_glob(table)})").fetchall()]
 
 
 def _files_holding(db: duckdb.DuckDBPyConnection, files: str, ids: str) -> list[str]:
@@ -223,7 +224,7 @@ def evaluate_run(
     ``location`` and ``latest``); with ``bootstrap``, also ``intervals``: per headline figure
     (:func:`headline_figures`) its ``[low, high]`` (:mod:`segflow.bootstrap`)."""
     run = open_run(location, latest=latest)
-    with run.connect(tables=evaluated_tables(run, where)) as db:
+    with run.connect(tables=evaluated_tables(run, where), only_selects=True) as db:
         return evaluate(run, db, where, bootstrap=bootstrap).result
 
 
@@ -254,7 +255,7 @@ def instance_scores(location: str, *, where: str | None = None) -> dict[str, Coc
         raise EvaluationError(
             f"{run.uri} is not an instance run segmented with ground truth (--gt coco:FILE)"
         )
-    with run.connect() as db:
+    with run.connect(only_selects=True) as db:
         return evaluate(run, db, where).scores
 
 
@@ -511,7 +512,7 @@ def _coco_result_texts(location: str, batch: int = COCO_RESULTS_BATCH) -> Iterat
     import pyarrow.compute as pc
 
     run = open_run(location)
-    with run.connect() as db:
+    with run.connect(only_selects=True) as db:
         [(semantic, unscored)] = db.sql(
             "SELECT count(*) FILTER (instance IS NULL), count(*) FILTER (score IS NULL) FROM masks"
         ).fetchall()

@@ -120,7 +120,7 @@ def render_report(location: str, *, worst: int = 12, bootstrap: Bootstrap | None
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ValueError(f"worst must be a whole number >= 0, got {worst!r}")
     run = open_run(location)
-    with run.connect() as db:
+    with run.connect(only_selects=True) as db:
         sections = _sections(run, db, worst, bootstrap)
     return PAGE.substitute(
         run_id=_e(run.store.run_id), css=CSS, sections="\n".join(s for s in sections if s)

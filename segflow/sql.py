@@ -12,7 +12,13 @@ machine's files:
   are those :func:`expose_files` names: DuckDB's ``allowed_paths`` admit writes as well as
   reads, so a run's files are allowed only under ``segflow-run://`` names, served read-only
   by a file system that knows those files and no other (``COPY ... TO`` one of them fails,
-  and their plain paths stay refused).
+  and their plain paths stay refused). That file system is Python, which each of DuckDB's
+  reads crosses into (a second more for a scan of a million images' masks): a connection
+  that will run nothing but segflow's own SQL and, from outside, SELECT statements
+  (:func:`only_selects`), none of which writes a file, is given a local run's files by
+  their paths instead, and reads them natively. ``COPY ... TO`` or ``ATTACH`` one of them
+  would succeed there: no other statement from outside may reach such a connection
+  (``segflow query`` gives any other SQL a connection through the read-only file system).
 - :func:`predicate_problem` admits a predicate (``--where``) only if DuckDB's own parser
   reads ``SELECT * FROM <table> WHERE (<predicate>)`` (:func:`select_where`, the statement
   that then runs, verbatim) as exactly one ``SELECT`` of that shape, so the text is one
@@ -30,8 +36,10 @@ import functools
 import io
 import json
 import os
+import re
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -45,6 +53,8 @@ _SESSION_FUNCTIONS = frozenset({"current_setting", "current_query", "getenv", "w
 _TABLE_REFS = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "EMPTY", "EXPRESSION_LIST"})
 # Parse-tree keys that only locate text; the shape check ignores them.
 _LOCATIONS = frozenset({"query_location", "query_location_length"})
+# The characters that make DuckDB read a path as a glob.
+_GLOB = re.compile(r"[*?\[]")
 
 
 RUN_PROTOCOL = "segflow-run"
@@ -187,29 +197,71 @@ class _PositionalFile(io.RawIOBase):
         super().close()
 
 
+@dataclass(frozen=True)
+class TableFiles:
+    """One table's files as a connection reads them (:func:`expose_files`)."""
+
+    files: tuple[str, ...]  # each file, by the name the connection reads it by
+    glob: str | None  # the one name of them all, or None: they are read as a list
+
+    def source(self) -> str:
+        """SQL: what ``read_parquet`` reads them all by."""
+        return sql_string(self.glob) if self.glob else sql_list(self.files)
+
+    def readable(self) -> list[str]:
+        """The names :func:`lock_down` is to allow."""
+        return [self.glob, *self.files] if self.glob else list(self.files)
+
+
 def expose_files(
     db: duckdb.DuckDBPyConnection,
     fs: fsspec.AbstractFileSystem,
     tables: Mapping[str, Sequence[str]],
-) -> dict[str, list[str]]:
-    """Let ``db`` read the files of ``tables`` (fsspec URLs on ``fs``, by table) and write
-    none of them. By table, the names DuckDB reads them by, which :func:`lock_down` is to
-    allow: first the glob ``segflow-run://<table>/*.parquet`` that ``read_parquet`` reads
-    them all by (none for a table without files), then each file's."""
+    *,
+    natively: bool = False,
+) -> dict[str, TableFiles]:
+    """Let ``db`` read the files of ``tables`` (fsspec URLs on ``fs``, by table; a table
+    without files gets none) and write none of them: through the read-only file system,
+    under ``segflow-run://`` names and the glob ``segflow-run://<table>/*.parquet`` of each
+    table's, or, with ``natively`` (``db`` will run SELECT statements only, see the module's
+    doc), by their local paths when ``fs`` is a local disk."""
     # What fsspec's _strip_protocol makes of an fsspec URL, without its cost a file.
     paths = {name: [url.split("://", 1)[-1] for url in urls] for name, urls in tables.items()}
+    every = [path for listed in paths.values() for path in listed]
+    # DuckDB would read a path holding a glob's characters as a pattern.
+    if natively and isinstance(fs, LocalFileSystem) and not any(map(_GLOB.search, every)):
+        return {name: TableFiles(tuple(listed), None) for name, listed in paths.items()}
     db.register_filesystem(_ReadOnlyFiles(fs, paths))
     return {
-        name: [f"{RUN_PROTOCOL}://{name}/*.parquet"] + [f"{RUN_PROTOCOL}://{p}" for p in listed]
-        if listed
-        else []
+        name: TableFiles(
+            tuple(f"{RUN_PROTOCOL}://{p}" for p in listed),
+            f"{RUN_PROTOCOL}://{name}/*.parquet" if listed else None,
+        )
         for name, listed in paths.items()
     }
+
+
+def only_selects(sql: str) -> bool:
+    """Whether ``sql`` is one or more statements that DuckDB's parser reads as ``SELECT``
+    (``SHOW``, ``DESCRIBE``, ``SUMMARIZE``, ``VALUES``, ``FROM masks`` and set operations
+    among them; not ``EXPLAIN``, which may run another statement, nor ``PRAGMA``, ``CALL``,
+    ``COPY``, ``ATTACH``, ``CREATE``, ...): statements that write no file, and whose table
+    functions (``query()``) run SELECT statements only."""
+    try:
+        statements = _parser().extract_statements(sql)
+    except duckdb.Error:
+        return False
+    return bool(statements) and all(s.type == duckdb.StatementType.SELECT for s in statements)
 
 
 def sql_string(value: str) -> str:
     """``value`` as an SQL string literal."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def sql_list(values: Iterable[str]) -> str:
+    """``values`` as an SQL list of string literals."""
+    return "[" + ", ".join(map(sql_string, values)) + "]"
 
 
 def lock_down(db: duckdb.DuckDBPyConnection, readable: Collection[str] = ()) -> None:
@@ -278,9 +330,22 @@ def tables_named(sql: str, tables: Collection[str]) -> set[str]:
 
 
 def _parse(statement: str) -> dict[str, Any]:
-    with duckdb.connect() as db:
-        [(serialised,)] = db.execute("SELECT json_serialize_sql($q)", {"q": statement}).fetchall()
+    [(serialised,)] = (
+        _parser().execute("SELECT json_serialize_sql($q)", {"q": statement}).fetchall()
+    )
     return json.loads(serialised)
+
+
+_parsers = threading.local()
+
+
+def _parser() -> duckdb.DuckDBPyConnection:
+    """A connection of this thread's that only parses (and reads DuckDB's own catalog of
+    functions): a new connection costs tens of milliseconds, and a predicate is parsed
+    several times over."""
+    if getattr(_parsers, "db", None) is None:
+        _parsers.db = duckdb.connect()
+    return _parsers.db
 
 
 def _shape(value: Any) -> Any:
@@ -335,12 +400,15 @@ def _function_problem(name: str, qualifier: str) -> str | None:
     if qualifier:
         return f"{qualifier}.{name}(...) is not a built-in function"
     name = name.lower()
-    with duckdb.connect() as db:
-        found = db.execute(
+    found = (
+        _parser()
+        .execute(
             "SELECT function_type, macro_definition FROM duckdb_functions() "
             "WHERE function_name = $name",
             {"name": name},
-        ).fetchall()
+        )
+        .fetchall()
+    )
     kinds = {kind for kind, _ in found}
     if not kinds:
         return f"{name}(...) is not a built-in function"

@@ -340,15 +340,20 @@ class RunStore:
     def table_files(self, names: Collection[str] | None = None) -> dict[str, list[str]]:
         """Every table's :meth:`files` (or those of the tables ``names``), of the same
         committed shards, listed once (the tables' logs read at once: each is a few requests
-        on an object store)."""
+        on an object store). A finished run (``summary.json``) commits nothing more, and
+        each of its tables holds every shard: their files are all of theirs, and the
+        ``shards`` table's log (a commit a shard) is not read."""
         names = list(schema.TABLES) if names is None else [n for n in schema.TABLES if n in names]
-        committed = self.committed()
+        committed = None if self.fs.exists(self.path("summary.json")) else self.committed()
         with ThreadPoolExecutor(max(len(names), 1)) as pool:
             listed = pool.map(lambda name: self._files(name, committed, committed), names)
             return dict(zip(names, listed, strict=True))
 
-    def _files(self, name: str, wanted: set[int], committed: set[int] | None) -> list[str]:
+    def _files(self, name: str, wanted: set[int] | None, committed: set[int] | None) -> list[str]:
+        """Table ``name``'s files of the shards ``wanted`` (None: all its files)."""
         uris = self._delta(name).file_uris()
+        if wanted is None:
+            return sorted(uris)
         by_shard = {uri: shard_of_file(uri) for uri in uris}
         if None in by_shard.values() and wanted != (
             self.committed() if committed is None else committed

@@ -102,9 +102,9 @@ def test_one_file_is_read_right_by_many_threads_at_once(tmp_path):
     sql = "SELECT sum(v), sum(length(s)), count(*) FROM read_parquet({})"
     expected = duckdb.sql(sql.format(f"'{path}'")).fetchall()
     db = duckdb.connect()
-    [glob, *_] = expose_files(db, fsspec.filesystem("file"), {"table": [path]})["table"]
+    source = expose_files(db, fsspec.filesystem("file"), {"table": [path]})["table"].source()
     for _ in range(3):
-        assert db.sql(sql.format(f"'{glob}'")).fetchall() == expected
+        assert db.sql(sql.format(source)).fetchall() == expected
 
 
 @pytest.mark.parametrize(

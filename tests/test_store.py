@@ -25,6 +25,7 @@ from segflow import schema
 from segflow.cli import app
 from segflow.manifest import Shard
 from segflow.store import (
+    SHARDS_TABLE,
     RunConflictError,
     RunNotFinishedError,
     RunStore,
@@ -337,14 +338,19 @@ def test_the_rows_of_a_few_images_are_theirs_before_and_after_compaction(tmp_pat
     run = open_run(store.uri)
 
     def rows(image_ids):
-        with run.connect() as db:
-            wanted = db.sql(
-                "SELECT * FROM masks WHERE list_contains($ids, image_id) ORDER BY ALL",
-                params={"ids": image_ids},
-            ).fetchall()
-            found = rows_of_images(db, "masks", image_ids)
-            assert rows_of_images(db, "errors", image_ids).num_rows == 0  # a table of no files
-            return sorted(found.to_pylist(), key=str), wanted, found.num_rows
+        read = []
+        # Through the read-only file system, and natively (a connection of SELECTs only).
+        for only_selects in (False, True):
+            with run.connect(only_selects=only_selects) as db:
+                wanted = db.sql(
+                    "SELECT * FROM masks WHERE list_contains($ids, image_id) ORDER BY ALL",
+                    params={"ids": image_ids},
+                ).fetchall()
+                found = rows_of_images(db, "masks", image_ids)
+                assert rows_of_images(db, "errors", image_ids).num_rows == 0  # no files
+                read.append((sorted(found.to_pylist(), key=str), wanted, found.num_rows))
+        assert read[0] == read[1]
+        return read[0]
 
     with run.connect() as db:
         image_ids = [i for (i,) in db.sql("SELECT image_id FROM images LIMIT 3").fetchall()]
@@ -353,3 +359,18 @@ def test_the_rows_of_a_few_images_are_theirs_before_and_after_compaction(tmp_pat
     CliRunner().invoke(app, ["compact", store.uri, "--retain-hours", "0"])
     assert rows([*image_ids, -1]) == before
     assert rows([-1])[2] == 0
+
+
+def test_a_finished_run_is_listed_without_its_shards_log(tmp_path):
+    import shutil
+
+    store = _finished_run(str(tmp_path / "out"), shards=3)
+    listed = store.table_files()
+    assert listed == {name: store.files(name) for name in schema.TABLES}
+    assert len(listed["masks"]) == 3
+    # The shards table tells which shards a run has committed while it commits; once it has
+    # finished, every table holds every shard, and the shards table is not read.
+    shutil.move(store.path(SHARDS_TABLE), tmp_path / "elsewhere")
+    assert store.table_files()["masks"] == []  # unfinished: no shard is committed
+    store.finish({"images": 9})
+    assert store.table_files() == listed

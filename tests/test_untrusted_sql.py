@@ -265,6 +265,158 @@ def test_query_refuses_to_leave_the_run_unless_allowed(instance_run, bait, sql):
         assert printed.stdout == f"content\n{bait.text}\n"
 
 
+# --------------------------------------------------------------------------------------------
+# A connection that runs SELECT statements only reads a local run's files natively, by their
+# paths, which DuckDB lets it write as well as read: segflow query gives it SQL of SELECT
+# statements alone (segflow.sql.only_selects), any other SQL the read-only file system.
+
+
+@pytest.mark.parametrize(
+    ("sql", "admitted"),
+    [
+        ("SELECT count(*) FROM masks", True),
+        ("WITH t AS (SELECT 1 AS x) SELECT * FROM t; FROM masks LIMIT 1", True),
+        ("SHOW TABLES", True),
+        ("DESCRIBE masks", True),
+        ("SUMMARIZE masks", True),
+        ("VALUES (1), (2)", True),
+        ("(SELECT 1) UNION ALL (SELECT 2)", True),
+        ("SELECT * FROM query('SELECT 1')", True),  # query() runs a SELECT alone
+        ("", False),
+        ("-- only a comment", False),
+        ("SELEC 1", False),
+        ("SELECT 1; COPY (SELECT 1) TO 'x.csv'", False),
+        ("COPY masks TO 'x.csv'", False),
+        ("EXPLAIN ANALYZE COPY (SELECT 1) TO 'x.csv'", False),
+        ("EXPLAIN SELECT 1", False),
+        ("ATTACH 'x.db' AS x", False),
+        ("DETACH x", False),
+        ("EXPORT DATABASE 'x'", False),
+        ("CREATE TABLE t AS SELECT 1", False),
+        ("INSERT INTO t VALUES (1)", False),
+        ("INSTALL httpfs", False),
+        ("LOAD httpfs", False),
+        ("PRAGMA enable_profiling", False),
+        ("CALL pragma_version()", False),
+        ("CHECKPOINT", False),
+        ("SET threads = 1", False),
+        ("PREPARE p AS SELECT 1; EXECUTE p", False),
+    ],
+)
+def test_only_selects_admits_select_statements_alone(sql, admitted):
+    from segflow.sql import only_selects
+
+    assert only_selects(sql) is admitted
+
+
+@pytest.fixture
+def stray_run(instance_run: Path, tmp_path: Path) -> Path:
+    """A copy of the instance run with a file in its masks folder that no commit added (a
+    killed attempt's), holding one row more than the committed ones."""
+    import shutil
+
+    out = tmp_path / "stray"
+    shutil.copytree(instance_run, out)
+    committed = next(out.glob("run=*/masks/shard-000000-*.parquet"))
+    rows = pq.read_table(committed)
+    pq.write_table(rows.slice(0, 1), committed.with_name("shard-000000-0badf11e.parquet"))
+    return out
+
+
+def committed_masks(run: Path) -> int:
+    from segflow.store import RunStore
+
+    [folder] = run.glob("run=*")
+    store = RunStore(str(run), folder.name.removeprefix("run="))
+    return sum(pq.read_metadata(path).num_rows for path in store.files("masks"))
+
+
+# Writes aimed at the run's own committed files (the paths a native connection may read),
+# then reads of the machine's files: {committed} is a committed data file, {stray} the file
+# no commit added.
+WRITES = [
+    "COPY (SELECT 1 AS x) TO '{committed}' (FORMAT parquet, USE_TMP_FILE false)",
+    "COPY masks TO '{committed}' (FORMAT csv, USE_TMP_FILE false)",
+    "COPY masks TO '{committed}'",
+    "SELECT 1; COPY (SELECT 1 AS x) TO '{committed}' (FORMAT csv, USE_TMP_FILE false)",
+    "EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO '{committed}' (FORMAT csv, USE_TMP_FILE false)",
+    "PREPARE p AS COPY (SELECT 1 AS x) TO '{committed}' (FORMAT csv, USE_TMP_FILE false); "
+    "EXECUTE p",
+    "ATTACH '{committed}' AS x",
+    "ATTACH '{committed}' AS x; CREATE TABLE x.t AS SELECT 1",
+    "ATTACH '{target}' AS x; CREATE TABLE x.t AS SELECT 1",
+    "EXPORT DATABASE '{folder}/exported'",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET allowed_directories = ['/']",
+]
+READS = [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('{secret}')",
+    "SELECT content::VARCHAR FROM read_blob('/proc/self/environ')",
+    "SELECT * FROM '{secret}'",
+    "SELECT * FROM read_parquet('{stray}')",
+    "SELECT count(*) FROM read_parquet('{masks}/*.parquet')",
+    "SELECT * FROM glob('{masks}/*')",
+    "SELECT * FROM glob('{folder}/*')",
+    "SELECT * FROM query('SELECT * FROM read_text(''{secret}'')')",
+]
+
+
+def aimed(sql: str, bait: Bait, run: Path) -> str:
+    [masks] = run.glob("run=*/masks")
+    return sql.format(
+        committed=next(masks.glob("shard-000001-*.parquet")),
+        stray=next(masks.glob("shard-000000-0badf11e.parquet")),
+        masks=masks,
+        secret=bait.secret,
+        target=bait.target,
+        folder=bait.secret.parent,
+    )
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("sql", WRITES + READS)
+def test_query_writes_nothing_and_reads_the_committed_files_alone(stray_run, bait, sql):
+    before = snapshot(stray_run)
+    printed = CliRunner().invoke(app, ["query", str(stray_run), aimed(sql, bait, stray_run)])
+    assert printed.exit_code == 2, printed.output
+    assert "the query failed" in " ".join(printed.stderr.split())
+    assert snapshot(stray_run) == before
+    bait.untouched(printed.output)
+
+
+def test_a_native_connection_reads_the_committed_files_alone(stray_run, bait):
+    sql = "SELECT class_name, count(*), sum(area) FROM masks GROUP BY 1 ORDER BY 1"
+    with connect(str(stray_run)) as guarded, connect(str(stray_run), only_selects=True) as db:
+        # Natively: no Python file system between DuckDB and the files.
+        assert guarded.list_filesystems() and not db.list_filesystems()
+        assert db.sql(sql).fetchall() == guarded.sql(sql).fetchall()
+        [(masks,)] = db.sql("SELECT count(*) FROM masks").fetchall()
+        for read in READS:
+            with pytest.raises(duckdb.Error):
+                db.sql(aimed(read, bait, stray_run)).fetchall()
+    assert masks == committed_masks(stray_run)
+    bait.untouched()
+
+
+def test_segflow_query_of_selects_reads_natively_what_it_read_before(stray_run):
+    sql = "SELECT class_name, count(*) AS n, sum(area) AS area FROM masks GROUP BY 1 ORDER BY 1"
+    # The same answer from SQL of SELECT statements alone (read natively) and from the same
+    # SELECT after a statement that is not one (read through the read-only file system).
+    native = CliRunner().invoke(app, ["query", str(stray_run), sql, "--format", "csv"])
+    guarded = CliRunner().invoke(
+        app, ["query", str(stray_run), f"PRAGMA version; {sql}", "--format", "csv"]
+    )
+    assert native.exit_code == guarded.exit_code == 0, native.output + guarded.output
+    assert native.stdout == guarded.stdout
+    counted = [int(line.rsplit(",", 2)[1]) for line in native.stdout.splitlines()[1:]]
+    assert sum(counted) == committed_masks(stray_run)
+
+
 def test_a_locked_connection_still_scans_what_is_registered(tmp_path):
     import pyarrow as pa
     import pyarrow.dataset as ds
