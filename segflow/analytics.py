@@ -247,7 +247,7 @@ def overlay(
     from segflow.decode import decode_rgb
 
     run = open_run(location)
-    with run.connect() as db:
+    with run.connect(tables=("images", "masks")) as db:
         found = tables_of_images(db, ["images", "masks"], [image_id])
     uris = found["images"].column("uri").to_pylist()
     if not uris:

@@ -111,7 +111,7 @@ class Run:
         return db
 
 
-# Files of a table that evaluate's scans read at once (:func:`_in_parts`). DuckDB keeps some
+# Files of a table that evaluate's scans read at once (:func:`part_rows`). DuckDB keeps some
 # state of every file a scan has read until the scan ends (about 4 KB a column; evaluate's
 # sums read 15 columns of class_stats: 230 MB over a 1M-image run's 3,900 shard files), and
 # a UNION ALL of scans of fewer files each runs them at once.
@@ -123,27 +123,35 @@ def _part(table: str, index: int) -> str:
     return f"{table}/part-{index}"
 
 
-def _parts(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-    """SQL naming the rows of each part of the files of a view :meth:`Run.connect` made, as
-    ``table`` (the view itself for a table without files)."""
+def _part_globs(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """SQL naming the files of each part of a view :meth:`Run.connect` made (none for a
+    table without files)."""
     parts = math.ceil(len(_table_files(db, table)) / VIEW_PART_FILES)
-    return [
-        f"read_parquet({sql_string(f'{RUN_PROTOCOL}://{_part(table, k)}/*.parquet')}) AS {table}"
-        for k in range(parts)
-    ] or [table]
+    return [sql_string(f"{RUN_PROTOCOL}://{_part(table, k)}/*.parquet") for k in range(parts)]
 
 
-def _in_parts(
-    db: duckdb.DuckDBPyConnection, table: str, partial: str, final: str
-) -> dict[str, np.ndarray]:
-    """``final``, an aggregate over ``_partials``: the rows of ``partial``, an aggregate over
-    ``{rows}`` (``table``'s), run on each part of the table's files (:data:`VIEW_PART_FILES`)
-    one after another, so that DuckDB holds the state of one part's files at a time (a sum of
-    sums: the answer of ``partial`` over the whole table, to the floats' rounding)."""
-    pieces = [db.sql(partial.format(rows=rows)).to_arrow_table() for rows in _parts(db, table)]
-    db.register("_partials", pa.concat_tables(pieces))
+def _parts(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """SQL naming the rows of each part of a view's files as ``table`` (the view itself for
+    a table without files)."""
+    return [f"read_parquet({files}) AS {table}" for files in _part_globs(db, table)] or [table]
+
+
+def part_rows(db: duckdb.DuckDBPyConnection, table: str, sql: str) -> pa.Table:
+    """The rows of ``sql``, a query of ``{rows}`` (``table``'s), run on each part of the
+    table's files (:data:`VIEW_PART_FILES`) one after another, so that DuckDB holds the
+    state of one part's files at a time; in the parts' order."""
+    return pa.concat_tables(
+        db.sql(sql.format(rows=rows)).to_arrow_table() for rows in _parts(db, table)
+    )
+
+
+def in_parts(db: duckdb.DuckDBPyConnection, table: str, partial: str, final: str) -> pa.Table:
+    """``final``, a query of ``_partials``: the rows :func:`part_rows` of ``partial``, e.g.
+    a sum of sums (the answer of ``partial`` over the whole table, to the floats' rounding)
+    or the first rows of each part's first rows."""
+    db.register("_partials", part_rows(db, table, partial))
     try:
-        return db.sql(final).fetchnumpy()
+        return db.sql(final).to_arrow_table()
     finally:
         db.unregister("_partials")
 
@@ -167,7 +175,9 @@ def tables_of_images(
     ``image_id`` range holds none of the images."""
     ids = ", ".join(str(int(i)) for i in image_ids) or "NULL"
     images = _table_files(db, "images")
-    in_images = _files_holding(db, _glob("images"), ids) if images else []
+    in_images = [
+        name for part in _part_globs(db, "images") for name in _files_holding(db, part, ids)
+    ]
     # The images' shards are known when images is in shard files (not compacted).
     known = bool(images) and None not in {shard_of_file(name) for name in images}
     shards = {shard_of_file(name) for name in in_images}
@@ -430,7 +440,7 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
     classes = run.evaluation["classes"]
     of_evaluated = "" if every_image else " SEMI JOIN evaluated USING (image_id)"
     # A run written before a column existed reads it as null: its figure is undefined.
-    sums = _in_parts(
+    sums = in_parts(
         db,
         "class_stats",
         "SELECT class_id, "
@@ -444,22 +454,19 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
         + ", ".join(f"sum({c}) AS {c}" for c in SOFT_SUMS + INSTANCE_SUMS)
         + " FROM _partials GROUP BY class_id",
     )
-    rows = {
-        name: np.ma.filled(np.ma.asarray(values, dtype=np.float64), np.nan)
-        if name in SOFT_SUMS + INSTANCE_SUMS
-        else values
-        for name, values in sums.items()
-    }
-    totals = ClassSums.of_rows(rows, len(classes))
-    cells = _in_parts(
+    totals = ClassSums.of_rows(
+        dict(zip(sums.column_names, _numpy(sums), strict=True)), len(classes)
+    )
+    cells = in_parts(
         db,
         "confusion",
         "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels "
         f"FROM {{rows}}{of_evaluated} GROUP BY ALL",
         "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM _partials GROUP BY ALL",
     )
+    gt_class, pred_class, pixels = _numpy(cells)
     confusion = np.zeros((len(classes), len(classes)), np.int64)
-    confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
+    confusion[gt_class, pred_class] = pixels
     return totals.figures() | {
         "classes": classes,
         "trimap_width": run.evaluation.get("trimap_width"),
@@ -467,6 +474,11 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
         "pred_pixels": totals.pred_pixels.tolist(),
         "confusion": confusion.tolist(),  # [ground-truth class][predicted class], pixels
     }
+
+
+def _numpy(table: pa.Table) -> list[np.ndarray]:
+    """Each column of ``table`` as numpy (a number column with nulls: floats, NaN there)."""
+    return [column.to_numpy() for column in table.columns]
 
 
 def _coco_scores(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, CocoScores]:

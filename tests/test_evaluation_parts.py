@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 
 from segflow import evaluation, schema
-from segflow.evaluation import evaluate_run
+from segflow.evaluation import evaluate_run, in_parts, open_run
 from segflow.manifest import Shard
+from segflow.report import TIMED_STAGES, _timings_table
 from segflow.store import RunStore
 from tests.test_bootstrap import CLASSES, class_stats, population_counts, table_of, uris
 
 IMAGES, SHARDS = 60, 12
+TIMES = np.random.default_rng(6).gamma(2.0, 10.0, (len(TIMED_STAGES), IMAGES)).round(1)
+MIOU = np.random.default_rng(7).integers(0, 20, IMAGES) / 20  # ties, broken by URI
 
 
 def sharded_run(out: Path, counts: dict[str, np.ndarray]) -> str:
@@ -36,6 +39,8 @@ def sharded_run(out: Path, counts: dict[str, np.ndarray]) -> str:
             "model": ["synthetic"] * IMAGES,
             "processed_at": [datetime.now(UTC)] * IMAGES,
             "gt_uri": [u.replace("frames", "labels") for u in names],
+            **{f"{stage}_ms": TIMES[i] for i, stage in enumerate(TIMED_STAGES)},
+            "miou": MIOU,
         },
         IMAGES,
     )
@@ -97,3 +102,26 @@ def test_figures_read_a_few_files_at_a_time_are_those_of_one_scan(tmp_path, monk
     assert np.diag(semantic["confusion"]).tolist() == (
         counts["intersection"][selected].sum(axis=0).tolist()
     )
+
+
+def test_the_reports_timings_and_ranking_read_a_few_files_at_a_time(tmp_path, monkeypatch):
+    counts = population_counts(np.random.default_rng(5), IMAGES)
+    run = open_run(sharded_run(tmp_path / "out", counts))
+    monkeypatch.setattr(evaluation, "VIEW_PART_FILES", 5)
+    with run.connect() as db:
+        html = _timings_table(db)
+        ranked = in_parts(
+            db,
+            "images",
+            "SELECT uri, miou FROM {rows} ORDER BY miou, uri LIMIT 7",
+            "SELECT * FROM _partials ORDER BY miou, uri LIMIT 7",
+        ).to_pylist()
+    for i, stage in enumerate(TIMED_STAGES):
+        for name, value in (
+            ("mean", TIMES[i].mean()),
+            ("median", np.median(TIMES[i])),
+            ("p95", np.percentile(TIMES[i], 95)),
+        ):
+            assert f'data-timing="{stage}-{name}">{value:.1f}<' in html
+    expected = sorted(zip(MIOU.tolist(), uris(IMAGES), strict=True))[:7]
+    assert [(row["miou"], row["uri"]) for row in ranked] == expected

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
 from typer.testing import CliRunner
 
 from segflow import schema
@@ -353,3 +354,15 @@ def test_the_rows_of_a_few_images_are_theirs_before_and_after_compaction(tmp_pat
     CliRunner().invoke(app, ["compact", store.uri, "--retain-hours", "0"])
     assert rows([*image_ids, -1]) == before
     assert rows([-1])[2] == 0
+
+
+def test_a_compaction_out_of_its_memory_budget_commits_nothing(tmp_path, monkeypatch):
+    store = _finished_run(str(tmp_path / "out"))
+    store.finish({"images": 36})
+    before = _answers(store)
+    versions = {name: store._delta(name).version() for name in schema.TABLES}
+    monkeypatch.setattr("segflow.store.COMPACTION_SPILL_BYTES", 1)  # no sort fits
+    with pytest.raises(DeltaError, match="Resources exhausted"):
+        store.compact(retain_hours=0)
+    assert {name: store._delta(name).version() for name in schema.TABLES} == versions
+    assert _answers(store) == before
