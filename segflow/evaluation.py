@@ -130,7 +130,7 @@ def _part_globs(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
     return [sql_string(f"{RUN_PROTOCOL}://{_part(table, k)}/*.parquet") for k in range(parts)]
 
 
-def _parts(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+def part_scans(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
     """SQL naming the rows of each part of a view's files as ``table`` (the view itself for
     a table without files)."""
     return [f"read_parquet({files}) AS {table}" for files in _part_globs(db, table)] or [table]
@@ -141,17 +141,19 @@ def part_rows(db: duckdb.DuckDBPyConnection, table: str, sql: str) -> pa.Table:
     table's files (:data:`VIEW_PART_FILES`) one after another, so that DuckDB holds the
     state of one part's files at a time; in the parts' order."""
     return pa.concat_tables(
-        db.sql(sql.format(rows=rows)).to_arrow_table() for rows in _parts(db, table)
+        db.sql(sql.format(rows=rows)).to_arrow_table() for rows in part_scans(db, table)
     )
 
 
-def in_parts(db: duckdb.DuckDBPyConnection, table: str, partial: str, final: str) -> pa.Table:
+def in_parts(
+    db: duckdb.DuckDBPyConnection, table: str, partial: str, final: str
+) -> dict[str, np.ndarray]:
     """``final``, a query of ``_partials``: the rows :func:`part_rows` of ``partial``, e.g.
     a sum of sums (the answer of ``partial`` over the whole table, to the floats' rounding)
     or the first rows of each part's first rows."""
     db.register("_partials", part_rows(db, table, partial))
     try:
-        return db.sql(final).to_arrow_table()
+        return db.sql(final).fetchnumpy()  # not pyarrow's to_numpy: that imports pandas
     finally:
         db.unregister("_partials")
 
@@ -393,10 +395,10 @@ def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[
     evaluable = "status = 'ok' AND gt_uri IS NOT NULL"
     # Only COCOeval's image ids need the ground truth's URIs: a semantic run keeps ids alone.
     columns = "image_id" if run.evaluation["task"] == "semantic" else "image_id, gt_uri"
-    # One scan of images, a part of its files at a time (_parts), but for a predicate with a
+    # One scan of images, a part of its files at a time (part_scans), but for a predicate with a
     # subquery, which would run once a part: the selection's ids and whether each is
     # evaluated, kept.
-    scans = ["images"] if where and has_subquery(where, "images") else _parts(db, "images")
+    scans = ["images"] if where and has_subquery(where, "images") else part_scans(db, "images")
     try:
         for i, rows in enumerate(scans):
             selection = select_where(where, rows) if where else f"SELECT * FROM {rows}"
@@ -455,7 +457,8 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
         + " FROM _partials GROUP BY class_id",
     )
     totals = ClassSums.of_rows(
-        dict(zip(sums.column_names, _numpy(sums), strict=True)), len(classes)
+        {name: np.ma.filled(np.ma.asarray(v, np.float64), np.nan) for name, v in sums.items()},
+        len(classes),
     )
     cells = in_parts(
         db,
@@ -464,9 +467,8 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
         f"FROM {{rows}}{of_evaluated} GROUP BY ALL",
         "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM _partials GROUP BY ALL",
     )
-    gt_class, pred_class, pixels = _numpy(cells)
     confusion = np.zeros((len(classes), len(classes)), np.int64)
-    confusion[gt_class, pred_class] = pixels
+    confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
     return totals.figures() | {
         "classes": classes,
         "trimap_width": run.evaluation.get("trimap_width"),
@@ -474,11 +476,6 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
         "pred_pixels": totals.pred_pixels.tolist(),
         "confusion": confusion.tolist(),  # [ground-truth class][predicted class], pixels
     }
-
-
-def _numpy(table: pa.Table) -> list[np.ndarray]:
-    """Each column of ``table`` as numpy (a number column with nulls: floats, NaN there)."""
-    return [column.to_numpy() for column in table.columns]
 
 
 def _coco_scores(run: Run, db: duckdb.DuckDBPyConnection) -> dict[str, CocoScores]:

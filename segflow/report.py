@@ -42,9 +42,9 @@ from segflow.evaluation import (
     Run,
     RunEvaluation,
     evaluate,
-    in_parts,
     open_run,
     part_rows,
+    part_scans,
     rows_of_images,
 )
 from segflow.groundtruth import ModelClasses, annotation_mask, open_ground_truth
@@ -254,13 +254,14 @@ def _run_section(run: Run, db: duckdb.DuckDBPyConnection) -> str:
 def _timings_table(db: duckdb.DuckDBPyConnection) -> str:
     # The stages' times a part of the files at a time, as numbers (8 bytes an image and stage),
     # for numpy's mean and linearly interpolated median and 95th percentile.
-    times = part_rows(
-        db, "images", "SELECT " + ", ".join(f"{s}_ms" for s in TIMED_STAGES) + " FROM {rows}"
-    )
+    columns = ", ".join(f"{stage}_ms" for stage in TIMED_STAGES)
+    # numpy from DuckDB (pyarrow's to_numpy would import pandas: 40 MB).
+    times = [
+        db.sql(f"SELECT {columns} FROM {rows}").fetchnumpy() for rows in part_scans(db, "images")
+    ]
     rows = []
     for stage in TIMED_STAGES:
-        column = times.column(f"{stage}_ms")
-        values = column.drop_null().to_numpy()
+        values = np.ma.concatenate([part[f"{stage}_ms"] for part in times]).compressed()
         mean, median, p95 = (
             (values.mean(), *np.percentile(values, [50, 95])) if len(values) else (None,) * 3
         )
@@ -570,14 +571,14 @@ _Layers = tuple[np.ndarray, np.ndarray]
 
 
 def _worst_semantic(run: Run, db: duckdb.DuckDBPyConnection, n: int) -> list[_Drawn]:
-    first = "ORDER BY miou, uri LIMIT " + str(int(n))
-    ranked = in_parts(
+    # The first of each part's first (a part of images' files at a time).
+    firsts = part_rows(
         db,
         "images",
         "SELECT image_id, uri, miou, pixel_accuracy, boundary_iou FROM {rows} "
-        f"WHERE status = 'ok' AND miou IS NOT NULL {first}",
-        f"SELECT * FROM _partials {first}",
-    ).to_pylist()
+        f"WHERE status = 'ok' AND miou IS NOT NULL ORDER BY miou, uri LIMIT {int(n)}",
+    )
+    ranked = sorted(firsts.to_pylist(), key=lambda row: (row["miou"], row["uri"]))[:n]
     if not ranked:
         return []
     truth = open_ground_truth(

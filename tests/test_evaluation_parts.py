@@ -115,7 +115,7 @@ def test_the_reports_timings_and_ranking_read_a_few_files_at_a_time(tmp_path, mo
             "images",
             "SELECT uri, miou FROM {rows} ORDER BY miou, uri LIMIT 7",
             "SELECT * FROM _partials ORDER BY miou, uri LIMIT 7",
-        ).to_pylist()
+        )
     for i, stage in enumerate(TIMED_STAGES):
         for name, value in (
             ("mean", TIMES[i].mean()),
@@ -124,4 +124,4 @@ def test_the_reports_timings_and_ranking_read_a_few_files_at_a_time(tmp_path, mo
         ):
             assert f'data-timing="{stage}-{name}">{value:.1f}<' in html
     expected = sorted(zip(MIOU.tolist(), uris(IMAGES), strict=True))[:7]
-    assert [(row["miou"], row["uri"]) for row in ranked] == expected
+    assert list(zip(ranked["miou"].tolist(), ranked["uri"].tolist(), strict=True)) == expected
