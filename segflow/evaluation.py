@@ -16,7 +16,9 @@ evaluating the same images from scratch, to the last bit:
   :class:`~segflow.metrics.instance.CocoEvaluator`, identical to pycocotools' COCOeval.
 
 Only committed shards count (:mod:`segflow.store`), so an interrupted run is evaluated over
-what it finished, each image once. Asked for, every headline figure also gets a bootstrap
+what it finished, each image once. The tables are read a few hundred files at a time
+(:data:`VIEW_PART_FILES`), partial sums then summed, so that the memory of a run of millions
+of images is that of one part of its files. Asked for, every headline figure also gets a bootstrap
 interval from the same state and the same reductions (:mod:`segflow.bootstrap`).
 """
 
@@ -94,6 +96,7 @@ class Run:
         parts = {
             _part(name, start // VIEW_PART_FILES): files[start : start + VIEW_PART_FILES]
             for name, files in listed.items()
+            if name in READ_IN_PARTS
             for start in range(0, len(files), VIEW_PART_FILES)
         }
         exposed = expose_files(db, self.store.fs, listed | parts)
@@ -111,11 +114,13 @@ class Run:
         return db
 
 
-# Files of a table that evaluate's scans read at once (:func:`part_rows`). DuckDB keeps some
-# state of every file a scan has read until the scan ends (about 4 KB a column; evaluate's
-# sums read 15 columns of class_stats: 230 MB over a 1M-image run's 3,900 shard files), and
-# a UNION ALL of scans of fewer files each runs them at once.
+# Files of a table that evaluate's and the report's scans read at once (:func:`part_rows`),
+# one query a part. DuckDB keeps some state of every file a scan has read until the scan
+# ends (about 4 KB a column: evaluate's sums read 15 columns of class_stats, 230 MB over a
+# 1M-image run's 3,900 shard files), and a view that is a UNION ALL of parts runs them at once.
 VIEW_PART_FILES = 256
+# The tables read a part at a time; the others' files are exposed once (each name costs).
+READ_IN_PARTS = frozenset({"images", "class_stats", "confusion"})
 
 
 def _part(table: str, index: int) -> str:
@@ -125,14 +130,15 @@ def _part(table: str, index: int) -> str:
 
 def _part_globs(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
     """SQL naming the files of each part of a view :meth:`Run.connect` made (none for a
-    table without files)."""
-    parts = math.ceil(len(_table_files(db, table)) / VIEW_PART_FILES)
+    table without files, or not of :data:`READ_IN_PARTS`)."""
+    files = _table_files(db, table) if table in READ_IN_PARTS else []
+    parts = math.ceil(len(files) / VIEW_PART_FILES)
     return [sql_string(f"{RUN_PROTOCOL}://{_part(table, k)}/*.parquet") for k in range(parts)]
 
 
 def part_scans(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
     """SQL naming the rows of each part of a view's files as ``table`` (the view itself for
-    a table without files)."""
+    a table without parts)."""
     return [f"read_parquet({files}) AS {table}" for files in _part_globs(db, table)] or [table]
 
 
@@ -395,8 +401,8 @@ def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[
     evaluable = "status = 'ok' AND gt_uri IS NOT NULL"
     # Only COCOeval's image ids need the ground truth's URIs: a semantic run keeps ids alone.
     columns = "image_id" if run.evaluation["task"] == "semantic" else "image_id, gt_uri"
-    # One scan of images, a part of its files at a time (part_scans), but for a predicate with a
-    # subquery, which would run once a part: the selection's ids and whether each is
+    # One scan of images, a part of its files at a time (part_scans), but for a predicate with
+    # a subquery, which would run once a part: the selection's ids and whether each is
     # evaluated, kept.
     scans = ["images"] if where and has_subquery(where, "images") else part_scans(db, "images")
     try:
