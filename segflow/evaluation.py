@@ -110,7 +110,9 @@ class Run:
                 # Not Schema.empty_table(): that imports pandas (a second, on every command).
                 db.register(name, pa.Table.from_batches([], schema=schema.TABLES[name]))
         if not allow_external:
-            lock_down(db, sorted({f for files in exposed.values() for f in files}))
+            # A part's files are its table's: only its glob is more.
+            readable = [f for name in listed for f in exposed[name]]
+            lock_down(db, readable + [exposed[part][0] for part in parts])
         return db
 
 
