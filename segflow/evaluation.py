@@ -16,7 +16,9 @@ evaluating the same images from scratch, to the last bit:
   :class:`~segflow.metrics.instance.CocoEvaluator`, identical to pycocotools' COCOeval.
 
 Only committed shards count (:mod:`segflow.store`), so an interrupted run is evaluated over
-what it finished, each image once. Asked for, every headline figure also gets a bootstrap
+what it finished, each image once. The tables are read a few hundred files at a time
+(:data:`VIEW_PART_FILES`), partial sums then summed, so that the memory of a run of millions
+of images is that of one part of its files. Asked for, every headline figure also gets a bootstrap
 interval from the same state and the same reductions (:mod:`segflow.bootstrap`).
 """
 
@@ -41,6 +43,7 @@ from segflow.metrics.instance import STAT_NAMES, CocoEvaluator, CocoScores
 from segflow.sql import (
     TableFiles,
     expose_files,
+    has_subquery,
     lock_down,
     predicate_problem,
     select_where,
@@ -97,13 +100,18 @@ class Run:
         # all (1M images: 340 MB peak for one scan of masks, not 250); a second scan of a
         # table (evaluate's) reads its small footers again.
         db.execute("SET parquet_metadata_cache = false")
+        listed = self.store.table_files(tables)
+        parts = {
+            _part(name, start // VIEW_PART_FILES): files[start : start + VIEW_PART_FILES]
+            for name, files in listed.items()
+            if name in READ_IN_PARTS
+            for start in range(0, len(files), VIEW_PART_FILES)
+        }
         exposed = expose_files(
-            db,
-            self.store.fs,
-            self.store.table_files(tables),
-            natively=allow_external or only_selects,
+            db, self.store.fs, listed | parts, natively=allow_external or only_selects
         )
-        for name, files in exposed.items():
+        for name in listed:
+            files = exposed[name]
             if files.files:
                 db.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({files.source()})")
             else:
@@ -111,15 +119,68 @@ class Run:
                 db.register(name, pa.Table.from_batches([], schema=schema.TABLES[name]))
         _VIEWS[db] = exposed
         if not allow_external:
-            lock_down(db, [name for files in exposed.values() for name in files.readable()])
+            # A part's files are its table's: only its glob is more.
+            readable = {name for files in exposed.values() for name in files.readable()}
+            lock_down(db, sorted(readable))
         return db
 
 
-# The files of each connection's views (Run.connect's), which tables_of_images reads a few
-# of directly.
+# The files of each connection's views and of their parts (Run.connect's), which
+# tables_of_images and part_rows read directly.
 _VIEWS: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, dict[str, TableFiles]] = (
     weakref.WeakKeyDictionary()
 )
+
+# Files of a table that evaluate's and the report's scans read at once (:func:`part_rows`),
+# one query a part. DuckDB keeps some state of every file a scan has read until the scan
+# ends (about 4 KB a column: evaluate's sums read 15 columns of class_stats, 230 MB over a
+# 1M-image run's 3,900 shard files), and a view that is a UNION ALL of parts runs them at once.
+VIEW_PART_FILES = 256
+# The tables read a part at a time; the others' files are exposed once (each name costs).
+READ_IN_PARTS = frozenset({"images", "class_stats", "confusion"})
+
+
+def _part(table: str, index: int) -> str:
+    """The name under which :meth:`Run.connect` exposes a part of a table's files."""
+    return f"{table}/part-{index}"
+
+
+def _part_sources(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """SQL naming the files of each part of a view :meth:`Run.connect` made (none for a
+    table without files, or not of :data:`READ_IN_PARTS`)."""
+    views = _VIEWS[db]
+    return [
+        views[_part(table, k)].source()
+        for k in itertools.takewhile(lambda k: _part(table, k) in views, itertools.count())
+    ]
+
+
+def part_scans(db: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """SQL naming the rows of each part of a view's files as ``table`` (the view itself for
+    a table without parts)."""
+    return [f"read_parquet({files}) AS {table}" for files in _part_sources(db, table)] or [table]
+
+
+def part_rows(db: duckdb.DuckDBPyConnection, table: str, sql: str) -> pa.Table:
+    """The rows of ``sql``, a query of ``{rows}`` (``table``'s), run on each part of the
+    table's files (:data:`VIEW_PART_FILES`) one after another, so that DuckDB holds the
+    state of one part's files at a time; in the parts' order."""
+    return pa.concat_tables(
+        db.sql(sql.format(rows=rows)).to_arrow_table() for rows in part_scans(db, table)
+    )
+
+
+def in_parts(
+    db: duckdb.DuckDBPyConnection, table: str, partial: str, final: str
+) -> dict[str, np.ndarray]:
+    """``final``, a query of ``_partials``: the rows :func:`part_rows` of ``partial``, e.g.
+    a sum of sums (the answer of ``partial`` over the whole table, to the floats' rounding)
+    or the first rows of each part's first rows."""
+    db.register("_partials", part_rows(db, table, partial))
+    try:
+        return db.sql(final).fetchnumpy()  # not pyarrow's to_numpy: that imports pandas
+    finally:
+        db.unregister("_partials")
 
 
 def rows_of_images(db: duckdb.DuckDBPyConnection, table: str, image_ids: Sequence[int]) -> pa.Table:
@@ -142,7 +203,9 @@ def tables_of_images(
     ids = ", ".join(str(int(i)) for i in image_ids) or "NULL"
     views = _VIEWS[db]
     images = views["images"].files
-    in_images = _files_holding(db, views["images"].source(), ids) if images else []
+    in_images = [
+        name for part in _part_sources(db, "images") for name in _files_holding(db, part, ids)
+    ]
     # The images' shards are known when images is in shard files (not compacted).
     known = bool(images) and None not in {shard_of_file(name) for name in images}
     shards = {shard_of_file(name) for name in in_images}
@@ -334,25 +397,26 @@ def select(run: Run, db: duckdb.DuckDBPyConnection, where: str | None) -> tuple[
         raise EvaluationError(
             f"{run.uri} was segmented without ground truth: rerun segment with --gt to evaluate it"
         )
-    selection = check_where(where) if where else "SELECT * FROM images"
+    if where:
+        check_where(where)
     evaluable = "status = 'ok' AND gt_uri IS NOT NULL"
     # Only COCOeval's image ids need the ground truth's URIs: a semantic run keeps ids alone.
     columns = "image_id" if run.evaluation["task"] == "semantic" else "image_id, gt_uri"
+    # One scan of images, a part of its files at a time (part_scans), but for a predicate with
+    # a subquery, which would run once a part: the selection's ids and whether each is
+    # evaluated, kept.
+    scans = ["images"] if where and has_subquery(where, "images") else part_scans(db, "images")
     try:
-        # One scan of images: the selection's ids and whether each is evaluated, kept.
-        db.execute(
-            f"CREATE TEMP TABLE selected AS SELECT {columns}, ({evaluable}) AS evaluable "
-            f"FROM ({selection})"
-        )
+        for i, rows in enumerate(scans):
+            selection = select_where(where, rows) if where else f"SELECT * FROM {rows}"
+            into = "CREATE TEMP TABLE selected AS" if i == 0 else "INSERT INTO selected"
+            db.execute(f"{into} SELECT {columns}, ({evaluable}) AS evaluable FROM ({selection})")
     except duckdb.Error as exc:
         raise EvaluationError(f"--where {where!r} is not a predicate over images: {exc}") from None
     [(selected, evaluated)] = db.sql(
         "SELECT count(*), count(*) FILTER (evaluable) FROM selected"
     ).fetchall()
-    db.execute(
-        f"CREATE TEMP TABLE evaluated AS SELECT {columns} FROM selected WHERE evaluable "
-        "ORDER BY image_id"
-    )
+    db.execute(f"CREATE TEMP TABLE evaluated AS SELECT {columns} FROM selected WHERE evaluable")
     db.execute("DROP TABLE selected")
     return selected, evaluated
 
@@ -385,24 +449,31 @@ def _semantic(run: Run, db: duckdb.DuckDBPyConnection, every_image: bool = False
     classes = run.evaluation["classes"]
     of_evaluated = "" if every_image else " SEMI JOIN evaluated USING (image_id)"
     # A run written before a column existed reads it as null: its figure is undefined.
-    sums = db.sql(
+    sums = in_parts(
+        db,
+        "class_stats",
+        "SELECT class_id, "
+        + ", ".join(f"sum({c})::BIGINT AS {c}" for c in INTEGER_SUMS)
+        + ", "
+        + ", ".join(f"sum({c}) AS {c}" for c in SOFT_SUMS + INSTANCE_SUMS)
+        + f" FROM {{rows}}{of_evaluated} GROUP BY class_id",
         "SELECT class_id, "
         + ", ".join(f"coalesce(sum({c}), 0)::BIGINT AS {c}" for c in INTEGER_SUMS)
         + ", "
         + ", ".join(f"sum({c}) AS {c}" for c in SOFT_SUMS + INSTANCE_SUMS)
-        + f" FROM class_stats{of_evaluated} GROUP BY class_id"
-    ).fetchnumpy()
-    rows = {
-        name: np.ma.filled(np.ma.asarray(values, dtype=np.float64), np.nan)
-        if name in SOFT_SUMS + INSTANCE_SUMS
-        else values
-        for name, values in sums.items()
-    }
-    totals = ClassSums.of_rows(rows, len(classes))
-    cells = db.sql(
+        + " FROM _partials GROUP BY class_id",
+    )
+    totals = ClassSums.of_rows(
+        {name: np.ma.filled(np.ma.asarray(v, np.float64), np.nan) for name, v in sums.items()},
+        len(classes),
+    )
+    cells = in_parts(
+        db,
+        "confusion",
         "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels "
-        f"FROM confusion{of_evaluated} GROUP BY ALL"
-    ).fetchnumpy()
+        f"FROM {{rows}}{of_evaluated} GROUP BY ALL",
+        "SELECT gt_class, pred_class, sum(pixels)::BIGINT AS pixels FROM _partials GROUP BY ALL",
+    )
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     confusion[cells["gt_class"], cells["pred_class"]] = cells["pixels"]
     return totals.figures() | {

@@ -308,6 +308,12 @@ def predicate_problem(predicate: str, table: str, tables: Collection[str]) -> st
     return None
 
 
+def has_subquery(predicate: str, table: str) -> bool:
+    """Whether ``predicate`` (one that :func:`predicate_problem` admits) holds a subquery."""
+    where = _parse(select_where(predicate, table))["statements"][0]["node"]["where_clause"]
+    return any(part.get("class") == "SUBQUERY" for part in _nodes(where))
+
+
 def tables_named(sql: str, tables: Collection[str]) -> set[str]:
     """Which of ``tables`` the SQL reads, as DuckDB's parser finds them in its statements'
     FROM clauses, subqueries' included: all of them unless every statement is a ``SELECT``

@@ -75,8 +75,14 @@ SHARDS = pa.schema(
 DEFAULT_RETAIN_HOURS = 168
 DEFAULT_TARGET_SIZE = 256 * 2**20
 COMPACTED_ROW_GROUP = 100_000
-# What a compaction's sort may hold in memory before it spills to disk.
-COMPACTION_SPILL_BYTES = 512 * 2**20
+# What a compaction's sort may hold in memory before it spills to disk. Its peak is about
+# twice that (a 1M-image run's masks: 824-878 MiB at 448 MiB; 1011 MiB at 512), and with
+# less its merge of the spilled runs ran out (384 MiB).
+COMPACTION_SPILL_BYTES = 448 * 2**20
+# DataFusion's merge of the spill files now and then finds the budget spent at random (the
+# same masks table failed once at 512 MiB, then compacted at it): a failed attempt commits
+# nothing, so it is made again.
+COMPACTION_ATTEMPTS = 2
 
 # A checkpoint every 100 commits (delta-rs writes them as part of a commit), so listing a
 # table's files replays at most 100 JSON commits on top of one Parquet checkpoint.
@@ -339,13 +345,16 @@ class RunStore:
 
     def table_files(self, names: Collection[str] | None = None) -> dict[str, list[str]]:
         """Every table's :meth:`files` (or those of the tables ``names``), of the same
-        committed shards, listed once (the tables' logs read at once: each is a few requests
-        on an object store). A finished run (``summary.json``) commits nothing more, and
-        each of its tables holds every shard: their files are all of theirs, and the
-        ``shards`` table's log (a commit a shard) is not read."""
+        committed shards, listed once (on an object store the tables' logs are read at once:
+        each is a few requests; on a local disk one after another, as deltalake's allocator
+        keeps what each listing freed: 1M images, 8 tables, 48 MB more at once). A finished
+        run (``summary.json``) commits nothing more, and each of its tables holds every
+        shard: their files are all of theirs, and the ``shards`` table's log (a commit a
+        shard) is not read."""
         names = list(schema.TABLES) if names is None else [n for n in schema.TABLES if n in names]
         committed = None if self.fs.exists(self.path("summary.json")) else self.committed()
-        with ThreadPoolExecutor(max(len(names), 1)) as pool:
+        at_once = len(names) if _is_object_store(self.fs) else 1
+        with ThreadPoolExecutor(max(at_once, 1)) as pool:
             listed = pool.map(lambda name: self._files(name, committed, committed), names)
             return dict(zip(names, listed, strict=True))
 
@@ -379,6 +388,7 @@ class RunStore:
         ones, a killed attempt's) are deleted; by default the tables' retention
         (:data:`DEFAULT_RETAIN_HOURS`), so a reader that listed them before keeps reading."""
         from deltalake import WriterProperties
+        from deltalake.exceptions import DeltaError
 
         if self.read_json("summary.json") is None:
             raise RunNotFinishedError(
@@ -391,16 +401,23 @@ class RunStore:
             started = time.perf_counter()
             table = self._delta(name)
             before = len(table.file_uris())
-            table.optimize.z_order(
-                ["image_id"],
-                target_size=target_size,
-                # One sort at a time, with the whole budget: two at once (one a CPU) each had
-                # half, and a 1M-image run's masks failed ("not enough memory to continue
-                # external sort").
-                max_concurrent_tasks=1,
-                max_spill_size=COMPACTION_SPILL_BYTES,
-                writer_properties=properties,
-            )
+            for attempt in range(1, COMPACTION_ATTEMPTS + 1):
+                try:
+                    table.optimize.z_order(
+                        ["image_id"],
+                        target_size=target_size,
+                        # One sort at a time, with the whole budget: two at once (one a CPU)
+                        # each had half, and a 1M-image run's masks failed ("not enough
+                        # memory to continue external sort").
+                        max_concurrent_tasks=1,
+                        max_spill_size=COMPACTION_SPILL_BYTES,
+                        writer_properties=properties,
+                    )
+                    break
+                except DeltaError as error:
+                    if "Resources exhausted" not in str(error) or attempt == COMPACTION_ATTEMPTS:
+                        raise
+                    table = self._delta(name)
             removed = table.vacuum(
                 retention_hours=None if retain_hours is None else int(retain_hours),
                 dry_run=False,

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
 from typer.testing import CliRunner
 
 from segflow import schema
@@ -374,3 +375,15 @@ def test_a_finished_run_is_listed_without_its_shards_log(tmp_path):
     assert store.table_files()["masks"] == []  # unfinished: no shard is committed
     store.finish({"images": 9})
     assert store.table_files() == listed
+
+
+def test_a_compaction_out_of_its_memory_budget_commits_nothing(tmp_path, monkeypatch):
+    store = _finished_run(str(tmp_path / "out"))
+    store.finish({"images": 36})
+    before = _answers(store)
+    versions = {name: store._delta(name).version() for name in schema.TABLES}
+    monkeypatch.setattr("segflow.store.COMPACTION_SPILL_BYTES", 1)  # no sort fits
+    with pytest.raises(DeltaError, match="Resources exhausted"):
+        store.compact(retain_hours=0)
+    assert {name: store._delta(name).version() for name in schema.TABLES} == versions
+    assert _answers(store) == before
