@@ -205,6 +205,7 @@ def segment(
     device: str = "auto",
     prefetch_threads: int = DEFAULT_PREFETCH_THREADS,
     cpus_per_actor: float | None = None,
+    actors_per_gpu: int = 1,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,

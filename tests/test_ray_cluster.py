@@ -77,15 +77,33 @@ def test_two_node_cluster_with_token_auth(shared, frames, tmp_path):
 
 
 # A process of its own (Ray keeps the first token a process reads) declaring GPUs to Ray:
-# Ray schedules by declared resources, so the plan is that of a 16-CPU, 2-GPU cluster.
+# Ray schedules by declared resources, so the plan is that of a 16-CPU, 2-GPU cluster. The
+# co-located actors are started with their plan's reservations, and say which GPU Ray gave
+# each (Ray's own assignment: CUDA_VISIBLE_DEVICES of a real GPU node).
 _PLAN_ON_A_GPU_CLUSTER = """
 import dataclasses, json
 import ray
+from segflow.job import JobError
 from workers.cluster import plan_actors
 ray.init(num_cpus=16, num_gpus=2, include_dashboard=False)
 plans = [plan_actors(None), plan_actors(1), plan_actors(None, cpus_per_actor=3),
-         plan_actors(None, device="cpu")]
-print(json.dumps([dataclasses.asdict(plan) for plan in plans]))
+         plan_actors(None, device="cpu"), plan_actors(None, actors_per_gpu=2),
+         plan_actors(3, actors_per_gpu=2), plan_actors(2, actors_per_gpu=2),
+         plan_actors(None, actors_per_gpu=4, cpus_per_actor=1)]
+colocated = plans[4]
+class Where:
+    def gpus(self):
+        return ray.get_gpu_ids(), ray.get_runtime_context().get_assigned_resources()
+actor = ray.remote(Where).options(num_cpus=colocated.num_cpus, num_gpus=colocated.num_gpus)
+actors = [actor.remote() for _ in range(colocated.actors)]
+where = ray.get([a.gpus.remote() for a in actors], timeout=120)
+try:
+    plan_actors(None, device="cpu", actors_per_gpu=2)
+    refused = None
+except JobError as exc:
+    refused = str(exc)
+print(json.dumps({"plans": [dataclasses.asdict(plan) for plan in plans], "where": where,
+                  "refused": refused}))
 """
 
 
@@ -100,10 +118,20 @@ def test_a_gpu_actor_holds_its_share_of_the_cpus(tmp_path):
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    plans = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert plans == [
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["plans"] == [
         {"actors": 2, "num_cpus": 8.0, "num_gpus": 1},  # the node's 16 CPUs over its 2 GPUs
         {"actors": 1, "num_cpus": 8.0, "num_gpus": 1},  # one shard: one actor
         {"actors": 2, "num_cpus": 3.0, "num_gpus": 1},  # --cpus-per-actor
         {"actors": 16, "num_cpus": 1.0, "num_gpus": 0},  # --device cpu
+        {"actors": 4, "num_cpus": 4.0, "num_gpus": 0.5},  # --actors-per-gpu 2: 16 / 2 / 2
+        {"actors": 3, "num_cpus": 4.0, "num_gpus": 0.5},  # three shards: three actors
+        {"actors": 2, "num_cpus": 8.0, "num_gpus": 1},  # two: one per GPU, not two on one
+        {"actors": 8, "num_cpus": 1.0, "num_gpus": 0.25},  # and --cpus-per-actor
     ]
+    # Every co-located actor got half of one GPU and its 4 CPUs, two actors on each GPU.
+    gpu_ids = sorted(tuple(ids) for ids, _ in result["where"])
+    assert len(gpu_ids) == 4 and all(len(ids) == 1 for ids in gpu_ids)
+    assert sorted({ids: gpu_ids.count(ids) for ids in gpu_ids}.values()) == [2, 2]
+    assert all(held == {"CPU": 4.0, "GPU": 0.5} for _, held in result["where"])
+    assert result["refused"].startswith("--actors-per-gpu 2 shares a GPU between actors")
