@@ -15,7 +15,20 @@ is a real ``segflow segment`` (its own Ray and Prefect, one actor holding both C
 Then host capacity (X = 0) with one CPU (the whole command under ``taskset -c 0``,
 ``--cpus-per-actor 1``) against two: goal >= 1.8x.
 
-Usage: .venv/bin/python bench/device_feed.py [--formats png,jpeg] [--ms 0,2,5,10,20]
+Then (``layouts``) the host work in threads or in processes, at X in {0, 2, 5, 10}: one
+actor of 2 CPUs (A) against two actors of 1 CPU each (B) whose models share one emulated
+device (``device_lock``): B is what ``--actors-per-gpu 2`` makes of a node of 2 CPUs and
+one GPU. Runs alternate A B A B; B/A is each pair's ratio. Where other load shares the
+CPUs, B's twice as many threads get more of them: ``--b-prefetch-threads 2`` gives both
+layouts as many threads.
+
+Then (``gil``) the share of the host work during which a thread holds the GIL, sampled by
+py-spy, and what it caps: one process's host work runs at most 1 / g times as fast as on
+one CPU, however many CPUs it has. And (``transfer``) what a process pool decoding for the
+actor would cost its process: a decoded image received through a pipe.
+
+Usage: .venv/bin/python bench/device_feed.py [--parts feed,layouts,gil,transfer]
+       [--formats png,jpeg] [--ms 0,2,5,10,20] [--layout-ms 0,2,5,10] [--repeats 2]
        [--seconds 12]   (each run holds about that many seconds of work)
 """
 
@@ -42,7 +55,7 @@ SIZES = {"png": None, "jpeg": (1920, 1080)}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="feed,layouts,gil")
+    parser.add_argument("--parts", default="feed,layouts,gil,transfer")
     parser.add_argument("--formats", default="png,jpeg")
     parser.add_argument("--ms", default="0,2,5,10,20")
     parser.add_argument("--layout-ms", default="0,2,5,10")
@@ -50,6 +63,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--prefetch-threads", type=int, default=4)
+    # B's actors' own, to give both layouts as many threads where other load shares the CPUs
+    parser.add_argument("--b-prefetch-threads", type=int, default=None)
     args = parser.parse_args()
     parts = args.parts.split(",")
     sys.path.insert(0, str(ROOT))
@@ -71,6 +86,8 @@ def main() -> None:
                 layouts(fmt, frames, work, args)
             if "gil" in parts:
                 gil_bound(frames, work, args)
+            if "transfer" in parts:
+                transfer(frames)
 
 
 def feed(fmt: str, frames: list[Path], work: Path, args: argparse.Namespace) -> None:
@@ -111,27 +128,41 @@ def layouts(fmt: str, frames: list[Path], work: Path, args: argparse.Namespace) 
     processes, one CPU each, one device). Runs alternate A B A B at each X."""
     lock = work / "device.lock"
     costs = [float(x) for x in args.layout_ms.split(",")]
-    # Shards: a multiple of 4 (256 images each), so that the two actors' 2 shards at a time
-    # end together and neither layout has a tail with an actor idle.
-    step = 4 * 256
+    # Shards of 128, at least 8 and a multiple of 8: an actor's second shard waits while
+    # another actor has none (workers.pool), so that with few shards B's last ones run one
+    # an actor while A's run two at a time.
+    step = 8 * 128
     rough = at_work(fmt, frames, work, 0.0, 2, args, images=512, device_lock=lock)
+    b_threads = args.b_prefetch_threads or args.prefetch_threads
     print(
-        f"\n{fmt}: host work in threads (A: 1 actor x 2 CPUs) or processes (B: 2 actors x 1 CPU)"
-        ", one shared emulated device; img/s at work, A B A B"
+        f"\n{fmt}: host work in threads (A: 1 actor x 2 CPUs) or processes (B: 2 actors x 1 CPU,"
+        f" {b_threads} prefetch threads each), one shared emulated device; img/s at work"
     )
-    print(
-        f"{'X ms/img':>9} {'A':>7} {'B':>7} {'A':>7} {'B':>7} {'B/A':>11} {'A/bound':>8} "
-        f"{'B/bound':>8}"
-    )
+    pairs_header = " ".join(f"{'A':>7} {'B':>7}" for _ in range(args.repeats))
+    print(f"{'X ms/img':>9} {pairs_header} {'B/A':>14} {'A/bound':>8} {'B/bound':>8}  load")
     capacity: dict[str, float] = {}
     for x in costs:
         count = _count(capacity.get("A", rough), x, args, step=step)
         runs = {"A": [], "B": []}
         for _ in range(args.repeats):
-            runs["A"].append(at_work(fmt, frames, work, x, 2, args, images=count, device_lock=lock))
-            runs["B"].append(
-                at_work(fmt, frames, work, x, 1, args, images=count, pinned=False, device_lock=lock)
+            a = at_work(
+                fmt, frames, work, x, 2, args, images=count, device_lock=lock, shard_size=128
             )
+            runs["A"].append(a)
+            b = at_work(
+                fmt,
+                frames,
+                work,
+                x,
+                1,
+                args,
+                images=count,
+                pinned=False,
+                device_lock=lock,
+                prefetch_threads=b_threads,
+                shard_size=128,
+            )
+            runs["B"].append(b)
         mean = {name: sum(rates) / len(rates) for name, rates in runs.items()}
         if x == 0:
             capacity = mean
@@ -139,8 +170,8 @@ def layouts(fmt: str, frames: list[Path], work: Path, args: argparse.Namespace) 
         pairs = " ".join(f"{a:>7.1f} {b:>7.1f}" for a, b in zip(runs["A"], runs["B"], strict=True))
         ratios = ",".join(f"{b / a:.2f}" for a, b in zip(runs["A"], runs["B"], strict=True))
         print(
-            f"{x:>9g} {pairs} {ratios:>11} {mean['A'] / bound['A']:>8.2f} "
-            f"{mean['B'] / bound['B']:>8.2f}"
+            f"{x:>9g} {pairs} {ratios:>14} {mean['A'] / bound['A']:>8.2f} "
+            f"{mean['B'] / bound['B']:>8.2f}  {os.getloadavg()[1]:.1f}"
         )
 
 
@@ -179,6 +210,8 @@ def at_work(
     images: int,
     pinned: bool = True,
     device_lock: Path | None = None,
+    prefetch_threads: int | None = None,
+    shard_size: int = 256,
 ) -> float:
     """img/s of one real ``segflow segment`` over ``images`` links to ``frames``, from the
     first shard's start to the last shard's end, its actors holding ``cpus`` CPUs each (one
@@ -193,8 +226,9 @@ def at_work(
     command += ["--model", "bench.emulated_device:model", "--model-option", f"ms_per_image={ms}"]
     if device_lock is not None:
         command += ["--model-option", f"device_lock={device_lock}"]
-    command += ["--shard-size", "256", "--batch-size", str(args.batch_size)]
-    command += ["--prefetch-threads", str(args.prefetch_threads), "--cpus-per-actor", str(cpus)]
+    command += ["--shard-size", str(shard_size), "--batch-size", str(args.batch_size)]
+    prefetch = prefetch_threads or args.prefetch_threads
+    command += ["--prefetch-threads", str(prefetch), "--cpus-per-actor", str(cpus)]
     if cpus == 1 and pinned:
         command = ["taskset", "-c", "0", *command]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -202,6 +236,11 @@ def at_work(
     if completed.returncode != 0:
         raise SystemExit(completed.stdout[-3000:] + completed.stderr[-3000:])
     shards = RunStore(str(out), "feed").shard_summaries()
+    actors = len({s["worker"] for s in shards})
+    if actors != (1 if cpus == 1 and pinned else 2 // cpus):
+        raise SystemExit(
+            f"{actors} actor(s) of {cpus} CPU(s) ran the shards: this benchmark expects 2 CPUs"
+        )
     busy = max(s["finished_at"] for s in shards) - min(s["started_at"] for s in shards)
     return sum(s["images"] for s in shards) / busy
 
@@ -294,6 +333,55 @@ def host_work(corpus: str, batch_size: str, prefetch_threads: str) -> None:
     segment_images(device, uris, **options)
     print(len(uris) / (time.perf_counter() - started), flush=True)
     sys.stdin.readline()
+
+
+def transfer(frames: list[Path]) -> None:
+    """What a process pool decoding for the actor would cost the actor's process: each
+    decoded image received through a pipe (pickled, as multiprocessing sends it), in CPU
+    time of the receiving thread and in GIL-held time (unpickling, a copy), against the
+    decode it takes off the actor (CPU time, mostly GIL-free)."""
+    import multiprocessing
+    import pickle
+
+    from segflow.decode import decode_image
+
+    sample = frames[:16]
+    started = time.thread_time()
+    arrays = [decode_image(path.read_bytes()).numpy() for path in sample]
+    decode_ms = (time.thread_time() - started) * 1e3 / len(sample)
+    pickled = [pickle.dumps(array, protocol=pickle.HIGHEST_PROTOCOL) for array in arrays]
+    started = time.perf_counter()
+    for blob in pickled:
+        pickle.loads(blob)
+    unpickle_ms = (time.perf_counter() - started) * 1e3 / len(sample)
+    receiving, sending = multiprocessing.Pipe(duplex=False)
+    rounds = 8
+    sender = multiprocessing.get_context("spawn").Process(
+        target=_send_decoded, args=(sending, [str(p) for p in sample], rounds)
+    )
+    sender.start()
+    receiving.recv()  # the sender has decoded: from now on it only sends
+    started = time.thread_time()
+    for _ in range(rounds * len(sample)):
+        receiving.recv()
+    receive_ms = (time.thread_time() - started) * 1e3 / (rounds * len(sample))
+    sender.join()
+    size = arrays[0].nbytes / 2**20
+    print(
+        f"\nprocess pool prototype ({arrays[0].shape[1]}x{arrays[0].shape[0]}, {size:.1f} MiB "
+        f"decoded): decode {decode_ms:.2f} ms CPU an image; received from a decoding process "
+        f"{receive_ms:.2f} ms CPU, of which unpickling (GIL held) {unpickle_ms:.2f} ms"
+    )
+
+
+def _send_decoded(connection, paths: list[str], rounds: int) -> None:
+    from segflow.decode import decode_image
+
+    arrays = [decode_image(Path(path).read_bytes()).numpy() for path in paths]
+    connection.send("decoded")
+    for _ in range(rounds):
+        for array in arrays:
+            connection.send(array)
 
 
 def _stacks(raw: Path) -> dict[str, Counter]:

@@ -143,8 +143,8 @@ def plan_actors(
     actors_per_gpu: int = 1,
 ) -> ActorPlan:
     """``actors_per_gpu`` actors per GPU when the cluster has GPUs (and ``device`` allows),
-    each holding ``1 / actors_per_gpu`` of a GPU and the cluster's CPUs divided by its GPUs
-    and by ``actors_per_gpu``, unless ``cpus_per_actor`` says otherwise (its host work —
+    each holding ``1 / actors_per_gpu`` of a GPU and its node's CPUs divided by the node's
+    GPUs and by ``actors_per_gpu``, unless ``cpus_per_actor`` says otherwise (its host work —
     decode, RLE, rows — is what keeps the GPU fed); else one actor per ``cpus_per_actor``
     CPUs (default 1), and ``actors_per_gpu`` above 1 is a :class:`JobError`. Never more
     actors than ``shards``, when given, and then no more on a GPU than the shards need.
@@ -167,7 +167,7 @@ def plan_actors(
         # Ray gives fractions of a GPU from one GPU before the next: fewer shards than
         # actors, each GPU shares between fewer actors, so that none is left idle.
         sharing = actors_per_gpu if shards is None else min(actors_per_gpu, -(-shards // gpus))
-        per_actor = cpus_per_actor or max(1.0, cpus // gpus) / sharing
+        per_actor = cpus_per_actor or _cpus_per_gpu() / sharing
         return ActorPlan(
             actors=_at_most(gpus * sharing, shards), num_cpus=per_actor, num_gpus=1 / sharing
         )
@@ -180,6 +180,15 @@ def plan_actors(
     return ActorPlan(
         actors=_at_most(int(cpus // per_actor), shards), num_cpus=per_actor, num_gpus=0
     )
+
+
+def _cpus_per_gpu() -> float:
+    """A GPU node's CPUs over its GPUs, the fewest of any GPU node's (at least 1): what
+    fits beside each GPU on every node. Not the cluster's CPUs over its GPUs: CPU-only
+    nodes' CPUs are no GPU actor's, and counted in, they would ask of each GPU node more
+    CPUs than it has, leaving actors that never start."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return max(1.0, min((n.get("CPU", 0) // n["GPU"] for n in nodes if n.get("GPU")), default=1))
 
 
 def _at_most(actors: int, shards: int | None) -> int:
