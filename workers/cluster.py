@@ -166,7 +166,8 @@ def plan_actors(
     if gpus and device != "cpu":
         # Ray gives fractions of a GPU from one GPU before the next: fewer shards than
         # actors, each GPU shares between fewer actors, so that none is left idle.
-        sharing = actors_per_gpu if shards is None else min(actors_per_gpu, -(-shards // gpus))
+        needed = actors_per_gpu if shards is None else max(1, -(-shards // gpus))
+        sharing = min(actors_per_gpu, needed)
         per_actor = cpus_per_actor or _cpus_per_gpu() / sharing
         return ActorPlan(
             actors=_at_most(gpus * sharing, shards), num_cpus=per_actor, num_gpus=1 / sharing
