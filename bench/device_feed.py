@@ -237,7 +237,7 @@ def at_work(
         raise SystemExit(completed.stdout[-3000:] + completed.stderr[-3000:])
     shards = RunStore(str(out), "feed").shard_summaries()
     actors = len({s["worker"] for s in shards})
-    if actors != 2 // cpus:  # Ray counts 2 CPUs under taskset too
+    if actors != min(2 // cpus, len(shards)):  # Ray counts 2 CPUs under taskset too
         raise SystemExit(
             f"{actors} actor(s) of {cpus} CPU(s) ran the shards: this benchmark expects 2 CPUs"
         )
