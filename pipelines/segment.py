@@ -206,6 +206,7 @@ def segment(
     decode: str = "cpu",
     prefetch_threads: int = DEFAULT_PREFETCH_THREADS,
     cpus_per_actor: float | None = None,
+    actors_per_gpu: int = 1,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,

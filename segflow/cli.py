@@ -191,6 +191,14 @@ def segment(
         float | None,
         typer.Option(min=0.01, help="CPUs each actor reserves (default: 1, GPU actors more)."),
     ] = None,
+    actors_per_gpu: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Actor processes sharing each GPU, each with its own model and the node's "
+            "CPUs / GPUs / N: host work (decode, encode) past one process's GIL. GPUs only.",
+        ),
+    ] = 1,
     compact: Annotated[
         bool,
         typer.Option(
@@ -282,6 +290,7 @@ def segment(
             decode=decode,
             prefetch_threads=prefetch_threads,
             cpus_per_actor=cpus_per_actor,
+            actors_per_gpu=actors_per_gpu,
             # Left at the job's defaults when not given.
             **{
                 name: value

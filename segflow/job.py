@@ -53,6 +53,13 @@ DEFAULT_PREFETCH_THREADS = 4
 # Seconds without an image done after which a shard is retried (workers.segment_actor).
 DEFAULT_STALL_TIMEOUT = 600.0
 
+# --actors-per-gpu where the actors get no GPU: refused rather than ignored, as a run laid out
+# otherwise than asked (a deployment meant for GPUs that found none) should not go unnoticed.
+CPU_ACTORS_PER_GPU = (
+    "--actors-per-gpu {n} shares a GPU between actors, and {why}: CPU actors are already one "
+    "process per --cpus-per-actor CPUs (default 1), so set that instead"
+)
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DECODERS = ("cpu", "gpu")
@@ -138,6 +145,8 @@ class Job:
     decode: str = _setting("cpu", flag="--decode")
     prefetch_threads: int = _setting(DEFAULT_PREFETCH_THREADS, flag="--prefetch-threads")
     cpus_per_actor: float | None = _setting(None, flag="--cpus-per-actor")
+    # Actor processes sharing each GPU (workers.cluster.plan_actors): host work past the GIL.
+    actors_per_gpu: int = _setting(1, flag="--actors-per-gpu")
     max_pixels: int | None = _setting(DEFAULT_MAX_PIXELS, flag="--max-pixels")
     read_timeout: float | None = _setting(DEFAULT_READ_TIMEOUT, flag="--read-timeout")
     stall_timeout: float | None = _setting(DEFAULT_STALL_TIMEOUT, flag="--stall-timeout")
@@ -156,6 +165,7 @@ class Job:
             _check_type(setting, hints[setting.name], value)
         for name in ("shard_size", "batch_size", "prefetch_threads", "max_pixels", "tile_size"):
             self._check(name, lambda v: v is None or v >= 1, "must be at least 1")
+        self._check("actors_per_gpu", lambda v: v >= 1, "must be at least 1")
         self._check("tile_overlap", lambda v: v is None or v >= 0, "must be at least 0")
         self._check("trimap_width", lambda v: v >= 0, "must be at least 0")
         self._check("max_detections", lambda v: v is None or v >= 1, "must be at least 1")
@@ -174,6 +184,8 @@ class Job:
             raise JobError(
                 "--precision fp16 needs a GPU (--device is cpu): on the CPU use fp32 or bf16"
             )
+        if self.device == "cpu" and self.actors_per_gpu > 1:
+            raise JobError(CPU_ACTORS_PER_GPU.format(n=self.actors_per_gpu, why="--device is cpu"))
         self.raster_options()
         self.slicing()
         dedicated = {

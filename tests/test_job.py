@@ -30,6 +30,7 @@ def test_a_job_round_trips_through_json_and_the_flows_parameters():
         precision="bf16",
         score_threshold=0.5,
         model_options={"classes": ["road", "sky"], "weights": "none"},
+        actors_per_gpu=2,
     )
     assert Job.from_json(original.to_json()) == original
     assert Job.from_parameters(json.loads(original.to_json())) == original
@@ -95,6 +96,11 @@ def test_a_deployments_json_parameters_make_the_job():
         ({"mask_threshold": 1.0}, "--mask-threshold must be in [0, 1)"),
         ({"max_detections": 0}, "--max-detections must be at least 1"),
         ({"cpus_per_actor": 0}, "--cpus-per-actor must be more than 0"),
+        ({"actors_per_gpu": 0}, "--actors-per-gpu must be at least 1"),
+        (
+            {"actors_per_gpu": 2, "device": "cpu"},
+            "--actors-per-gpu 2 shares a GPU between actors, and --device is cpu",
+        ),
         ({"read_timeout": float("nan")}, "--read-timeout must be float or null"),
         (
             {"model_options": {"batch_size": 4}},

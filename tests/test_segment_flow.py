@@ -264,6 +264,37 @@ def test_bad_jobs_fail_before_any_work(shared, tmp_path, frames):
     assert returncode == 2 and "another configuration" in output, output
 
 
+def test_actors_per_gpu_is_refused_where_there_is_no_gpu(shared, tmp_path, frames):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a local Ray on this machine has GPUs, which --actors-per-gpu shares")
+    corpus = make_corpus(tmp_path / "in", frames, good=1, bad=False)
+    model = str(shared / "models" / "espnet_camvid.pt2")
+    cases = {
+        # Before Ray starts: the job itself says the actors get no GPU.
+        "cpu": (["--device", "cpu"], "and --device is cpu: CPU actors are already one process"),
+        # Through Ray: the local Ray this CPU-only machine starts has no GPUs.
+        "auto": ([], "and the Ray cluster has no GPUs: CPU actors are already one process"),
+    }
+    for name, (args, message) in cases.items():
+        out = tmp_path / name
+        returncode, output = Cli(
+            str(corpus),
+            "--model",
+            model,
+            "--out",
+            str(out),
+            "--actors-per-gpu",
+            "2",
+            *args,
+            log=tmp_path / f"{name}.log",
+        ).wait()
+        assert returncode == 2, (name, output)
+        assert "--actors-per-gpu 2 shares a GPU between actors, " + message in output, output
+        assert not out.exists(), name
+
+
 def actor_pid(actor) -> int:
     import ray
 

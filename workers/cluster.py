@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import ray
 
 from segflow.errors import SegflowError
+from segflow.job import CPU_ACTORS_PER_GPU, JobError
 
 
 class ClusterError(SegflowError, ConnectionError):
@@ -122,7 +123,8 @@ def _probe(address: str, timeout: float) -> None:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """How many segmentation actors to start and what each reserves."""
+    """How many segmentation actors to start and what each reserves (a fraction of a GPU
+    where actors share one)."""
 
     actors: int
     num_cpus: float
@@ -134,12 +136,22 @@ class ActorPlan:
 
 
 def plan_actors(
-    shards: int | None, *, device: str = "auto", cpus_per_actor: float | None = None
+    shards: int | None,
+    *,
+    device: str = "auto",
+    cpus_per_actor: float | None = None,
+    actors_per_gpu: int = 1,
 ) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs (and ``device`` allows), holding the
-    cluster's CPUs divided by its GPUs unless ``cpus_per_actor`` says otherwise (its host work
-    — decode, RLE, rows — is what keeps the GPU fed); else one actor per ``cpus_per_actor``
-    CPUs (default 1). Never more actors than ``shards``, when given.
+    """``actors_per_gpu`` actors per GPU when the cluster has GPUs (and ``device`` allows),
+    each holding ``1 / actors_per_gpu`` of a GPU and its node's CPUs divided by the node's
+    GPUs and by ``actors_per_gpu``, unless ``cpus_per_actor`` says otherwise (its host work —
+    decode, RLE, rows — is what keeps the GPU fed); else one actor per ``cpus_per_actor``
+    CPUs (default 1), and ``actors_per_gpu`` above 1 is a :class:`JobError`. Never more
+    actors than ``shards``, when given, and then no more on a GPU than the shards need.
+
+    Co-located actors are separate processes, each with its own model on the GPU: a
+    process's host work runs in threads, which its GIL stops scaling past a few CPUs, and
+    N processes take N GILs. Ray does not split the GPU's memory: N models must fit.
 
     Actors fetch and decode in their own threads: there are no separate reader tasks that
     actors holding every CPU could starve (the hang seen with Ray Data's read stage).
@@ -152,14 +164,32 @@ def plan_actors(
     if device == "cuda" and not gpus:
         raise ClusterError("device 'cuda' was asked for but the Ray cluster has no GPUs")
     if gpus and device != "cpu":
-        per_gpu_cpus = cpus_per_actor or max(1.0, cpus // gpus)
-        return ActorPlan(actors=_at_most(gpus, shards), num_cpus=per_gpu_cpus, num_gpus=1)
+        # Ray gives fractions of a GPU from one GPU before the next: fewer shards than
+        # actors, each GPU shares between fewer actors, so that none is left idle.
+        needed = actors_per_gpu if shards is None else max(1, -(-shards // gpus))
+        sharing = min(actors_per_gpu, needed)
+        per_actor = cpus_per_actor or _cpus_per_gpu() / sharing
+        return ActorPlan(
+            actors=_at_most(gpus * sharing, shards), num_cpus=per_actor, num_gpus=1 / sharing
+        )
+    if actors_per_gpu > 1:
+        why = "--device is cpu" if device == "cpu" else "the Ray cluster has no GPUs"
+        raise JobError(CPU_ACTORS_PER_GPU.format(n=actors_per_gpu, why=why))
     per_actor = cpus_per_actor or 1.0
     if cpus < per_actor:
         raise ClusterError(f"the Ray cluster has {cpus} CPUs; an actor needs {per_actor}")
     return ActorPlan(
         actors=_at_most(int(cpus // per_actor), shards), num_cpus=per_actor, num_gpus=0
     )
+
+
+def _cpus_per_gpu() -> float:
+    """A GPU node's CPUs over its GPUs, the fewest of any GPU node's (at least 1): what
+    fits beside each GPU on every node. Not the cluster's CPUs over its GPUs: CPU-only
+    nodes' CPUs are no GPU actor's, and counted in, they would ask of each GPU node more
+    CPUs than it has, leaving actors that never start."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return max(1.0, min((n.get("CPU", 0) // n["GPU"] for n in nodes if n.get("GPU")), default=1))
 
 
 def _at_most(actors: int, shards: int | None) -> int:

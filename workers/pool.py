@@ -51,7 +51,7 @@ class Workers:
 def start_workers(job: Job, max_actors: int | None = None) -> Workers:
     """Create the actors of ``job`` (resolved: :func:`segflow.preflight.resolve_job`); their
     constructors run in the background on the cluster."""
-    plan = plan_actors(max_actors, device=job.device, cpus_per_actor=job.cpus_per_actor)
+    plan = _plan(job, max_actors)
     if job.precision == "fp16" and plan.device == "cpu":
         raise JobError(
             "--precision fp16 needs a GPU, and the Ray cluster has none: use fp32 or bf16"
@@ -69,6 +69,15 @@ def start_workers(job: Job, max_actors: int | None = None) -> Workers:
     )
     actors = [remote_actor.remote(job, device=plan.device) for _ in range(plan.actors)]
     return Workers(plan, actors)
+
+
+def _plan(job: Job, max_actors: int | None) -> ActorPlan:
+    return plan_actors(
+        max_actors,
+        device=job.device,
+        cpus_per_actor=job.cpus_per_actor,
+        actors_per_gpu=job.actors_per_gpu,
+    )
 
 
 def segment_shards(
@@ -163,12 +172,14 @@ def discard_prestart() -> None:
 
 def claim(job: Job, shards: int) -> Workers:
     """Actors for ``shards`` shards: the prestarted pool when it was made for ``job``,
-    trimmed to what the shards can use, else a new pool."""
+    trimmed to what the shards can use, else a new pool. Not a pool of actors sharing GPUs
+    for fewer shards than it shares them between: trimmed, it would leave GPUs idle
+    (:func:`workers.cluster.plan_actors`)."""
     global _prestarted
     prestarted, _prestarted = _prestarted, None
     if prestarted is not None:
         prestarted_job, workers = prestarted
-        if prestarted_job == job:
+        if prestarted_job == job and _plan(job, shards).num_gpus == workers.plan.num_gpus:
             surplus = workers.actors[shards:]
             workers.actors = workers.actors[:shards]
             Workers(workers.plan, surplus).stop()
