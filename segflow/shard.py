@@ -15,18 +15,20 @@ window, which must not run beside another forward pass). On CUDA the host work r
 predictions on a stream of its own, ordered after the forward pass that made them, so its
 device-side run finding does not queue behind the next batch's kernels.
 
-A read never holds up the shard for longer than its timeout: each fetch runs in a thread of
-its own, and one that has not returned after ``read_timeout`` seconds becomes a ``read`` error
-("timed out after N s") while the shard goes on without it (a thread blocked in a read
-cannot be stopped, so it is left behind; it keeps neither the shard nor the process from
-ending). A local path that is not a regular file (a FIFO, a device) is a ``read`` error at
-once, unread (:mod:`segflow.reading`).
+A read never holds up the shard for longer than its timeout: each fetch runs in a read
+thread (one of the process's, kept from one read to the next), and one that has not returned
+after ``read_timeout`` seconds becomes a ``read`` error ("timed out after N s") while the
+shard goes on without it (a thread blocked in a read cannot be stopped, so it is left behind
+and another reads in its place; it keeps neither the shard nor the process from ending). A
+local path that is not a regular file (a FIFO, a device) is a ``read`` error at once, unread
+(:mod:`segflow.reading`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import queue
 import threading
 import time
 from collections import deque
@@ -107,21 +109,49 @@ class _Rows:
 
 def _fetch_within(fetch: Callable[[str], bytes], uri: str, seconds: float | None) -> bytes:
     """``fetch(uri)``, or :class:`TimeoutError` once it has run for ``seconds``. It runs in a
-    daemon thread, which is abandoned when it overruns."""
+    thread of :data:`_readers`, which is abandoned when it overruns."""
     if seconds is None:
         return fetch(uri)
-    outcome: Future[bytes] = Future()
-
-    def run() -> None:
-        try:
-            outcome.set_result(fetch(uri))
-        except BaseException as exc:  # handed to the caller, whatever it is
-            outcome.set_exception(exc)
-
-    threading.Thread(target=run, name=f"fetch {uri}", daemon=True).start()
+    outcome = _readers.submit(fetch, uri)
     if not wait([outcome], timeout=seconds).done:
         raise TimeoutError(f"reading timed out after {seconds:g} s")
     return outcome.result()
+
+
+class _ReadThreads:
+    """Daemon threads that run timed reads, each kept for the next read when its read ends.
+    A thread started a read cost the host's GIL more than anything else around the decode
+    (a third of the GIL's held time, py-spy over 480x360 PNGs). A read that never returns
+    keeps its thread; a read that finds no thread idle starts one."""
+
+    def __init__(self) -> None:
+        self._reads: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0  # threads done with their read and not yet handed another
+        self._lock = threading.Lock()
+
+    def submit(self, fetch: Callable[[str], bytes], uri: str) -> Future[bytes]:
+        outcome: Future[bytes] = Future()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._work, name="segflow-read", daemon=True).start()
+        self._reads.put((fetch, uri, outcome))
+        return outcome
+
+    def _work(self) -> None:
+        while True:
+            fetch, uri, outcome = self._reads.get()
+            try:
+                outcome.set_result(fetch(uri))
+            except BaseException as exc:  # handed to the caller, whatever it is
+                outcome.set_exception(exc)
+            del fetch, uri, outcome  # an idle thread holds no bytes
+            with self._lock:
+                self._idle += 1
+
+
+_readers = _ReadThreads()
 
 
 def segment_images(

@@ -240,6 +240,33 @@ def test_a_read_that_never_returns_times_out_into_a_read_error(espnet, corpus: P
     assert images == {uris[0]: "ok", stalled: "error", uris[2]: "ok"}
 
 
+def test_reads_reuse_their_threads_and_a_stalled_one_is_replaced(espnet, corpus: Path):
+    """Starting a thread a read held the GIL more than the reading; a stalled read keeps its
+    thread, and the reads after it get another."""
+    frames = [u for u in manifest_uris(str(corpus)) if u.endswith("png")][:4]
+    uris = [frames[i % 4] for i in range(32)]
+    released = threading.Event()
+    readers: set[threading.Thread] = set()
+    reads = iter(range(len(uris)))
+
+    def fetch(uri: str) -> bytes:
+        readers.add(threading.current_thread())
+        if next(reads) == 5:  # the sixth read: an object store gone silent
+            released.wait()
+        return read_bytes(uri)
+
+    try:
+        result = segment_images(
+            espnet, uris, run_id="r1", fetch=fetch, read_timeout=0.5, prefetch_threads=2
+        )
+    finally:
+        released.set()
+    statuses = [row["status"] for row in result.tables["images"].to_pylist()]
+    assert statuses.count("error") == 1 and len(statuses) == len(uris)
+    # Two reads at a time, and one thread left behind by the stall: far fewer than 32 reads.
+    assert len(readers) <= 2 + 1 + 2
+
+
 def test_a_read_timeout_must_be_positive(espnet):
     with pytest.raises(ValueError, match="read_timeout must be positive"):
         segment_images(espnet, [], run_id="r1", read_timeout=0)
