@@ -201,6 +201,13 @@ def _decoding_on(device: torch.device) -> Iterator[None]:
 _decode_streams = threading.local()
 
 
+def load_decoders() -> None:
+    """Import torchvision's decoders now (1.5 s here), as a worker starts: :func:`decode_image`
+    imports them at its first JPEG or WebP, which would otherwise wait for them inside the
+    first shard, while the device has nothing to do."""
+    import torchvision.io  # noqa: F401
+
+
 def decode_rgb(
     data: bytes, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:

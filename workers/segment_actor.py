@@ -28,6 +28,7 @@ import ray
 import torch
 
 from segflow.allocator import retain_freed_memory
+from segflow.decode import load_decoders
 from segflow.groundtruth import ModelClasses, open_ground_truth
 from segflow.job import Job
 from segflow.manifest import Shard
@@ -50,6 +51,7 @@ class SegmentActor:
         """``job``: the run's resolved job (:func:`segflow.preflight.resolve_job`);
         ``device``: where this actor's model runs (its plan's, ``cpu`` or ``cuda``)."""
         retain_freed_memory()
+        load_decoders()
         # A model file replaced since the run recorded its hash fails here, naming both.
         self.model = load_job_model(job, device=device)
         self.ground_truth = (
