@@ -202,11 +202,16 @@ class TableFiles:
     """One table's files as a connection reads them (:func:`expose_files`)."""
 
     files: tuple[str, ...]  # each file, by the name the connection reads it by
-    glob: str | None  # the one name of them all, or None: they are read as a list
+    glob: str | None  # the one name of them all, or None: they are read as a list,
+    variable: str | None = None  # held by this connection's variable of that name
 
     def source(self) -> str:
         """SQL: what ``read_parquet`` reads them all by."""
-        return sql_string(self.glob) if self.glob else sql_list(self.files)
+        if self.glob:
+            return sql_string(self.glob)
+        if self.variable:
+            return f"getvariable({sql_string(self.variable)})"
+        return sql_list(self.files)
 
     def readable(self) -> list[str]:
         """The names :func:`lock_down` is to allow."""
@@ -224,13 +229,23 @@ def expose_files(
     without files gets none) and write none of them: through the read-only file system,
     under ``segflow-run://`` names and the glob ``segflow-run://<table>/*.parquet`` of each
     table's, or, with ``natively`` (``db`` will run SELECT statements only, see the module's
-    doc), by their local paths when ``fs`` is a local disk."""
+    doc), by their local paths when ``fs`` is a local disk, which ``db``'s variables
+    ``segflow_files_<k>`` hold."""
     # What fsspec's _strip_protocol makes of an fsspec URL, without its cost a file.
     paths = {name: [url.split("://", 1)[-1] for url in urls] for name, urls in tables.items()}
     every = [path for listed in paths.values() for path in listed]
     # DuckDB would read a path holding a glob's characters as a pattern.
     if natively and isinstance(fs, LocalFileSystem) and not any(map(_GLOB.search, every)):
-        return {name: TableFiles(tuple(listed), None) for name, listed in paths.items()}
+        # A list of files in a view's SQL is parsed and bound as an expression a file, which
+        # the view keeps (1M images: 3,900 files, 45 MB for masks); in a variable it is a
+        # value, bound when a query reads it.
+        exposed = {}
+        for index, (name, listed) in enumerate(paths.items()):
+            variable = f"segflow_files_{index}" if listed else None
+            if variable:
+                db.execute(f"SET VARIABLE {variable} = $files", {"files": listed})
+            exposed[name] = TableFiles(tuple(listed), None, variable)
+        return exposed
     db.register_filesystem(_ReadOnlyFiles(fs, paths))
     return {
         name: TableFiles(
