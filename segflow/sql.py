@@ -202,8 +202,8 @@ class TableFiles:
     """One table's files as a connection reads them (:func:`expose_files`)."""
 
     files: tuple[str, ...]  # each file, by the name the connection reads it by
-    glob: str | None  # the one name of them all, or None: they are read as a list,
-    variable: str | None = None  # held by this connection's variable of that name
+    glob: str | None  # the one name of them all, or None: they are read as a list
+    variable: str | None = None  # the connection's variable holding that list, or None
 
     def source(self) -> str:
         """SQL: what ``read_parquet`` reads them all by."""
