@@ -377,6 +377,36 @@ def test_a_finished_run_is_listed_without_its_shards_log(tmp_path):
     assert store.table_files() == listed
 
 
+def test_a_finished_and_a_compacted_run_are_listed_from_checkpoints(tmp_path):
+    store = _finished_run(str(tmp_path / "out"), shards=3)
+
+    def listed_from_the_last_checkpoint() -> dict[str, list[str]]:
+        """Each table's files, listed with its JSON commits taken away: only a checkpoint of
+        its last version still lists them."""
+        listed = {}
+        for name in schema.TABLES:
+            log = Path(store.path(name, "_delta_log"))
+            for commit in log.glob("*.json"):
+                commit.rename(commit.with_suffix(".moved"))
+            try:
+                listed[name] = store.files(name)
+            finally:
+                for commit in log.glob("*.moved"):
+                    commit.rename(commit.with_suffix(".json"))
+        return listed
+
+    with pytest.raises(RunStoreError, match="not a Delta table"):
+        listed_from_the_last_checkpoint()
+    store.finish({"images": 9})
+    listed = {name: store.files(name) for name in schema.TABLES}
+    assert len(listed["masks"]) == 3
+    assert listed_from_the_last_checkpoint() == listed
+    store.compact(retain_hours=0)
+    compacted = {name: store.files(name) for name in schema.TABLES}
+    assert len(compacted["masks"]) == 1
+    assert listed_from_the_last_checkpoint() == compacted
+
+
 def test_a_compaction_out_of_its_memory_budget_commits_nothing(tmp_path, monkeypatch):
     store = _finished_run(str(tmp_path / "out"))
     store.finish({"images": 36})
