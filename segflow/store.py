@@ -21,7 +21,8 @@ Layout::
         summary.json               the run summary, written when every shard is committed
 
 Every table exists, empty, from :meth:`RunStore.prepare` on, so a reader of a fresh run
-sees zero rows rather than an error.
+sees zero rows rather than an error. A table's log has a checkpoint every 100 commits, and
+one of its last version once the run is finished (:meth:`RunStore.finish`) or compacted.
 
 Commit protocol, so that every image lands exactly once whatever is killed when. An actor
 writes a shard's files (:meth:`RunStore.write_shard`), each under a name of its own attempt,
