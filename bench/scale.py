@@ -811,9 +811,11 @@ def queries(work: Path, sizes: Sequence[int], s3_images: int | None) -> None:
     growth("before compact", before)
     for images in sizes:
         run, compaction = compacted_run(work, images)
+        written = (run.parent / "compacted.json").stat().st_mtime
+        made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(written))
         print(
             f"\n  segflow compact, {images:,} images: {compaction.seconds:.1f} s, "
-            f"{compaction.rss_mib:.0f} MiB peak RSS"
+            f"{compaction.rss_mib:.0f} MiB peak RSS (when the copy was made, {made})"
         )
         after[images] = table(f"after compact, {images:,} images: {run}", compared(str(run)))
     growth("after compact", after)
