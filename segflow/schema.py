@@ -373,14 +373,21 @@ def write_table(name: str, table: pa.Table, where: Any, filesystem: Any = None) 
     ``pyarrow.fs``/fsspec filesystem for paths. Committing the file into a run's table is
     the caller's business (:mod:`segflow.store`: a Delta transaction).
     """
-    schema = _schema(name)
-    if not table.schema.equals(schema, check_metadata=False):
+    if not table.schema.equals(_schema(name), check_metadata=False):
         raise SchemaError(f"table {name!r} does not match its schema:\n{table.schema}")
-    metadata = {b"segflow.schema_version": SCHEMA_VERSION.encode(), b"segflow.table": name.encode()}
-    table = table.replace_schema_metadata(metadata)
+    with table_writer(name, where, filesystem) as writer:
+        writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+
+
+def table_writer(name: str, where: Any, filesystem: Any = None) -> Any:
+    """A ``pyarrow.parquet.ParquetWriter`` of table ``name``'s files as :func:`write_table`
+    writes them, for a caller that writes one in parts (a row group each ``write_batch``)."""
     import pyarrow.parquet as pq
 
-    pq.write_table(table, where, filesystem=filesystem, compression="zstd")
+    metadata = {b"segflow.schema_version": SCHEMA_VERSION.encode(), b"segflow.table": name.encode()}
+    return pq.ParquetWriter(
+        where, _schema(name).with_metadata(metadata), filesystem=filesystem, compression="zstd"
+    )
 
 
 def read_table(name: str, where: Any, filesystem: Any = None) -> pa.Table:

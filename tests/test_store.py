@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError
 from typer.testing import CliRunner
 
 from segflow import schema
@@ -407,13 +406,49 @@ def test_a_finished_and_a_compacted_run_are_listed_from_checkpoints(tmp_path):
     assert listed_from_the_last_checkpoint() == compacted
 
 
-def test_a_compaction_out_of_its_memory_budget_commits_nothing(tmp_path, monkeypatch):
+def test_a_compaction_that_fails_commits_nothing(tmp_path):
     store = _finished_run(str(tmp_path / "out"))
     store.finish({"images": 36})
-    before = _answers(store)
     versions = {name: store._delta(name).version() for name in schema.TABLES}
-    monkeypatch.setattr("segflow.store.COMPACTION_SPILL_BYTES", 1)  # no sort fits
-    with pytest.raises(DeltaError, match="Resources exhausted"):
-        store.compact(retain_hours=0)
-    assert {name: store._delta(name).version() for name in schema.TABLES} == versions
+    listed = {name: store.files(name) for name in schema.TABLES}
+    Path(store.files("images")[5]).write_bytes(b"not parquet")  # masks compacts, images fails
+    result = CliRunner().invoke(app, ["compact", store.uri, "--retain-hours", "0"])
+    assert result.exit_code == 3, result.output  # started: masks' compaction is kept
+    assert "table 'images' could not be compacted, and was left as it was" in result.output
+    assert [shard_of_file(file) for file in store.files("masks")] == [None]  # compacted
+    for name in set(schema.TABLES) - {"masks"}:
+        assert store._delta(name).version() == versions[name], name
+        assert store.files(name) == listed[name], name
+
+
+def test_a_compaction_sorts_a_range_of_image_ids_at_a_time(tmp_path, monkeypatch):
+    """Masks of 24 MiB of RLE strings (about 14 MB of Parquet in 24 files), compacted a range
+    of image_ids of 1 MiB of Parquet at a time, read 5 files at a time, into 4 MiB files."""
+    import random
+
+    store = RunStore(str(tmp_path / "out"), "big")
+    store.prepare({"input": "in"})
+    rng = random.Random(0)
+    for index in range(24):
+        tables = _shard_tables(index, images=32)
+        counts = [
+            "".join(rng.choices("0123456789abcdefghij", k=16 * 2**10))
+            for _ in range(tables["masks"].num_rows)
+        ]
+        masks = tables["masks"]
+        column = masks.schema.get_field_index("counts")
+        tables["masks"] = masks.set_column(column, masks.schema.field(column), pa.array(counts))
+        store.commit_shard(Shard(index, index, index + 1), tables, {"shard": index})
+    store.finish({"images": 24 * 32})
+    before = _answers(store)
+    digest = "SELECT sum(hash(image_id, counts)::HUGEINT) FROM read_parquet($files)"
+    digest_before = duckdb.execute(digest, {"files": store.files("masks")}).fetchall()
+    monkeypatch.setattr("segflow.compaction.RANGE_BYTES", 2**20)
+    monkeypatch.setattr("segflow.compaction.PART_FILES", 5)
+    store.compact(target_size=4 * 2**20, retain_hours=0)
     assert _answers(store) == before
+    assert duckdb.execute(digest, {"files": store.files("masks")}).fetchall() == digest_before
+    files = store.files("masks")  # in the order written: compacted-<uuid>-NNNNN.parquet
+    assert 3 <= len(files) <= 6  # about 4 MiB each
+    image_ids = [i for f in files for i in pq.read_table(f, columns=["image_id"])[0].to_pylist()]
+    assert image_ids == sorted(image_ids)
