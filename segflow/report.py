@@ -42,6 +42,7 @@ from segflow.evaluation import (
     Run,
     RunEvaluation,
     evaluate,
+    evaluated_tables,
     open_run,
     part_rows,
     part_scans,
@@ -128,7 +129,10 @@ def render_report(location: str, *, worst: int = 12, bootstrap: Bootstrap | None
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ValueError(f"worst must be a whole number >= 0, got {worst!r}")
     run = open_run(location)
-    with run.connect(only_selects=True) as db:
+    # What the sections read, not every table: each listed is a log read, and a view over a
+    # file a shard (a semantic run's coco_* tables too, empty).
+    tables = {"images", "masks", "errors", *(evaluated_tables(run, None) or ())}
+    with run.connect(tables=tables, only_selects=True) as db:
         sections = _sections(run, db, worst, bootstrap)
     return PAGE.substitute(
         run_id=_e(run.store.run_id), css=CSS, sections="\n".join(s for s in sections if s)
