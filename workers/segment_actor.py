@@ -1,10 +1,10 @@
 """The Ray actor that segments shards: one model per actor, loaded once.
 
 An actor runs up to :data:`CONCURRENT_SHARDS` shards at once, in threads, taking turns on
-the model (one forward pass at a time): while one shard's last batches are encoded and its
-files written, and its result travels to the driver, the next shard's images are already
-fetched and decoded and its forward passes begin, so the device does not idle between
-shards.
+the model (one forward pass at a time, the older shard first: :mod:`segflow.turns`): while
+one shard's last batches are encoded and its files written, and its result travels to the
+driver, the next shard's images are already fetched and decoded and its forward passes
+begin, so the device does not idle between shards.
 
 An actor in which no image is done for ``stall_timeout`` seconds while it has shards ends
 its process: whatever blocks it (a read past its timeout's reach, a forward pass that never
@@ -35,6 +35,7 @@ from segflow.manifest import Shard
 from segflow.models.registry import load_job_model
 from segflow.shard import segment_images
 from segflow.store import RunStore, ShardFiles
+from segflow.turns import DeviceTurns
 
 # Two: the second shard fills the first's tail (its last host work, its writes, the round trip
 # to the driver); more would only hold more images in memory.
@@ -67,7 +68,7 @@ class SegmentActor:
         self.read_timeout = job.read_timeout
         self.trimap_width = job.trimap_width
         self.raster_options = job.raster_options()
-        self.forward_lock = threading.Lock()
+        self.device_turns = DeviceTurns()
         self.watchdog = StallWatchdog(job.stall_timeout)
         self.slicing = job.slicing()
         self.decode_device = _decode_device(job.decode, device)
@@ -92,7 +93,7 @@ class SegmentActor:
             trimap_width=self.trimap_width,
             on_progress=watchdog.progress,
             raster_options=self.raster_options,
-            forward_lock=self.forward_lock,
+            forward_lock=self.device_turns.shard(),
             slicing=self.slicing,
             decode_device=self.decode_device,
         )
