@@ -59,6 +59,7 @@ from pycocotools import mask as coco_mask
 from segflow.allocator import retain_freed_memory
 from segflow.demo.s3 import local_s3, wait_for_port
 from segflow.models.card import card_fields
+from segflow.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SEGFLOW_SHARED", REPO.parent / "shared")).resolve()
@@ -280,7 +281,7 @@ def segflow_cli(
     fs, root = fsspec.core.url_to_fs(out)
     [run_dir] = fs.glob(f"{root}/run=*")
     summary = json.loads(fs.cat_file(f"{run_dir}/summary.json"))
-    shards = [json.loads(blob) for blob in fs.cat(fs.glob(f"{run_dir}/_commits/*.json")).values()]
+    shards = RunStore(out, run_dir.rsplit("run=", 1)[1]).shard_summaries()
     busy = max(s["finished_at"] for s in shards) - min(s["started_at"] for s in shards)
     result["flow_img_s"] = summary["images_per_second"]
     result["steady_img_s"] = count / busy
